@@ -1,0 +1,46 @@
+# Two commands for a fresh machine: `make run` (the pipeline on the builtin corpus, CPU, smoke
+# preset) and `make test`. Each creates .venv and installs what it needs first.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PRESET ?= smoke
+VIA    ?= dvc
+STAMP  := $(VENV)/.installed-stamp
+export DVC_NO_ANALYTICS := 1
+export PYTHONUNBUFFERED := 1
+
+.PHONY: run test params repro prefect-server deploy worker clean help
+
+help:
+	@echo "make run [PRESET=smoke] [VIA=dvc|prefect]   run the pipeline (changed stages only)"
+	@echo "make test                                   CPU test suite"
+	@echo "make params PRESET=baseline                 render params.yaml from a preset"
+	@echo "make prefect-server / deploy / worker       serve the flow on a local Prefect server"
+
+$(STAMP): pyproject.toml
+	@python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pgolf needs Python >= 3.11 (python3 is %d.%d)" % sys.version_info[:2])'
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+run: $(STAMP)
+	$(VENV)/bin/pgolf run --preset $(PRESET) --via $(VIA)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+params: $(STAMP)
+	$(PY) -m tasks.params --preset $(PRESET)
+
+prefect-server: $(STAMP)
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+deploy: $(STAMP)
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(PY) -m flows.deploy
+
+worker: $(STAMP)
+	PREFECT_API_URL=http://127.0.0.1:4200/api $(VENV)/bin/prefect worker start --pool pgolf-process
+
+clean:
+	rm -rf artifacts/* data/corpus dvc.lock .dvc/cache .dvc/tmp
+	git checkout -- artifacts/.gitignore data/.gitignore

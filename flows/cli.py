@@ -1,0 +1,69 @@
+"""`pgolf` command line: run the pipeline through DVC or Prefect and print what happened.
+
+    pgolf run [--preset smoke] [--set train.iterations=100] [--via dvc|prefect] [--stage eval] [--force]
+    pgolf params --preset baseline          (same as python -m tasks.params)
+    pgolf summary                            (the table of the last run's outputs)
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from flows.repro import format_summary, reproduce, results_since, set_params
+from pgolf.errors import PgolfError
+from tasks import params as params_cli
+from tasks.params import STAGES, list_presets
+
+
+def cmd_run(args) -> int:
+    if args.preset or args.overrides:
+        path = set_params(".", args.preset, args.overrides)
+        print(f"params: {path} <- preset {args.preset or 'defaults'} {' '.join(args.overrides)}".rstrip())
+    started = time.time()
+    if args.via == "prefect":
+        from flows.pipeline import pipeline
+
+        pipeline(preset=args.preset or "smoke", overrides=args.overrides, workspace=".",
+                 stages=[args.stage] if args.stage else None)
+        results = results_since(".", started, [args.stage] if args.stage else STAGES)
+    else:
+        results = reproduce(".", stage=args.stage, force=args.force)
+    print()
+    print(format_summary(results, "."))
+    return 0
+
+
+def cmd_summary(args) -> int:
+    print(format_summary(results_since(".", time.time()), "."))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pgolf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="reproduce the pipeline (only changed stages recompute)")
+    run.add_argument("--preset", default=None, help=f"render params.yaml from a preset first: {', '.join(list_presets())}")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    run.add_argument("--via", choices=["dvc", "prefect"], default="dvc")
+    run.add_argument("--stage", choices=list(STAGES), default=None, help="reproduce only this stage (dvc repro -s)")
+    run.add_argument("--force", action="store_true", help="recompute even if DVC says nothing changed")
+    run.set_defaults(func=cmd_run)
+    summ = sub.add_parser("summary", help="print the outputs of the last run")
+    summ.set_defaults(func=cmd_summary)
+    prm = sub.add_parser("params", help="render params.yaml (see python -m tasks.params -h)", add_help=False)
+    prm.set_defaults(func=None)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "params":
+        return params_cli.main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    try:
+        return args.func(args)
+    except PgolfError as err:
+        print(f"pgolf: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""pgolf: the Parameter Golf pipeline's science (no orchestration lives here)."""

@@ -1,0 +1,103 @@
+"""The whole smoke pipeline end to end, and DVC as the one cache under both DVC and Prefect.
+
+One workspace for the module; the tests run in file order and each builds on the last.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flows.repro import reproduce, set_params
+from tasks.params import STAGES
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+# The smoke preset, smaller still: the point here is the chain and the cache, not the numbers.
+TINY = [
+    "corpus.max_docs=1200",
+    "shards.val_docs=120",
+    "train.iterations=6",
+    "gptq.calib_batches=2",
+]
+
+
+def ran(results) -> list[str]:
+    return [r.stage if hasattr(r, "stage") else r["stage"] for r in results
+            if (r.status if hasattr(r, "status") else r["status"]) == "ran"]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    ws = tmp_path_factory.mktemp("workspace")
+    for item in ("pgolf", "tasks", "flows", "presets"):
+        shutil.copytree(ROOT / item, ws / item, ignore=shutil.ignore_patterns("__pycache__"))
+    for item in ("dvc.yaml", ".dvcignore"):
+        shutil.copy(ROOT / item, ws / item)
+    (ws / "data").mkdir()
+    (ws / "artifacts").mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=ws, check=True)
+    subprocess.run([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], cwd=ws, check=True)
+    return ws
+
+
+@pytest.fixture(scope="module")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def test_prefect_flow_runs_whole_pipeline(workspace, prefect_harness):
+    from flows.pipeline import pipeline
+
+    results = pipeline(preset="smoke", overrides=TINY, workspace=str(workspace))
+    assert ran(results) == list(STAGES)
+    metrics = json.loads((workspace / "artifacts/eval/metrics.json").read_text())
+    size = json.loads((workspace / "artifacts/pack/size.json").read_text())
+    assert math.isfinite(metrics["val_bpb"]) and 0 < metrics["val_bpb"] < 20
+    assert metrics["tokens"] > 0 and metrics["bytes"] > metrics["tokens"]
+    assert size["total_bytes"] == size["model_bytes"] + size["code_bytes"] <= size["cap_bytes"]
+    assert (workspace / "artifacts/pack/artifact.bin").stat().st_size == size["model_bytes"]
+    leftovers = [p.name for p in (workspace / "artifacts").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
+    assert leftovers == []
+
+
+def test_dvc_after_prefect_recomputes_nothing(workspace):
+    assert ran(reproduce(workspace, echo=False)) == []
+
+
+def test_eval_param_reruns_eval_only(workspace):
+    set_params(workspace, "smoke", TINY + ["eval.stride=64"])
+    assert ran(reproduce(workspace, echo=False)) == ["eval"]
+    assert json.loads((workspace / "artifacts/eval/metrics.json").read_text())["stride"] == 64
+
+
+def test_prefect_after_dvc_recomputes_nothing(workspace, prefect_harness):
+    from flows.pipeline import pipeline
+
+    results = pipeline(preset="smoke", overrides=TINY + ["eval.stride=64"], workspace=str(workspace))
+    assert ran(results) == []
+
+
+def test_train_param_reruns_train_and_downstream_only(workspace):
+    set_params(workspace, "smoke", TINY + ["eval.stride=64", "train.iterations=8"])
+    assert ran(reproduce(workspace, echo=False)) == ["train", "gptq", "pack", "eval"]
+
+
+def test_run_cache_restores_a_configuration_seen_before(workspace):
+    set_params(workspace, "smoke", TINY + ["eval.stride=64"])
+    assert ran(reproduce(workspace, echo=False)) == []
+    assert json.loads((workspace / "artifacts/train/metrics.json").read_text())["steps"] == 6
+
+
+def test_single_stage_repro_runs_only_that_stage(workspace):
+    assert ran(reproduce(workspace, stage="eval", force=True, echo=False)) == ["eval"]
+    assert ran(reproduce(workspace, stage="gptq", echo=False)) == []
