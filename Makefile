@@ -7,6 +7,7 @@ VIA    ?= dvc
 STAMP  := $(VENV)/.installed-stamp
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
 .PHONY: run test params repro prefect-server deploy worker clean help
 

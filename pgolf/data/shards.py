@@ -4,6 +4,7 @@ Readers check everything a truncated or foreign file can get wrong and name the 
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -101,3 +102,33 @@ def load_split(folder: str | Path, split: str, vocab_size: int | None = None) ->
         raise InputError(f"no fineweb_{split}_*.bin shards found", folder)
     parts = [np.asarray(read_shard(f, vocab_size), dtype=np.int32) for f in files]
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+MANIFEST_NAME = "manifest.json"
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """The shards stage's manifest.json (vocab_size, bos_id, variant, files, stats)."""
+    path = Path(folder) / MANIFEST_NAME
+    if not path.is_file():
+        raise InputError("manifest.json not found: is this a shards stage output?", path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise FormatError(f"not valid JSON: {err}", path) from err
+    for key in ("vocab_size", "bos_id"):
+        if key not in manifest:
+            raise FormatError(f"missing key {key!r}", path)
+    return manifest
+
+
+def check_vocab(folder: str | Path, model_vocab_size: int) -> dict:
+    """Fail clearly when shards were tokenized with a vocabulary other than the model's."""
+    manifest = read_manifest(folder)
+    if int(manifest["vocab_size"]) != model_vocab_size:
+        raise FormatError(
+            f"the shards were built with a {manifest['vocab_size']}-piece tokenizer but the model has "
+            f"vocab_size {model_vocab_size}; set the model's vocab_size to match the tokenizer",
+            Path(folder) / MANIFEST_NAME,
+        )
+    return manifest

@@ -1,0 +1,217 @@
+"""Documents -> the challenge's shards (reference.md 1.2-1.5), tokenized in parallel processes.
+
+Each document becomes [BOS] + tokens (no EOS); the first `val_docs` documents are val, the rest
+train; shards of `shard_tokens` tokens, a document may straddle two, val and train never share
+one. Workers tokenize chunks of documents; results come back in order, so the bytes out do not
+depend on the number of workers.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from pgolf.data.shards import list_shards, read_header, read_shard, shard_name, write_shard
+from pgolf.errors import FormatError, InputError
+from pgolf.tokenize.bytes import original_byte_counts
+from pgolf.tokenize.casefold import casefold
+
+DOCS_PER_CHUNK = 256
+_worker_sp: spm.SentencePieceProcessor | None = None
+
+
+@dataclass
+class EncodedChunk:
+    tokens: np.ndarray  # uint16, [BOS] + ids per document, concatenated
+    byte_counts: np.ndarray | None  # uint16 per token when the variant ships a sidecar
+
+
+def _init_worker(model_bytes: bytes) -> None:
+    global _worker_sp
+    _worker_sp = spm.SentencePieceProcessor(model_proto=model_bytes)
+
+
+def encode_chunk(docs: list[str], variant: str, bos_id: int, with_bytes: bool) -> EncodedChunk:
+    sp = _worker_sp
+    assert sp is not None, "worker not initialized"
+    parts, counts = [], []
+    if variant == "casefold" and with_bytes:
+        for text in docs:
+            ids, byte_counts = original_byte_counts(sp, text)
+            parts.append([bos_id] + ids)
+            counts.append([0] + byte_counts)
+    else:
+        texts = [casefold(t) for t in docs] if variant == "casefold" else docs
+        parts = [[bos_id] + ids for ids in sp.encode(texts)]
+    tokens = np.fromiter((t for p in parts for t in p), dtype=np.uint16)
+    sidecar = None
+    if with_bytes:
+        flat = [c for cs in counts for c in cs]
+        if flat and max(flat) >= 2**16:
+            raise FormatError(f"a token stands for {max(flat)} bytes, more than the uint16 sidecar holds")
+        sidecar = np.asarray(flat, dtype=np.uint16)
+    return EncodedChunk(tokens, sidecar)
+
+
+def _ordered_map(fn: Callable, items: Iterable, workers: int, init_args: tuple) -> Iterator:
+    """Like Executor.map, but keeps at most 2 x workers chunks in flight (constant memory)."""
+    if workers <= 1:
+        _init_worker(*init_args)
+        for item in items:
+            yield fn(*item)
+        return
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=init_args) as pool:
+        pending: deque[Future] = deque()
+        for item in items:
+            pending.append(pool.submit(fn, *item))
+            if len(pending) >= 2 * workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _chunks(docs: Iterable[str], val_docs: int) -> Iterator[tuple[str, list[str]]]:
+    """(split, documents) chunks; a chunk never mixes val and train."""
+    split, chunk = "val", []
+    for i, text in enumerate(docs):
+        doc_split = "val" if i < val_docs else "train"
+        if doc_split != split or len(chunk) >= DOCS_PER_CHUNK:
+            if chunk:
+                yield split, chunk
+            split, chunk = doc_split, []
+        chunk.append(text)
+    if chunk:
+        yield split, chunk
+
+
+@dataclass
+class _ShardWriter:
+    out: Path
+    split: str
+    shard_tokens: int
+    with_bytes: bool
+    buffer: list[np.ndarray] = field(default_factory=list)
+    bytes_buffer: list[np.ndarray] = field(default_factory=list)
+    buffered: int = 0
+    index: int = 0
+    tokens_written: int = 0
+    files: list[str] = field(default_factory=list)
+
+    def add(self, tokens: np.ndarray, byte_counts: np.ndarray | None) -> None:
+        while len(tokens):
+            room = self.shard_tokens - self.buffered
+            self.buffer.append(tokens[:room])
+            if self.with_bytes:
+                self.bytes_buffer.append(byte_counts[:room])
+                byte_counts = byte_counts[room:]
+            self.buffered += len(tokens[:room])
+            tokens = tokens[room:]
+            if self.buffered == self.shard_tokens:
+                self.flush()
+
+    def flush(self) -> None:
+        if not self.buffered:
+            return
+        name = shard_name(self.split, self.index)
+        write_shard(self.out / name, np.concatenate(self.buffer))
+        self.files.append(name)
+        if self.with_bytes:
+            side = shard_name("val_bytes", self.index)
+            write_shard(self.out / side, np.concatenate(self.bytes_buffer))
+            self.files.append(side)
+        self.tokens_written += self.buffered
+        self.buffer, self.bytes_buffer, self.buffered = [], [], 0
+        self.index += 1
+
+
+def build_shards(docs: Iterable[str], model_bytes: bytes, variant: str, bos_id: int, val_docs: int,
+                 shard_tokens: int, workers: int, out: Path) -> dict:
+    """Tokenize and write every shard into `out`; return stats (docs, files, tokens per split)."""
+    with_bytes = variant != "plain"  # transformed text: bytes come from the original, not the LUT
+    writers = {
+        "val": _ShardWriter(out, "val", shard_tokens, with_bytes),
+        "train": _ShardWriter(out, "train", shard_tokens, False),
+    }
+    doc_counts = {"val": 0, "train": 0}
+    items = ((chunk, variant, bos_id, with_bytes and split == "val", split) for split, chunk in _chunks(docs, val_docs))
+
+    for split, n_docs, encoded in _ordered_map(_encode_with_split, items, workers, (model_bytes,)):
+        doc_counts[split] += n_docs
+        writers[split].add(encoded.tokens, encoded.byte_counts)
+    for writer in writers.values():
+        writer.flush()
+    if doc_counts["train"] == 0:
+        raise InputError(f"the corpus has {doc_counts['val']} documents, all of them val (val_docs={val_docs}); "
+                         "lower shards.val_docs or use a larger corpus so there are training documents")
+    return {
+        "docs_total": doc_counts["val"] + doc_counts["train"],
+        "docs_val": doc_counts["val"],
+        "docs_train": doc_counts["train"],
+        "files_val": writers["val"].index,
+        "files_train": writers["train"].index,
+        "tokens_val": writers["val"].tokens_written,
+        "tokens_train": writers["train"].tokens_written,
+    }
+
+
+def _encode_with_split(chunk, variant, bos_id, with_bytes, split):
+    return split, len(chunk), encode_chunk(chunk, variant, bos_id, with_bytes)
+
+
+def resolve_workers(workers: int) -> int:
+    return workers if workers > 0 else (os.cpu_count() or 1)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def file_entries(folder: Path) -> list[dict]:
+    entries = []
+    for path in sorted(folder.glob("fineweb_*.bin")):
+        split = "val_bytes" if "_val_bytes_" in path.name else ("val" if "_val_" in path.name else "train")
+        entries.append({"name": path.name, "split": split, "tokens": read_header(path), "sha256": sha256_file(path)})
+    return entries
+
+
+def adopt_shards(source: Path, out: Path, vocab_size: int, bos_id: int) -> dict:
+    """Validate a published shard folder and link its files into `out` (no copy): hard links when
+    `out` is on the same filesystem, symlinks otherwise."""
+    if not source.is_dir():
+        raise InputError("shards.adopt folder not found", source)
+    train, val = list_shards(source, "train"), list_shards(source, "val")
+    if not train or not val:
+        raise InputError(f"need fineweb_train_*.bin and fineweb_val_*.bin shards; found {len(train)} train, "
+                         f"{len(val)} val", source)
+    sidecars = list_shards(source, "val_bytes")
+    for path in train + val:
+        tokens = read_shard(path)
+        if len(tokens) and int(tokens.max()) >= vocab_size:
+            raise FormatError(f"token id {int(tokens.max())} is out of range for the tokenizer's vocab size "
+                              f"{vocab_size}: these shards were built with another tokenizer", path)
+    for path in sidecars:
+        read_header(path)
+    for path in train + val + sidecars:
+        target = out / path.name
+        try:
+            os.link(path, target)
+        except OSError:
+            os.symlink(path.resolve(), target)
+    return {
+        "docs_val": int(sum(np.count_nonzero(read_shard(p) == bos_id) for p in val)),
+        "files_val": len(val),
+        "files_train": len(train),
+        "tokens_val": sum(read_header(p) for p in val),
+        "tokens_train": sum(read_header(p) for p in train),
+    }

@@ -1,0 +1,67 @@
+"""Training batches from the train shards, the way the challenge's baseline reads them.
+
+One sequential token stream over the sorted shards (wrapping to the first at the end); every
+step takes one contiguous global span and rank r trains on the r-th slice of it, so N processes
+see exactly the tokens one process would.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgolf.data.shards import list_shards, read_shard
+from pgolf.errors import InputError
+
+
+class TokenStream:
+    def __init__(self, folder: str | Path, split: str = "train", vocab_size: int | None = None):
+        self.files = list_shards(folder, split)
+        if not self.files:
+            raise InputError(f"no fineweb_{split}_*.bin shards found", folder)
+        self.vocab_size = vocab_size
+        self.file_index = 0
+        self.tokens = read_shard(self.files[0], vocab_size, mmap=False)
+        self.pos = 0
+
+    def _advance(self) -> None:
+        self.file_index = (self.file_index + 1) % len(self.files)
+        self.tokens = read_shard(self.files[self.file_index], self.vocab_size, mmap=False)
+        self.pos = 0
+
+    def take(self, n: int) -> np.ndarray:
+        chunks = []
+        remaining = n
+        while remaining > 0:
+            available = len(self.tokens) - self.pos
+            if available <= 0:
+                self._advance()
+                continue
+            k = min(remaining, available)
+            chunks.append(self.tokens[self.pos:self.pos + k])
+            self.pos += k
+            remaining -= k
+        return np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
+
+
+class DistributedTokenLoader:
+    """Yields (inputs, targets) of shape [micro_tokens // seq_len, seq_len] for this rank."""
+
+    def __init__(self, folder: str | Path, rank: int, world_size: int, device: torch.device,
+                 vocab_size: int | None = None):
+        self.stream = TokenStream(folder, "train", vocab_size)
+        self.rank, self.world_size, self.device = rank, world_size, device
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        local_tokens = global_tokens // (self.world_size * grad_accum_steps)
+        if local_tokens % seq_len or local_tokens == 0:
+            raise ValueError(f"{global_tokens} tokens per step over {self.world_size} ranks x {grad_accum_steps} "
+                             f"micro-steps is not a multiple of seq_len {seq_len}")
+        span = local_tokens + 1
+        chunk = self.stream.take(span * self.world_size)
+        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
+        x = local[:-1].reshape(-1, seq_len)
+        y = local[1:].reshape(-1, seq_len)
+        non_blocking = self.device.type == "cuda"
+        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)

@@ -1,0 +1,105 @@
+"""torchrun helpers: who am I, set up the process group, launch N workers and report failures."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from pgolf.errors import PgolfError
+
+
+class LaunchError(PgolfError):
+    """A torchrun worker failed; the message carries the tail of the workers' output."""
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise PgolfError("device 'cuda' was asked for but CUDA is not available; set device: cpu or auto")
+        return torch.device("cuda", local_rank())
+    if requested != "cpu":
+        raise PgolfError(f"unknown device {requested!r}; use auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+def init(device: torch.device) -> None:
+    """Join the torchrun process group (NCCL on CUDA, gloo on CPU); a no-op for one process."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world_size() > 1 and not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        kwargs = {"device_id": device} if device.type == "cuda" else {}
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), **kwargs)
+
+
+def shutdown() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
+    """True on every rank if it is True on any: all ranks stop on the same step."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor(1 if flag else 0, device=device, dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def average_gradients(params) -> None:
+    """Mean of every gradient across ranks, one flat buffer per dtype (no DDP wrapper needed)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for g in grads:
+        by_dtype.setdefault(g.dtype, []).append(g)
+    for group in by_dtype.values():
+        flat = torch.cat([g.reshape(-1) for g in group])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= dist.get_world_size()
+        offset = 0
+        for g in group:
+            g.copy_(flat[offset:offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+
+def launch(module: str, args: list[str], nproc: int, log_tail_lines: int = 60) -> None:
+    """Run `python -m module args` under torchrun with `nproc` local processes; raise on failure."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", module, *args]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        tail = (tail + [line])[-log_tail_lines:]
+    if proc.wait() != 0:
+        raise LaunchError(f"torchrun {module} with {nproc} process(es) failed (exit {proc.returncode}):\n{''.join(tail)}")

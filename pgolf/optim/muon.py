@@ -1,0 +1,64 @@
+"""Muon: momentum SGD whose 2-D updates are orthogonalized by a Newton-Schulz iteration.
+
+From Keller Jordan's modded-nanogpt, as the challenge's baseline uses it (reference.md 4.5, 4.8):
+Nesterov momentum, 5 quintic Newton-Schulz steps with the stock coefficients, update scaled by
+sqrt(max(1, rows/cols)). With several ranks the matrices are split round-robin: each rank
+orthogonalizes its share and one all-reduce assembles every update.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+STOCK_NS5 = (3.4445, -4.7750, 2.0315)
+
+
+def newton_schulz(grad: Tensor, steps: int = 5, coefficients=STOCK_NS5, eps: float = 1e-7) -> Tensor:
+    """Approximately orthogonalize `grad` (singular values pushed towards 1, roughly 0.7..1.2)."""
+    a, b, c = coefficients
+    x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
+    x = x / (x.norm() + eps)
+    transposed = x.size(0) > x.size(1)
+    if transposed:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return x.T if transposed else x
+
+
+class Muon(torch.optim.Optimizer):
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True):
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
+        for group in self.param_groups:
+            params = group["params"]
+            if not params:
+                continue
+            total = sum(p.numel() for p in params)
+            updates = torch.zeros(total, device=params[0].device, dtype=torch.float32)
+            offset = 0
+            for i, p in enumerate(params):
+                if i % world == rank and p.grad is not None:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
+                    buf = state["momentum_buffer"]
+                    buf.mul_(group["momentum"]).add_(p.grad)
+                    g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                    g = newton_schulz(g, steps=group["backend_steps"])
+                    g = g * max(1.0, p.size(0) / p.size(1)) ** 0.5
+                    updates[offset:offset + p.numel()] = g.flatten().float()
+                offset += p.numel()
+            if world > 1:
+                dist.all_reduce(updates, op=dist.ReduceOp.SUM)
+            offset = 0
+            for p in params:
+                p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                offset += p.numel()

@@ -1,0 +1,105 @@
+"""How many bytes each scored token stands for: the challenge's LUT rule and per-token sidecars.
+
+Plain tokenizers: the organizer's LUT (reference.md 3.2) measures the normalized text the
+tokenizer produced. Variants that transform the text first (casefold) ship a per-token sidecar
+of ORIGINAL-text bytes, aligned 1:1 with the val tokens.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import sentencepiece as spm
+
+from pgolf.data.shards import list_shards, read_shard
+from pgolf.errors import FormatError, InputError
+from pgolf.tokenize.casefold import casefold_with_provenance
+
+LEADING_SPACE = "\u2581"
+
+
+@dataclass
+class ByteLUTs:
+    base_bytes: np.ndarray  # int16: UTF-8 bytes of the piece without its leading "▁"
+    has_leading_space: np.ndarray  # bool: the piece starts with "▁" (one space byte, unless after a boundary)
+    is_boundary: np.ndarray  # bool: control / unknown / unused pieces, and ids past the SP vocab
+
+
+def build_byte_luts(sp: spm.SentencePieceProcessor, vocab_size: int) -> ByteLUTs:
+    size = max(sp.vocab_size(), vocab_size)
+    base = np.zeros(size, dtype=np.int16)
+    lead = np.zeros(size, dtype=bool)
+    boundary = np.ones(size, dtype=bool)
+    for i in range(sp.vocab_size()):
+        if sp.is_control(i) or sp.is_unknown(i) or sp.is_unused(i):
+            continue
+        boundary[i] = False
+        if sp.is_byte(i):
+            base[i] = 1
+            continue
+        piece = sp.id_to_piece(i)
+        if piece.startswith(LEADING_SPACE):
+            lead[i] = True
+            piece = piece[1:]
+        base[i] = len(piece.encode("utf-8"))
+    return ByteLUTs(base, lead, boundary)
+
+
+def target_bytes(prev_ids: np.ndarray, target_ids: np.ndarray, luts: ByteLUTs) -> np.ndarray:
+    """Bytes charged to each target: its piece, plus its leading space unless it follows a boundary
+    (so the first word of a document is not charged the space the tokenizer never saw)."""
+    prev_ids = np.asarray(prev_ids, dtype=np.int64)
+    target_ids = np.asarray(target_ids, dtype=np.int64)
+    extra = luts.has_leading_space[target_ids] & ~luts.is_boundary[prev_ids]
+    return luts.base_bytes[target_ids].astype(np.int64) + extra.astype(np.int64)
+
+
+def original_byte_counts(sp: spm.SentencePieceProcessor, original: str) -> tuple[list[int], list[int]]:
+    """Casefold `original`, encode it, and return (token ids, original UTF-8 bytes per token).
+
+    Each original segment (a character and its combining marks) is charged to the token whose
+    span in the casefolded text covers the segment's first byte; segments no token covers
+    (whitespace SentencePiece drops at the ends) go to the next token, or the last one. So the
+    counts of a document always sum to len(original.encode("utf-8"))."""
+    folded, starts, sizes = casefold_with_provenance(original)
+    proto = sp.encode(folded, out_type="immutable_proto")
+    ids = [p.id for p in proto.pieces]
+    counts = [0] * len(ids)
+    if not ids:
+        return ids, counts
+    ends = [p.end for p in proto.pieces]
+    begins = [p.begin for p in proto.pieces]
+    token = 0
+    for start, size in zip(starts, sizes):
+        while token < len(ids) - 1 and (ends[token] <= start or begins[token] == ends[token]):
+            token += 1
+        counts[token] += size
+    return ids, counts
+
+
+def load_tokenizer(folder: str | Path) -> tuple[spm.SentencePieceProcessor, dict]:
+    folder = Path(folder)
+    model_path, meta_path = folder / "tokenizer.model", folder / "tokenizer.json"
+    for path in (model_path, meta_path):
+        if not path.is_file():
+            raise InputError(f"{path.name} not found: is this a tokenizer stage output?", path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as err:
+        raise FormatError(f"not valid JSON: {err}", meta_path) from err
+    sp = spm.SentencePieceProcessor()
+    try:
+        sp.load(str(model_path))
+    except (OSError, RuntimeError) as err:
+        raise FormatError(f"not a SentencePiece model: {err}", model_path) from err
+    return sp, meta
+
+
+def load_val_byte_sidecar(shards_folder: str | Path) -> np.ndarray | None:
+    """Concatenated fineweb_val_bytes_*.bin as int64, or None when the shards carry no sidecar."""
+    files = list_shards(shards_folder, "val_bytes")
+    if not files:
+        return None
+    return np.concatenate([np.asarray(read_shard(f), dtype=np.int64) for f in files])

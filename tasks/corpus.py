@@ -1,0 +1,50 @@
+"""Stage corpus: materialize documents from a source into data/corpus/docs.jsonl."""
+from __future__ import annotations
+
+import hashlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgolf.data.corpus import read_documents
+from pgolf.data.docs import DOCS_NAME, encode_doc
+from pgolf.errors import InputError
+from tasks.common import StageSpec, stage_main, write_json
+
+
+@dataclass
+class Config:
+    source: str = "builtin"  # 'builtin' or a jsonl / jsonl.gz / parquet / txt file or folder
+    text_field: str = "text"
+    max_docs: int = 0  # 0: every document
+
+    def validate(self) -> None:
+        if self.max_docs < 0:
+            raise ValueError("max_docs must be >= 0")
+
+
+def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    digest = hashlib.sha256()
+    num_docs = text_bytes = 0
+    with open(out / DOCS_NAME, "wb") as f:
+        for text in read_documents(cfg.source, cfg.text_field):
+            if not text.strip():
+                continue
+            line = encode_doc(text)
+            f.write(line)
+            digest.update(line)
+            num_docs += 1
+            text_bytes += len(text.encode("utf-8"))
+            if cfg.max_docs and num_docs >= cfg.max_docs:
+                break
+    if num_docs == 0:
+        raise InputError("the corpus has no non-empty documents", cfg.source)
+    meta = {"source": cfg.source, "num_docs": num_docs, "text_bytes": text_bytes, "sha256": digest.hexdigest()}
+    write_json(out / "meta.json", meta)
+    return {"num_docs": num_docs, "text_bytes": text_bytes}
+
+
+SPEC = StageSpec(name="corpus", config_cls=Config, run=run, out="data/corpus")
+
+if __name__ == "__main__":
+    sys.exit(stage_main(SPEC))

@@ -1,0 +1,64 @@
+"""Stage shards: documents -> the challenge's binary shards, manifest and val byte sidecar;
+or a published shard folder, validated and adopted."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from pgolf.data.docs import iter_docs
+from pgolf.data.export import adopt_shards, build_shards, file_entries, resolve_workers, sha256_file
+from pgolf.data.shards import MANIFEST_NAME
+from pgolf.tokenize.bytes import load_tokenizer
+from tasks.common import StageSpec, stage_main, write_json
+
+
+@dataclass
+class Config:
+    val_docs: int = 50000  # the challenge's val split: the first 50,000 documents
+    shard_tokens: int = 100_000_000
+    workers: int = 0  # tokenizer processes; 0: one per core
+    adopt: str = ""  # a published shard folder (e.g. data/datasets/fineweb10B_sp1024) to validate and use
+
+    def validate(self) -> None:
+        if self.val_docs < 1:
+            raise ValueError("val_docs must be >= 1")
+        if not 0 < self.shard_tokens < 2**31:
+            raise ValueError("shard_tokens must be in (0, 2^31)")
+
+
+def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    sp, tok = load_tokenizer(inputs["tokenizer"])
+    if cfg.adopt:
+        stats = adopt_shards(Path(cfg.adopt), out, sp.vocab_size(), tok["bos_id"])
+        source = {"adopted_from": str(Path(cfg.adopt).resolve())}
+    else:
+        model_bytes = (Path(inputs["tokenizer"]) / "tokenizer.model").read_bytes()
+        stats = build_shards(iter_docs(inputs["corpus"]), model_bytes, tok["variant"], tok["bos_id"], cfg.val_docs,
+                             cfg.shard_tokens, resolve_workers(cfg.workers), out)
+        source = {"corpus_sha256": sha256_file(Path(inputs["corpus"]) / "docs.jsonl")}
+    files = file_entries(out)
+    manifest = {
+        "version": 1,
+        "append_eos": False,
+        "num_val_docs": cfg.val_docs,
+        "shard_size": cfg.shard_tokens,
+        "variant": tok["variant"],
+        "vocab_size": sp.vocab_size(),
+        "bos_id": tok["bos_id"],
+        "tokenizer_sha256": tok["sha256"],
+        "val_bytes_sidecar": any(f["split"] == "val_bytes" for f in files),
+        "stats": stats,
+        "files": files,
+        **source,
+    }
+    write_json(out / MANIFEST_NAME, manifest)
+    return {k: v for k, v in stats.items()}
+
+
+SPEC = StageSpec(name="shards", config_cls=Config, run=run, out="artifacts/shards",
+                 inputs={"corpus": "data/corpus", "tokenizer": "artifacts/tokenizer"},
+                 producers={"corpus": "corpus", "tokenizer": "tokenizer"})
+
+if __name__ == "__main__":
+    sys.exit(stage_main(SPEC))

@@ -1,0 +1,266 @@
+"""Stage train: the baseline GPT with Muon + Adam under torchrun (train.nproc processes).
+
+The stage process writes the resolved config, then launches torchrun; the workers (this module
+with --worker) train and rank 0 writes the weights, the log and the metrics into the output.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from pgolf import dist
+from pgolf.data.loader import DistributedTokenLoader
+from pgolf.data.shards import check_vocab
+from pgolf.model.config import ModelConfig
+from pgolf.model.gpt import GPT, param_groups
+from pgolf.model.io import save_model
+from pgolf.optim.muon import Muon
+from pgolf.optim.schedule import lr_multiplier, muon_momentum
+from pgolf.params import from_dict
+from tasks.common import StageSpec, stage_main, write_json
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    seed: int = 1337
+    nproc: int = 1
+    device: str = "auto"
+    iterations: int = 20000
+    train_batch_tokens: int = 524288
+    train_seq_len: int = 1024
+    grad_accum_steps: int = 0  # 0: 8 // nproc, the baseline's choice for 8 GPUs' worth of micro-batches
+    max_wallclock_seconds: float = 600.0  # 0: no cap
+    warmup_steps: int = 20  # compile warm-up steps, rolled back before the timed run
+    warmdown_iters: int = 1200
+    matrix_lr: float = 0.04
+    scalar_lr: float = 0.04
+    tied_embed_lr: float = 0.05
+    embed_lr: float = 0.6
+    head_lr: float = 0.008
+    muon_momentum: float = 0.95
+    muon_momentum_warmup_start: float = 0.85
+    muon_momentum_warmup_steps: int = 500
+    muon_backend_steps: int = 5
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip_norm: float = 0.0
+    compile: bool = True
+    log_every: int = 200
+
+    def validate(self) -> None:
+        if self.nproc < 1:
+            raise ValueError("nproc must be >= 1")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device {self.device!r} must be auto, cpu or cuda")
+        accum = self.resolved_grad_accum()
+        if self.train_batch_tokens % (self.nproc * accum * self.train_seq_len):
+            raise ValueError(f"train_batch_tokens {self.train_batch_tokens} must be a multiple of nproc x "
+                             f"grad_accum_steps x train_seq_len = {self.nproc} x {accum} x {self.train_seq_len}")
+
+    def resolved_grad_accum(self) -> int:
+        return self.grad_accum_steps or max(1, 8 // self.nproc)
+
+
+def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    check_vocab(inputs["shards"], cfg.model.vocab_size)
+    write_json(out / "config.json", {"model": asdict(cfg.model), "train": asdict(cfg), "code_version": code_version(),
+                                     "torch": torch.__version__})
+    dist.launch("tasks.train", ["--worker", "--out", str(out), "--shards", str(inputs["shards"])], cfg.nproc)
+    return json.loads((out / "metrics.json").read_text())
+
+
+def code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def build_optimizers(model: GPT, cfg: Config, fused: bool):
+    groups = param_groups(model)
+    muon = Muon([p for _, p in groups["matrix"]], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
+                backend_steps=cfg.muon_backend_steps)
+    adam_groups = [
+        {"params": [p for _, p in groups["embed"]],
+         "lr": cfg.tied_embed_lr if cfg.model.tie_embeddings else cfg.embed_lr},
+        {"params": [p for _, p in groups["scalar"]], "lr": cfg.scalar_lr},
+    ]
+    if groups["head"]:
+        adam_groups.append({"params": [p for _, p in groups["head"]], "lr": cfg.head_lr})
+    adam = torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
+    optimizers = [muon, adam]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers
+
+
+class Trainer:
+    """One training process; all ranks run the same steps and stop together."""
+
+    def __init__(self, cfg: Config, shards: Path, out: Path):
+        self.cfg, self.shards, self.out = cfg, shards, out
+        self.device = dist.resolve_device(cfg.device)
+        dist.init(self.device)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        torch.manual_seed(cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.model = GPT(cfg.model).to(self.device)
+        self.train_model = torch.compile(self.model, dynamic=False) if cfg.compile and self.device.type == "cuda" else self.model
+        self.optimizers = build_optimizers(self.model, cfg, fused=self.device.type == "cuda")
+        self.accum = cfg.resolved_grad_accum()
+        self.loader = self.new_loader()
+
+    def new_loader(self) -> DistributedTokenLoader:
+        return DistributedTokenLoader(self.shards, self.rank, self.world, self.device, self.cfg.model.vocab_size)
+
+    def step(self, step: int, lr_scale: float) -> float:
+        cfg = self.cfg
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.accum):
+            x, y = self.loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, self.accum)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                loss = self.train_model(x, y)
+            (loss / self.accum).backward()
+            total += loss.detach()
+        dist.average_gradients(self.model.parameters())
+        momentum = muon_momentum(step, cfg.muon_momentum_warmup_start, cfg.muon_momentum, cfg.muon_momentum_warmup_steps)
+        self.optimizers[0].param_groups[0]["momentum"] = momentum
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+        if cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
+        for opt in self.optimizers:
+            opt.step()
+        mean = total / self.accum
+        if self.world > 1:
+            torch.distributed.all_reduce(mean, op=torch.distributed.ReduceOp.SUM)  # gloo has no AVG
+            mean /= self.world
+        return float(mean.item())
+
+    def warmup(self) -> None:
+        """Run `warmup_steps` real steps so compilation and allocator warm-up happen outside the
+        timer, then roll the weights, optimizer state and data back to the start."""
+        if self.cfg.warmup_steps <= 0:
+            return
+        model_state = copy.deepcopy(self.model.state_dict())
+        opt_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        for step in range(self.cfg.warmup_steps):
+            self.step(step, 1.0)
+        self.model.load_state_dict(model_state)
+        for opt, state in zip(self.optimizers, opt_states):
+            opt.load_state_dict(state)
+        self.loader = self.new_loader()
+        self.sync()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.warmup()
+        cap_ms = cfg.max_wallclock_seconds * 1000.0 if cfg.max_wallclock_seconds > 0 else None
+        log = open(self.out / "train_log.jsonl", "w") if dist.is_main() else None
+        live = self.open_live()
+        elapsed_ms, step, loss = 0.0, 0, float("nan")
+        tokens_per_step = cfg.train_batch_tokens
+        self.sync()
+        t0 = time.perf_counter()
+        while step < cfg.iterations:
+            lr_scale = lr_multiplier(step, elapsed_ms, cfg.iterations, cfg.warmdown_iters, cap_ms)
+            loss = self.step(step, lr_scale)
+            step += 1
+            self.sync()
+            elapsed_ms = (time.perf_counter() - t0) * 1000.0
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"train loss became {loss} at step {step}")
+            if log and (step % cfg.log_every == 0 or step == 1 or step == cfg.iterations):
+                record = {"step": step, "train_loss": round(loss, 6), "lr_scale": round(lr_scale, 6),
+                          "elapsed_ms": round(elapsed_ms, 1), "tokens": step * tokens_per_step}
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                print(f"step {step}/{cfg.iterations} loss {loss:.4f} lr_scale {lr_scale:.3f} "
+                      f"{elapsed_ms / step:.1f} ms/step", flush=True)
+                if live:
+                    live.step = step
+                    live.log_metric("train_loss", loss)
+                    live.log_metric("lr_scale", lr_scale)
+                    live.next_step()
+            if dist.all_reduce_max_flag(cap_ms is not None and elapsed_ms >= cap_ms, self.device):
+                break
+        seconds = elapsed_ms / 1000.0
+        metrics = {
+            "steps": step,
+            "final_train_loss": round(loss, 6),
+            "train_seconds": round(seconds, 3),
+            "ms_per_step": round(elapsed_ms / max(step, 1), 3),
+            "tokens_per_s": round(step * tokens_per_step / max(seconds, 1e-9), 1),
+            "peak_mem_bytes": self.peak_memory(),
+            "world_size": self.world,
+            "device": self.device.type,
+        }
+        if log:
+            log.close()
+        if live:
+            live.end()
+        return metrics
+
+    def open_live(self):
+        if not dist.is_main():
+            return None
+        from dvclive import Live
+
+        # Inside `dvc repro` DVCLive would otherwise try to register an experiment and rewrite
+        # dvc.yaml; here it only writes its metrics and plots into the stage output.
+        return Live(str(self.out / "dvclive"), save_dvc_exp=False, dvcyaml=None, report=None, monitor_system=False)
+
+    def peak_memory(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def worker_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.train --worker")
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--shards", required=True)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    resolved = json.loads((out / "config.json").read_text())
+    cfg = from_dict(Config, resolved["train"], f"{out / 'config.json'}: train")
+    trainer = Trainer(cfg, Path(args.shards), out)
+    metrics = trainer.train()
+    if dist.is_main():
+        save_model(trainer.model, cfg.model, out, extra_config={k: v for k, v in resolved.items() if k != "model"})
+        write_json(out / "metrics.json", metrics)
+    dist.shutdown()
+    return 0
+
+
+SPEC = StageSpec(name="train", config_cls=Config, run=run, out="artifacts/train",
+                 inputs={"shards": "artifacts/shards"}, producers={"shards": "shards"})
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv[1:]:
+        sys.exit(worker_main(sys.argv[1:]))
+    sys.exit(stage_main(SPEC))
