@@ -1,0 +1,94 @@
+"""Exact val_loss and val_bpb (reference.md 3.1, 3.2, 3.5).
+
+val_loss = sum of CE (nats, full-vocabulary softmax, fp32) / targets; val_bpb = val_loss / ln 2 x
+targets / bytes. The val stream is truncated to a multiple of seq_len (+1) as the challenge does;
+every target of it is scored exactly once, in flat or sliding-window mode.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pgolf.tokenize.bytes import ByteLUTs, target_bytes
+
+
+@dataclass
+class BpbResult:
+    loss_sum: float  # nats
+    tokens: int
+    bytes: int
+
+    @property
+    def val_loss(self) -> float:
+        return self.loss_sum / max(self.tokens, 1)
+
+    @property
+    def val_bpb(self) -> float:
+        return self.val_loss / math.log(2) * self.tokens / max(self.bytes, 1)
+
+
+def truncate_val(tokens: np.ndarray, seq_len: int) -> np.ndarray:
+    usable = ((len(tokens) - 1) // seq_len) * seq_len
+    if usable <= 0:
+        raise ValueError(f"the val split has {len(tokens)} tokens, fewer than one window of {seq_len} + 1")
+    return tokens[:usable + 1]
+
+
+def bytes_per_position(tokens: np.ndarray, luts: ByteLUTs | None, sidecar: np.ndarray | None) -> np.ndarray:
+    """Bytes charged to the target at each stream position (position 0 is never a target: 0)."""
+    out = np.zeros(len(tokens), dtype=np.int64)
+    if sidecar is not None:
+        if len(sidecar) < len(tokens):
+            raise ValueError(f"the val byte sidecar has {len(sidecar)} entries for {len(tokens)} tokens")
+        out[1:] = sidecar[1:len(tokens)]
+    else:
+        out[1:] = target_bytes(tokens[:-1], tokens[1:], luts)
+    return out
+
+
+def windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
+    """(window start, first scored target position) pairs. Window w covers inputs [w, w+L) and
+    targets w+1 .. w+L. Flat (stride 0): disjoint windows. Sliding: the first window scores all of
+    its targets, each later one only those past what was already scored (its last `stride`), so
+    every target is scored once and all but the first L see at least L - stride tokens of context."""
+    if stride <= 0 or stride >= seq_len:
+        return [(w, w + 1) for w in range(0, num_targets, seq_len)]
+    result, scored = [], 0
+    start = 0
+    while scored < num_targets:
+        start = min(start, num_targets - seq_len)
+        result.append((start, scored + 1))
+        scored = start + seq_len
+        start += stride
+    return result
+
+
+@torch.no_grad()
+def evaluate_bpb(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len: int, stride: int, batch_seqs: int,
+                 device: torch.device) -> BpbResult:
+    """Score every target of `tokens` (already truncated) once; `byte_counts[t]` is the bytes of target t."""
+    num_targets = len(tokens) - 1
+    stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    plan = windows(num_targets, seq_len, stride)
+    loss_sum, scored_tokens, scored_bytes = 0.0, 0, 0
+    model.eval()
+    for b in range(0, len(plan), batch_seqs):
+        batch = plan[b:b + batch_seqs]
+        x = torch.stack([stream[w:w + seq_len] for w, _ in batch]).to(device)
+        y = torch.stack([stream[w + 1:w + seq_len + 1] for w, _ in batch]).to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model.forward_logits(x)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        nll = nll.view(len(batch), seq_len).double().cpu()
+        for row, (w, first) in enumerate(batch):
+            lo = first - (w + 1)
+            loss_sum += float(nll[row, lo:].sum())
+            scored_tokens += seq_len - lo
+            scored_bytes += int(byte_counts[first:w + seq_len + 1].sum())
+    if scored_tokens != num_targets:
+        raise AssertionError(f"scored {scored_tokens} targets, expected each of {num_targets} exactly once")
+    return BpbResult(loss_sum, scored_tokens, scored_bytes)

@@ -1,0 +1,64 @@
+"""Calibration: H = sum of x x^T over the inputs of every quantized matrix (reference.md 5.2)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pgolf.data.shards import list_shards, read_shard
+from pgolf.errors import InputError
+from pgolf.model.gpt import GPT, CastedLinear
+
+
+def calibration_batches(shards: str | Path, batches: int, batch_seqs: int, seq_len: int, seed: int,
+                        vocab_size: int | None = None):
+    """Random training windows, deterministic in `seed`: a shard chosen in proportion to its
+    length, then a random offset in it."""
+    files = list_shards(shards, "train")
+    if not files:
+        raise InputError("no fineweb_train_*.bin shards for calibration", shards)
+    tokens = [read_shard(f, vocab_size) for f in files]
+    usable = np.array([max(len(t) - seq_len - 1, 0) for t in tokens], dtype=np.float64)
+    if usable.sum() == 0:
+        raise InputError(f"training shards are shorter than one calibration window of {seq_len + 1} tokens", shards)
+    rng = np.random.default_rng(seed)
+    for _ in range(batches):
+        rows = []
+        for _ in range(batch_seqs):
+            shard = rng.choice(len(tokens), p=usable / usable.sum())
+            start = int(rng.integers(0, int(usable[shard]) + 1))
+            rows.append(np.asarray(tokens[shard][start:start + seq_len], dtype=np.int64))
+        yield torch.from_numpy(np.stack(rows))
+
+
+@torch.no_grad()
+def collect_hessians(model: GPT, batches, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
+    """Hessians keyed by weight name (`blocks.0.attn.c_q.weight`, ...; the tied embedding's from the
+    final-norm output that feeds the LM head). Returns (hessians / token count, token count)."""
+    hessians: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def hook_for(name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
+            h = hessians.get(name)
+            hessians[name] = x.T @ x if h is None else h.add_(x.T @ x)
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, CastedLinear) and name != "lm_head":
+            hooks.append(module.register_forward_hook(hook_for(f"{name}.weight")))
+    head_name = "tok_emb.weight" if model.lm_head is None else "lm_head.weight"
+    model.eval()
+    tokens = 0
+    try:
+        for batch in batches:
+            h = model.hidden(batch.to(device))
+            x = h.reshape(-1, h.size(-1)).float()
+            hessians[head_name] = x.T @ x if head_name not in hessians else hessians[head_name].add_(x.T @ x)
+            tokens += batch.numel()
+    finally:
+        for handle in hooks:
+            handle.remove()
+    return {k: (v / max(tokens, 1)).cpu() for k, v in sorted(hessians.items())}, tokens

@@ -1,0 +1,87 @@
+"""Stage pack: the quantized model as one compressed binary, the code bytes counted, the cap enforced."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pgolf.errors import CapExceededError
+from pgolf.pack.codesize import code_bytes, import_closure
+from pgolf.pack.compress import compress
+from pgolf.pack.serialize import pack, tensor_bytes, unpack
+from pgolf.quant.format import load_quantized
+from tasks.common import StageSpec, stage_main, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+EVAL_ENTRY = ROOT / "tasks" / "eval.py"
+CHALLENGE_CAP_BYTES = 16_000_000
+
+
+@dataclass
+class Config:
+    compressor: Literal["lzma", "brotli", "zlib"] = "brotli"
+    level: int = -1  # -1: the compressor's strongest (lzma 9e, brotli 11, zlib 9)
+    cap_bytes: int = CHALLENGE_CAP_BYTES
+
+
+def tensor_group(name: str) -> str:
+    base = name.removesuffix(".q").removesuffix(".scale")
+    if name.endswith(".scale"):
+        return "scales"
+    if base in ("tok_emb.weight", "lm_head.weight"):
+        return "embedding"
+    if ".attn." in base and name.endswith(".q"):
+        return "attention"
+    if ".mlp." in base and name.endswith(".q"):
+        return "mlp"
+    return "passthrough"
+
+
+def group_sizes(qm, raw_sizes: dict[str, int], compressor: str, level: int) -> dict[str, dict[str, int]]:
+    """Raw bytes per group, and each group's bytes compressed on its own (an estimate of its share:
+    the real artifact compresses everything together)."""
+    groups: dict[str, list[str]] = {}
+    for name in sorted(raw_sizes):
+        groups.setdefault(tensor_group(name), []).append(name)
+    return {g: {"raw_bytes": sum(raw_sizes[n] for n in names),
+                "compressed_bytes": len(compress(b"".join(tensor_bytes(qm.tensors[n]) for n in names), compressor, level))}
+            for g, names in sorted(groups.items())}
+
+
+def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    qm = load_quantized(Path(inputs["gptq"]) / "quantized.safetensors")
+    blob, raw_sizes = pack(qm, cfg.compressor, cfg.level)
+    restored = unpack(blob, "packed artifact")
+    for name, tensor in qm.tensors.items():
+        if not tensor.equal(restored.tensors[name]):
+            raise AssertionError(f"pack round trip changed tensor {name}")
+    files = import_closure(EVAL_ENTRY, ROOT)
+    code = code_bytes(files)
+    total = len(blob) + code
+    size = {
+        "model_bytes": len(blob),
+        "code_bytes": code,
+        "code_files": [str(f.relative_to(ROOT)) for f in files],
+        "total_bytes": total,
+        "cap_bytes": cfg.cap_bytes,
+        "margin_bytes": cfg.cap_bytes - total,
+        "compressor": cfg.compressor,
+        "payload_bytes": sum(raw_sizes.values()),
+        "groups": group_sizes(qm, raw_sizes, cfg.compressor, cfg.level),
+    }
+    if total > cfg.cap_bytes:
+        raise CapExceededError(
+            f"artifact is {total:,} bytes (model {len(blob):,} + code {code:,}), {total - cfg.cap_bytes:,} bytes over "
+            f"the {cfg.cap_bytes:,}-byte cap; quantize harder (gptq.bits), shrink the model or try another compressor",
+            Path(inputs["gptq"]) / "quantized.safetensors")
+    (out / "artifact.bin").write_bytes(blob)
+    write_json(out / "size.json", size)
+    return {k: v for k, v in size.items() if isinstance(v, (int, str))}
+
+
+SPEC = StageSpec(name="pack", config_cls=Config, run=run, out="artifacts/pack",
+                 inputs={"gptq": "artifacts/gptq"}, producers={"gptq": "gptq"})
+
+if __name__ == "__main__":
+    sys.exit(stage_main(SPEC))
