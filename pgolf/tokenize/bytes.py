@@ -64,7 +64,7 @@ def original_byte_counts(sp: spm.SentencePieceProcessor, original: str) -> tuple
     (whitespace SentencePiece drops at the ends) go to the next token, or the last one. So the
     counts of a document always sum to len(original.encode("utf-8"))."""
     folded, starts, sizes = casefold_with_provenance(original)
-    proto = sp.encode(folded, out_type="immutable_proto")
+    proto = sp.encode(folded, return_type="proto")
     ids = [p.id for p in proto.pieces]
     counts = [0] * len(ids)
     if not ids:

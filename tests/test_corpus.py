@@ -1,0 +1,97 @@
+"""Corpus sources and the corpus stage: readers, the builtin corpus, and clear errors."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pgolf.data.corpus import builtin_documents, read_documents
+from pgolf.data.docs import iter_docs
+from pgolf.errors import FormatError, InputError
+from tasks import corpus as corpus_stage
+from tasks.common import execute
+
+DOCS = ["first document\nwith two lines", "second — with non-ASCII ✓", "third"]
+
+
+def write_jsonl(path, docs, field="text"):
+    path.write_text("".join(json.dumps({field: d, "id": i}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
+    return path
+
+
+def test_jsonl_gz_parquet_txt_and_folder(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", DOCS)
+    with gzip.open(tmp_path / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": d}) + "\n" for d in DOCS))
+    pq.write_table(pa.table({"text": DOCS, "n": [1, 2, 3]}), tmp_path / "c.parquet", row_group_size=2)
+    (tmp_path / "d.txt").write_text(DOCS[0], encoding="utf-8")
+    assert list(read_documents(str(tmp_path / "a.jsonl"))) == DOCS
+    assert list(read_documents(str(tmp_path / "b.jsonl.gz"))) == DOCS
+    assert list(read_documents(str(tmp_path / "c.parquet"))) == DOCS
+    assert list(read_documents(str(tmp_path / "d.txt"))) == [DOCS[0]]
+    # a folder: its files in sorted order
+    assert list(read_documents(str(tmp_path))) == DOCS + DOCS + DOCS + [DOCS[0]]
+
+
+def test_other_text_field(tmp_path):
+    path = write_jsonl(tmp_path / "a.jsonl", DOCS, field="content")
+    assert list(read_documents(str(path), "content")) == DOCS
+    with pytest.raises(FormatError, match="line 1: no 'text' field"):
+        list(read_documents(str(path)))
+    pq.write_table(pa.table({"body": DOCS}), tmp_path / "b.parquet")
+    with pytest.raises(FormatError, match="no 'text' column"):
+        list(read_documents(str(tmp_path / "b.parquet")))
+
+
+def test_non_utf8_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(FormatError, match="line 2") as err:
+        list(read_documents(str(path)))
+    assert str(path) in str(err.value) and "UTF-8" in str(err.value)
+    txt = tmp_path / "bad.txt"
+    txt.write_bytes(b"\xff\xfe")
+    with pytest.raises(FormatError, match="UTF-8"):
+        list(read_documents(str(txt)))
+
+
+def test_invalid_json_and_missing_source(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "ok"}\n{"text": \n')
+    with pytest.raises(FormatError, match="line 2: invalid JSON"):
+        list(read_documents(str(path)))
+    with pytest.raises(InputError, match="not found"):
+        list(read_documents(str(tmp_path / "missing.jsonl")))
+    (tmp_path / "x.csv").write_text("a,b")
+    with pytest.raises(InputError, match="unsupported"):
+        list(read_documents(str(tmp_path / "x.csv")))
+
+
+def test_builtin_corpus_is_deterministic_and_large_enough():
+    first = list(builtin_documents())
+    assert first == list(builtin_documents())
+    assert len(first) > 1000 and sum(len(d) for d in first) > 1_000_000
+    assert len(set(first)) == len(first)
+
+
+def test_stage_writes_docs_and_meta_and_caps(tmp_path):
+    src = write_jsonl(tmp_path / "a.jsonl", DOCS + ["   ", ""])
+    out = tmp_path / "corpus"
+    metrics = execute(corpus_stage.SPEC, corpus_stage.Config(source=str(src), max_docs=2), {}, out)
+    assert metrics["num_docs"] == 2 and list(iter_docs(out)) == DOCS[:2]
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["num_docs"] == 2 and len(meta["sha256"]) == 64
+    metrics = execute(corpus_stage.SPEC, corpus_stage.Config(source=str(src)), {}, out)
+    assert metrics["num_docs"] == 3  # blank documents are dropped
+
+
+def test_empty_corpus_is_an_error_and_leaves_no_output(tmp_path):
+    src = write_jsonl(tmp_path / "empty.jsonl", ["", "  \n "])
+    out = tmp_path / "corpus"
+    with pytest.raises(InputError, match="no non-empty documents") as err:
+        execute(corpus_stage.SPEC, corpus_stage.Config(source=str(src)), {}, out)
+    assert str(src) in str(err.value)
+    assert not out.exists()
