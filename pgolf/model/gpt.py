@@ -164,15 +164,16 @@ def count_parameters(cfg: ModelConfig) -> int:
 
 
 def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Split parameters the way the baseline's optimizers do: 2-D block matrices go to Muon, the
-    embedding (and untied head) to Adam with their own lr, everything small to the scalar Adam."""
+    """Split parameters the way the baseline's optimizers do: the blocks' linear weights go to Muon,
+    the embedding (and untied head) to Adam with their own lr, every control tensor (resid_mix,
+    scales, gains, skip weights) to the scalar Adam."""
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
         if name == "tok_emb.weight":
             groups["embed"].append((name, p))
         elif name == "lm_head.weight":
             groups["head"].append((name, p))
-        elif name.startswith("blocks.") and p.ndim == 2:
+        elif name.startswith("blocks.") and p.ndim == 2 and name.endswith(".weight"):
             groups["matrix"].append((name, p))
         else:
             groups["scalar"].append((name, p))

@@ -43,7 +43,7 @@ def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
     return torch.einsum("ij,jk,ik->", e, h, e).item() / max(denom, 1e-30)
 
 
-def _inverse_cholesky_upper(hessian: Tensor, damp: float, name: str, retries: int = 4) -> Tensor:
+def _inverse_cholesky_upper(hessian: Tensor, damp: float, name: str, retries: int = 6) -> Tensor:
     mean_diag = hessian.diagonal().mean().item()
     eye = torch.eye(hessian.size(0), dtype=hessian.dtype)
     damping = damp

@@ -1,0 +1,130 @@
+"""The metric: windows score every target once, bpb on hand-worked numbers, the artifact alone."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pgolf.errors import FormatError
+from pgolf.evaluate.bpb import BpbResult, bytes_per_position, evaluate_bpb, truncate_val, windows
+from pgolf.model.config import ModelConfig
+from pgolf.model.gpt import GPT
+from pgolf.model.io import save_model
+from pgolf.tokenize.bytes import build_byte_luts
+from tasks import eval as eval_stage, gptq as gptq_stage, pack as pack_stage
+from tasks.common import execute
+from tests.conftest import TINY_MODEL
+
+
+@pytest.mark.parametrize("targets,seq_len,stride", [(64, 16, 0), (64, 16, 4), (96, 32, 5), (32, 32, 8), (48, 16, 15)])
+def test_windows_score_each_target_exactly_once(targets, seq_len, stride):
+    counts = np.zeros(targets + 1, dtype=int)
+    for start, first in windows(targets, seq_len, stride):
+        assert 0 <= start and start + seq_len <= targets and start + 1 <= first <= start + seq_len
+        counts[first:start + seq_len + 1] += 1
+        if stride and first > seq_len:  # every later target sees at least L - stride tokens before it
+            assert first - 1 - start >= seq_len - stride
+    assert counts[0] == 0 and (counts[1:] == 1).all()
+
+
+def test_truncation_keeps_a_multiple_of_seq_len_plus_one():
+    assert len(truncate_val(np.arange(100), 16)) == 97
+    with pytest.raises(ValueError):
+        truncate_val(np.arange(10), 16)
+
+
+class UniformModel(torch.nn.Module):
+    """Equal logits for every token: CE is ln(V) at every position."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.vocab = vocab
+
+    def forward_logits(self, ids):
+        return torch.zeros(*ids.shape, self.vocab)
+
+
+def test_bpb_of_a_uniform_model_by_hand():
+    tokens = np.array([1, 5, 6, 7, 1, 8, 9, 10, 11])
+    byte_counts = np.array([0, 3, 1, 2, 0, 4, 1, 1, 2])
+    result = evaluate_bpb(UniformModel(16), tokens, byte_counts, seq_len=4, stride=0, batch_seqs=3,
+                          device=torch.device("cpu"))
+    assert result.tokens == 8 and result.bytes == 14
+    assert result.val_loss == pytest.approx(math.log(16))
+    assert result.val_bpb == pytest.approx(4.0 * 8 / 14)  # log2(16) bits per token, 8 tokens over 14 bytes
+    sliding = evaluate_bpb(UniformModel(16), tokens, byte_counts, seq_len=4, stride=2, batch_seqs=2,
+                           device=torch.device("cpu"))
+    assert (sliding.tokens, sliding.bytes) == (result.tokens, result.bytes)
+    assert BpbResult(10.0, 5, 20).val_bpb == pytest.approx(10 / 5 / math.log(2) * 5 / 20)
+
+
+def test_bytes_per_position_lut_and_sidecar(sp):
+    luts = build_byte_luts(sp, sp.vocab_size())
+    ids = [1] + sp.encode("The people") + [1] + sp.encode("of the world")
+    tokens = np.array(ids)
+    lut = bytes_per_position(tokens, luts, None)
+    assert lut[0] == 0 and lut.sum() == len("The people".encode()) + len("of the world".encode())
+    sidecar = np.arange(len(ids)) % 3
+    assert bytes_per_position(tokens, None, sidecar).tolist() == [0] + sidecar[1:].tolist()
+
+
+@pytest.fixture(scope="module")
+def packed(data_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY_MODEL))
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.05)
+        torch.nn.init.normal_(block.mlp.proj.weight, std=0.05)
+    (root / "train").mkdir()
+    save_model(model, model.cfg, root / "train")
+    execute(gptq_stage.SPEC, gptq_stage.Config(calib_batches=2, calib_seq_len=32, calib_batch_seqs=4, device="cpu",
+                                               passthrough_max_numel=512),
+            {"train": root / "train", "shards": data_dirs["shards"]}, root / "gptq")
+    execute(pack_stage.SPEC, pack_stage.Config(), {"gptq": root / "gptq"}, root / "pack")
+    return root
+
+
+def run_eval(data_dirs, packed, out, **cfg):
+    config = eval_stage.Config(**{"seq_len": 64, "batch_seqs": 8, "device": "cpu", **cfg})
+    return execute(eval_stage.SPEC, config, {"pack": packed / "pack", "shards": data_dirs["shards"],
+                                             "tokenizer": data_dirs["tokenizer"]}, out)
+
+
+def test_eval_from_the_artifact_equals_the_in_memory_quantized_model(data_dirs, packed, tmp_path):
+    from pgolf.data.shards import load_split
+    from pgolf.quant.format import load_quantized
+    from pgolf.tokenize.bytes import load_tokenizer
+
+    metrics = run_eval(data_dirs, packed, tmp_path / "e")
+    qm = load_quantized(packed / "gptq/quantized.safetensors")
+    model = GPT(ModelConfig(**qm.model_config))
+    model.load_state_dict(qm.dequantize())
+    tokens = truncate_val(load_split(data_dirs["shards"], "val"), 64)
+    sp, _ = load_tokenizer(data_dirs["tokenizer"])
+    expected = evaluate_bpb(model, tokens, bytes_per_position(tokens, build_byte_luts(sp, 400), None), 64, 0, 8,
+                            torch.device("cpu"))
+    assert metrics["val_bpb"] == pytest.approx(expected.val_bpb, rel=1e-12)
+    assert metrics["tokens"] == len(tokens) - 1 and metrics["mode"] == "flat"
+    assert json.loads((tmp_path / "e/metrics.json").read_text())["val_bpb"] == metrics["val_bpb"]
+
+
+def test_sliding_scores_the_same_tokens_and_bytes_and_helps(data_dirs, packed, tmp_path):
+    flat = run_eval(data_dirs, packed, tmp_path / "flat")
+    sliding = run_eval(data_dirs, packed, tmp_path / "sliding", stride=16)
+    assert (sliding["tokens"], sliding["bytes"]) == (flat["tokens"], flat["bytes"])
+    assert sliding["mode"] == "sliding" and math.isfinite(sliding["val_bpb"])
+
+
+def test_tokenizer_vocab_must_match_the_model(data_dirs, packed, tmp_path):
+    from tasks import tokenizer as tok_stage
+
+    execute(tok_stage.SPEC, tok_stage.Config(vocab_size=380, num_threads=1), {"corpus": data_dirs["corpus"]}, tmp_path / "tok")
+    with pytest.raises(FormatError, match="380 pieces but the model's vocab_size is 400") as err:
+        execute(eval_stage.SPEC, eval_stage.Config(seq_len=64, device="cpu"),
+                {"pack": packed / "pack", "shards": data_dirs["shards"], "tokenizer": tmp_path / "tok"}, tmp_path / "e")
+    assert "tokenizer.json" in str(err.value)
+    assert not (tmp_path / "e").exists()

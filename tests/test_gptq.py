@@ -1,0 +1,120 @@
+"""GPTQ against round-to-nearest, its edge cases, and the stage's passthrough rules."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from pgolf.quant.format import load_quantized
+from pgolf.quant.gptq import QuantError, gptq_quantize, output_error, quantize_rtn, sdclip_scales
+from tasks import gptq as gptq_stage
+from tasks.common import execute
+
+
+def correlated_layer(rows=48, cols=96, tokens=4096, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mixing = torch.randn(cols, cols, generator=g) / cols**0.5
+    x = torch.randn(tokens, cols, generator=g) @ mixing + 0.1 * torch.randn(tokens, cols, generator=g)
+    w = torch.randn(rows, cols, generator=g) * 0.05
+    return w, x.T @ x / tokens
+
+
+def errors(w, h, bits, clip=12.85, **kw):
+    codes, scale = gptq_quantize(w, h, bits, clip, **kw)
+    s = sdclip_scales(w, bits, clip)
+    assert torch.equal(scale.float(), s) and codes.dtype == torch.int8
+    assert codes.abs().max() <= 2 ** (bits - 1) - 1
+    gptq = output_error(w, codes.float() * s[:, None], h)
+    rtn = output_error(w, quantize_rtn(w, s, bits) * s[:, None], h)
+    return gptq, rtn
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    w, h = correlated_layer()
+    gptq, rtn = errors(w, h, 6)
+    assert gptq < 0.7 * rtn
+
+
+def test_more_bits_less_error_and_act_order_and_blocks_work():
+    w, h = correlated_layer(seed=1)
+    assert errors(w, h, 8)[0] < errors(w, h, 6)[0]
+    plain, _ = errors(w, h, 6, act_order=False, block_size=16)
+    ordered, rtn = errors(w, h, 6, act_order=True, block_size=16)
+    assert plain < rtn and ordered < rtn
+
+
+def test_dead_columns_get_zero_codes():
+    w, h = correlated_layer(rows=8, cols=32)
+    h[5, :] = 0
+    h[:, 5] = 0
+    codes, _ = gptq_quantize(w, h, 6, 12.85)
+    assert not codes[:, 5].any()
+
+
+def test_singular_hessian_is_rescued_by_damping_and_bad_ones_are_errors():
+    w, _ = correlated_layer(rows=8, cols=16)
+    x = torch.randn(4, 16)
+    rank_deficient = x.T @ x  # rank 4 of 16: needs the damping
+    codes, _ = gptq_quantize(w, rank_deficient, 6, 12.85, damp=1e-10)
+    assert codes.shape == w.shape
+    with pytest.raises(QuantError, match="not positive definite"):
+        gptq_quantize(w, -torch.eye(16), 6, 12.85)
+    with pytest.raises(QuantError, match="non-finite"):
+        gptq_quantize(w, torch.full((16, 16), float("nan")), 6, 12.85, name="blocks.0.attn.c_q.weight")
+    with pytest.raises(QuantError, match="does not match"):
+        gptq_quantize(w, torch.eye(8), 6, 12.85)
+
+
+def test_scales_are_fp16_exact_and_clip_at_k_sigma():
+    w = torch.randn(4, 256)
+    w[0, 0] = 100.0  # an outlier is clipped at the row's k sigma, not allowed to set the scale
+    s = sdclip_scales(w, 6, 12.85)
+    assert torch.equal(s, s.half().float())
+    q = quantize_rtn(w, s, 6)
+    assert q[0, 0] == 31
+
+
+@pytest.fixture(scope="module")
+def trained(data_dirs, tmp_path_factory):
+    from pgolf.model.config import ModelConfig
+    from pgolf.model.gpt import GPT
+    from pgolf.model.io import save_model
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY_MODEL))
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.05)
+        torch.nn.init.normal_(block.mlp.proj.weight, std=0.05)
+    folder = tmp_path_factory.mktemp("train")
+    save_model(model, model.cfg, folder)
+    return folder
+
+
+def run_gptq(data_dirs, trained, out, **kw):
+    cfg = gptq_stage.Config(**{"calib_batches": 2, "calib_seq_len": 32, "calib_batch_seqs": 4, "device": "cpu",
+                               "passthrough_max_numel": 512, **kw})
+    return execute(gptq_stage.SPEC, cfg, {"train": trained, "shards": data_dirs["shards"]}, out)
+
+
+def test_stage_quantizes_matrices_and_passes_small_tensors(data_dirs, trained, tmp_path):
+    summary = run_gptq(data_dirs, trained, tmp_path / "q")
+    qm = load_quantized(tmp_path / "q/quantized.safetensors")
+    kinds = {n: e["kind"] for n, e in qm.entries.items()}
+    assert kinds["tok_emb.weight"] == "gptq" and kinds["blocks.0.attn.c_q.weight"] == "gptq"
+    assert kinds["blocks.0.attn_scale"] == "passthrough" and kinds["skip_weights"] == "passthrough"
+    assert qm.tensors["blocks.0.mlp.fc.weight.q"].dtype == torch.int8
+    assert qm.tensors["blocks.0.mlp.fc.weight.scale"].dtype == torch.float16
+    assert qm.tensors["blocks.0.attn_scale"].dtype == torch.float16
+    report = json.loads((tmp_path / "q/report.json").read_text())
+    assert summary["mean_error"] < summary["mean_rtn_error"]
+    assert report["tensors"]["blocks.1.mlp.proj.weight"]["ratio"] < 1.0
+    deq = qm.dequantize()
+    assert set(deq) == set(kinds) and all(v.dtype == torch.float32 for v in deq.values())
+
+
+def test_same_inputs_same_quantized_bytes(data_dirs, trained, tmp_path):
+    run_gptq(data_dirs, trained, tmp_path / "a")
+    run_gptq(data_dirs, trained, tmp_path / "b")
+    assert (tmp_path / "a/quantized.safetensors").read_bytes() == (tmp_path / "b/quantized.safetensors").read_bytes()
