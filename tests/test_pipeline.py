@@ -101,3 +101,13 @@ def test_run_cache_restores_a_configuration_seen_before(workspace):
 def test_single_stage_repro_runs_only_that_stage(workspace):
     assert ran(reproduce(workspace, stage="eval", force=True, echo=False)) == ["eval"]
     assert ran(reproduce(workspace, stage="gptq", echo=False)) == []
+
+
+def test_same_seed_same_bytes_for_weights_and_artifact(workspace):
+    outputs = ["artifacts/tokenizer/tokenizer.model", "artifacts/shards/manifest.json",
+               "artifacts/train/model.safetensors", "artifacts/pack/artifact.bin"]
+    before = {p: (workspace / p).read_bytes() for p in outputs}
+    for stage in ("tokenizer", "shards", "train", "gptq", "pack"):
+        assert ran(reproduce(workspace, stage=stage, force=True, echo=False)) == [stage]
+    for path in outputs:
+        assert (workspace / path).read_bytes() == before[path], path
