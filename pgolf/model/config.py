@@ -1,7 +1,12 @@
-"""The model's shape and technique switches; defaults reproduce the challenge's baseline GPT."""
+"""The model's shape and technique switches; defaults reproduce the challenge's baseline GPT.
+
+Every technique of the leading entries is off by default and switched and sized here; which
+layer does what comes from one pure function of this config (pgolf.model.plan).
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 
 @dataclass
@@ -12,21 +17,67 @@ class ModelConfig:
     num_heads: int = 8
     num_kv_heads: int = 4
     mlp_mult: float = 2.0
+    mlp_activation: Literal["relu2", "leaky_relu2"] = "relu2"
+    leaky_slope: float = 0.5
     tie_embeddings: bool = True
     tied_embed_init_std: float = 0.005
+    orthogonal_init: bool = False  # R1: Q, K, V and MLP-up orthogonal (gain 1)
     logit_softcap: float = 30.0
     rope_base: float = 10000.0
+    rope_dims: int = 0  # 0: RoPE over the whole head; R1 rotates the first 16 of 64 dims
+    rope_yarn: bool = False
+    rope_train_len: int = 2048  # YaRN stretches the base only past this length
     qk_gain_init: float = 1.5
+    ln_scale: bool = False  # block input norms x 1/sqrt(physical layer + 1)
+    xsa_last_n: int = 0  # exclusive self-attention on the last n physical layers
+    skip_gates: bool = False  # U-Net skips as lerp(w * skip, x, sigmoid(g))
+    parallel_start_layer: int = -1  # two residual lanes from this physical layer on; -1: off
+    parallel_resid_init: float = 1.1
+    # depth recurrence: physical layers loop_start..loop_end (inclusive) run 1 + num_loops times
+    num_loops: int = 0
+    loop_start: int = 0
+    loop_end: int = 0
+    enable_looping_at: float = 0.0  # training fraction at which the loop switches on (then stays on)
+    block_map: list[int] = field(default_factory=list)  # explicit virtual -> physical order (PR #1383)
+    film: bool = False  # per-virtual-layer scale and shift after shared blocks (PR #1383)
+    smear_gate: Literal["off", "r1", "pr1693", "classic"] = "off"
+    smear_bos_mask: bool = True
+    gate_window: int = 12
+    attn_gate: Literal["off", "attn_out", "sparse"] = "off"
+    attn_gate_width: int = 12
+    attn_gate_src: Literal["norm", "prenorm", "q"] = "norm"
+    sparse_attn_gate_scale: float = 0.5
+    bos_id: int = 1
+    bigram_vocab: int = 0  # BigramHash table rows; 0: off
+    bigram_dim: int = 128
+    ve_layers: list[int] = field(default_factory=list)  # physical layers whose V gets value embeddings
+    ve_dim: int = 128
+    inhibitor_blocks: list[int] = field(default_factory=list)  # PR #2116 gates on these physical blocks
+    inhibitor_rank: int = 22
+    inhibitor_bias: float = 3.0
 
     def validate(self) -> None:
         if self.model_dim % self.num_heads:
             raise ValueError(f"model_dim {self.model_dim} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
-        if (self.model_dim // self.num_heads) % 2:
+        if self.head_dim % 2:
             raise ValueError("head_dim must be even for RoPE")
         if not 2 <= self.vocab_size <= 65536:
             raise ValueError(f"vocab_size {self.vocab_size} must be in [2, 65536] (uint16 shards)")
+        if self.rope_dims % 2 or not 0 <= self.rope_dims <= self.head_dim:
+            raise ValueError(f"rope_dims {self.rope_dims} must be even and at most head_dim {self.head_dim}")
+        if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:
+            raise ValueError(f"loop range {self.loop_start}..{self.loop_end} is not inside {self.num_layers} layers")
+        if self.block_map and (self.num_loops or any(not 0 <= b < self.num_layers for b in self.block_map)):
+            raise ValueError("block_map must name physical layers 0..num_layers-1 and excludes num_loops")
+        if self.film and not (self.block_map or self.num_loops):
+            raise ValueError("film needs shared blocks: set block_map or num_loops")
+        for name in ("ve_layers", "inhibitor_blocks"):
+            if any(not 0 <= i < self.num_layers for i in getattr(self, name)):
+                raise ValueError(f"{name} must name physical layers 0..{self.num_layers - 1}")
+        if self.attn_gate != "off" and self.attn_gate_width > self.model_dim:
+            raise ValueError("attn_gate_width is larger than model_dim")
 
     @property
     def head_dim(self) -> int:

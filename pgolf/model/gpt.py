@@ -1,7 +1,10 @@
-"""The challenge's baseline GPT (train_gpt.py at the repo root; reference.md section 4.8).
+"""The GPT of the challenge's baseline (reference.md 4.8) and of the leading entries (4.1).
 
-9 layers x 512, GQA 8/4 heads, relu^2 MLP x2, U-Net skips, tied embeddings, logit softcap 30.
-Parameter names are an API: optimizer groups, GPTQ precision rules and the packer select by name.
+Defaults give the baseline: 9 layers x 512, GQA 8/4 heads, relu^2 MLP x2, U-Net skips, tied
+embeddings, logit softcap 30. Every other technique is switched by ModelConfig and lives in its own
+module; which layer does what comes from pgolf.model.plan. Training, evaluation and TTT share this
+one forward. Parameter names are an API: optimizer groups, GPTQ precision rules and the packer
+select by name.
 """
 from __future__ import annotations
 
@@ -12,101 +15,108 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.model.config import ModelConfig
+from pgolf.model.embeddings import BigramHashEmbedding, ValueEmbedding
+from pgolf.model.film import FiLM
+from pgolf.model.gates import AttnOutputGate
+from pgolf.model.inhibitor import InhibitorGate
+from pgolf.model.layers import CastedLinear, rms_norm
+from pgolf.model.mlp import MLP
+from pgolf.model.plan import LayerPlan, layer_plan, num_skips, shared_depths, uses_xsa
+from pgolf.model.rope import Rotary, apply_rotary
+from pgolf.model.smear import SmearGate
+from pgolf.model.xsa import exclusive
 
-
-class CastedLinear(nn.Linear):
-    """Bias-free linear whose fp32 master weight is cast to the activation dtype at each matmul,
-    so bf16 autocast training keeps fp32 weights for the optimizer (baseline's CastedLinear)."""
-
-    def __init__(self, in_features: int, out_features: int, zero_init: bool = False):
-        super().__init__(in_features, out_features, bias=False)
-        self.zero_init = zero_init
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
-
-
-def rms_norm(x: Tensor) -> Tensor:
-    return F.rms_norm(x, (x.size(-1),))
-
-
-class Rotary(nn.Module):
-    """RoPE over the full head dim; cos/sin cached per (length, device, dtype)."""
-
-    def __init__(self, head_dim: int, base: float):
-        super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self._cache: tuple[int, torch.device, torch.dtype, Tensor, Tensor] | None = None
-
-    def forward(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        cache = self._cache
-        if cache is None or cache[0] < seq_len or cache[1] != device or cache[2] != dtype:
-            t = torch.arange(seq_len, device=device, dtype=torch.float32)
-            freqs = torch.outer(t, self.inv_freq.to(device))
-            cache = (seq_len, device, dtype, freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype))
-            if not torch.compiler.is_compiling():
-                self._cache = cache
-        return cache[3][:, :, :seq_len], cache[4][:, :, :seq_len]
-
-
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    half = x.size(-1) // 2
-    x1, x2 = x[..., :half], x[..., half:]
-    return torch.cat((x1 * cos + x2 * sin, x1 * (-sin) + x2 * cos), dim=-1)
+__all__ = ["GPT", "CastedLinear", "count_parameters", "param_groups", "rms_norm"]
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, physical: int):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kv_dim = cfg.num_kv_heads * cfg.head_dim
-        self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim)
-        self.c_k = CastedLinear(cfg.model_dim, kv_dim)
-        self.c_v = CastedLinear(cfg.model_dim, kv_dim)
+        self.c_q = CastedLinear(cfg.model_dim, cfg.model_dim, orthogonal=cfg.orthogonal_init)
+        self.c_k = CastedLinear(cfg.model_dim, kv_dim, orthogonal=cfg.orthogonal_init)
+        self.c_v = CastedLinear(cfg.model_dim, kv_dim, orthogonal=cfg.orthogonal_init)
         self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_dims, cfg.rope_yarn, cfg.rope_train_len)
+        self.xsa = uses_xsa(cfg, physical)
+        self.gate = AttnOutputGate(cfg) if cfg.attn_gate != "off" else None
 
-    def forward(self, x: Tensor) -> Tensor:
-        bsz, seqlen, dim = x.shape
-        q = self.c_q(x).reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(x).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+    def forward(self, n: Tensor, prenorm: Tensor, value_embed: Tensor | None = None) -> Tensor:
+        bsz, seqlen, dim = n.shape
+        q_flat = self.c_q(n)
+        q = q_flat.reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.c_k(n).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.c_v(n)
+        if value_embed is not None:
+            v = v + value_embed
+        v = v.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = rms_norm(q), rms_norm(k)
-        cos, sin = self.rotary(seqlen, x.device, q.dtype)
+        cos, sin = self.rotary(seqlen, n.device, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        if self.xsa:
+            y = exclusive(y, v)
+        if self.gate is not None:
+            y = self.gate(y, self.gate.source(n, prenorm, q_flat))
         return self.proj(y.transpose(1, 2).reshape(bsz, seqlen, dim))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        hidden = int(cfg.mlp_mult * cfg.model_dim)
-        self.fc = CastedLinear(cfg.model_dim, hidden)
-        self.proj = CastedLinear(hidden, cfg.model_dim, zero_init=True)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.proj(torch.relu(self.fc(x)).square())
-
-
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, physical: int):
         super().__init__()
-        self.attn = CausalSelfAttention(cfg)
+        self.attn = CausalSelfAttention(cfg, physical)
         self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim, dtype=torch.float32))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim, dtype=torch.float32))
         # x_in = resid_mix[0] * x + resid_mix[1] * x0: a learned pull back towards the embedding.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))).float())
+        self.norm_scale = 1.0 / math.sqrt(physical + 1) if cfg.ln_scale else 1.0
+        if cfg.parallel_start_layer >= 0:
+            # Two-lane parallel residual (R1): lane_i = rho_i * lane_i + pi_0i * A + pi_1i * M.
+            self.parallel_resid_lambdas = nn.Parameter(torch.full((2,), cfg.parallel_resid_init))
+            self.parallel_post_lambdas = nn.Parameter(torch.ones(2, 2))
+        uses_ve = physical in cfg.ve_layers
+        self.ve_scale = nn.Parameter(torch.ones(1)) if uses_ve else None
+        if physical in cfg.inhibitor_blocks:
+            self.attn_inhibitor = InhibitorGate(cfg.model_dim, cfg.inhibitor_rank, cfg.inhibitor_bias)
+            self.mlp_inhibitor = InhibitorGate(cfg.model_dim, cfg.inhibitor_rank, cfg.inhibitor_bias)
+        else:
+            self.attn_inhibitor = self.mlp_inhibitor = None
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
-        mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+    def _attn(self, x_in: Tensor, value_embed: Tensor | None) -> Tensor:
+        n = rms_norm(x_in) * self.norm_scale
+        ve = value_embed * self.ve_scale.to(n.dtype) if self.ve_scale is not None and value_embed is not None else None
+        scale = self.attn_scale.to(n.dtype)
+        if self.attn_inhibitor is not None:
+            scale = scale * self.attn_inhibitor(n)
+        return scale * self.attn(n, x_in, ve)
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        n = rms_norm(x) * self.norm_scale
+        scale = self.mlp_scale.to(n.dtype)
+        if self.mlp_inhibitor is not None:
+            scale = scale * self.mlp_inhibitor(n)
+        return scale * self.mlp(n)
+
+    def mix(self, x: Tensor, x0: Tensor) -> Tensor:
+        m = self.resid_mix.to(x.dtype)
+        return m[0] * x + m[1] * x0
+
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None) -> Tensor:
+        x = self.mix(x, x0)
+        x = x + self._attn(x, value_embed)
+        return x + self._mlp(x)
+
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor,
+                      value_embed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Attention reads the mixed lane 0, the MLP reads lane 1, both lanes take both outputs."""
+        a = self._attn(self.mix(lane0, x0), value_embed)
+        m = self._mlp(lane1)
+        rho, post = self.parallel_resid_lambdas.to(a.dtype), self.parallel_post_lambdas.to(a.dtype)
+        return rho[0] * lane0 + post[0, 0] * a + post[1, 0] * m, rho[1] * lane1 + post[0, 1] * a + post[1, 1] * m
 
 
 class GPT(nn.Module):
@@ -115,33 +125,85 @@ class GPT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.model_dim)
-        self.num_encoder_layers = cfg.num_layers // 2
-        self.num_decoder_layers = cfg.num_layers - self.num_encoder_layers
-        num_skips = min(self.num_encoder_layers, self.num_decoder_layers)
-        self.skip_weights = nn.Parameter(torch.ones(num_skips, cfg.model_dim, dtype=torch.float32))
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.bigram = BigramHashEmbedding(cfg) if cfg.bigram_vocab else None
+        self.smear = SmearGate(cfg) if cfg.smear_gate != "off" else None
+        self.value_embed = ValueEmbedding(cfg) if cfg.ve_layers else None
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        skips = num_skips(cfg)
+        self.skip_weights = nn.Parameter(torch.ones(skips, cfg.model_dim, dtype=torch.float32))
+        self.skip_gates = nn.Parameter(torch.zeros(skips, cfg.model_dim)) if cfg.skip_gates else None
+        self.film = FiLM(len(shared_depths(cfg)), cfg.model_dim) if cfg.film else None
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+        self.plans = {False: layer_plan(cfg, False), True: layer_plan(cfg, True)}
+        self.looping = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         if self.cfg.tie_embeddings:
             nn.init.normal_(self.tok_emb.weight, mean=0.0, std=self.cfg.tied_embed_init_std)
         for module in self.modules():
-            if isinstance(module, CastedLinear) and module.zero_init:
-                nn.init.zeros_(module.weight)
+            if isinstance(module, CastedLinear):
+                if module.zero_init:
+                    nn.init.zeros_(module.weight)
+                elif module.orthogonal:
+                    nn.init.orthogonal_(module.weight, gain=1.0)
+
+    def set_looping(self, on: bool) -> None:
+        """Depth recurrence switches on during training (enable_looping_at) and stays on for eval."""
+        self.looping = bool(on and self.cfg.num_loops)
+
+    @property
+    def plan(self) -> LayerPlan:
+        return self.plans[self.looping]
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids).to(x.dtype)
+        if self.smear is not None and self.smear.before_norm:
+            x = self.smear(x, input_ids)
+        x = rms_norm(x)
+        if self.smear is not None and not self.smear.before_norm:
+            x = self.smear(x, input_ids)
+        return x
+
+    def _skip(self, x: Tensor, skip: Tensor, j: int) -> Tensor:
+        weighted = self.skip_weights[j].to(x.dtype) * skip
+        if self.skip_gates is None:
+            return x + weighted
+        g = torch.sigmoid(self.skip_gates[j].to(x.dtype))
+        return g * x + (1 - g) * weighted
 
     def hidden(self, input_ids: Tensor) -> Tensor:
-        """Final-normed hidden states [B, T, D]: the input of the LM head (one path for train/eval)."""
-        x = rms_norm(self.tok_emb(input_ids))
+        """Final-normed hidden states [B, T, D]: the input of the LM head (one path for train/eval/TTT)."""
+        x = self.embed(input_ids)
         x0 = x
+        ve = self.value_embed(input_ids).to(x.dtype) if self.value_embed is not None else None
+        plan = self.plan
         skips: list[Tensor] = []
-        for i in range(self.num_encoder_layers):
-            x = self.blocks[i](x, x0)
+        for step in plan.encoder:
+            x = self.blocks[step.physical](x, x0, ve)
+            if step.film_slot >= 0:
+                x = self.film(x, step.film_slot)
             skips.append(x)
-        for j in range(self.num_decoder_layers):
+        lanes: tuple[Tensor, Tensor] | None = None
+        for j, step in enumerate(plan.decoder):
+            block = self.blocks[step.physical]
+            if step.parallel:
+                if lanes is None:
+                    lanes = (x, x)
+                lane0 = self._skip(lanes[0], skips.pop(), j) if skips else lanes[0]
+                lanes = block.forward_lanes(lane0, lanes[1], x0, ve)
+                if step.film_slot >= 0:
+                    lanes = (self.film(lanes[0], step.film_slot), self.film(lanes[1], step.film_slot))
+                continue
             if skips:
-                x = x + self.skip_weights[j].to(x.dtype) * skips.pop()
-            x = self.blocks[self.num_encoder_layers + j](x, x0)
+                x = self._skip(x, skips.pop(), j)
+            x = block(x, x0, ve)
+            if step.film_slot >= 0:
+                x = self.film(x, step.film_slot)
+        if lanes is not None:
+            x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)
 
     def logits_from_hidden(self, h: Tensor) -> Tensor:
@@ -164,16 +226,16 @@ def count_parameters(cfg: ModelConfig) -> int:
 
 
 def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
-    """Split parameters the way the baseline's optimizers do: the blocks' linear weights go to Muon,
-    the embedding (and untied head) to Adam with their own lr, every control tensor (resid_mix,
-    scales, gains, skip weights) to the scalar Adam."""
+    """Split parameters the way the entries' optimizers do: the blocks' attention and MLP matrices
+    go to Muon, the embedding (and untied head) to Adam with their own lr, every control tensor
+    (scales, mixes, gains, gates, lane lambdas, skip weights, small embeddings) to the scalar Adam."""
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
         if name == "tok_emb.weight":
             groups["embed"].append((name, p))
         elif name == "lm_head.weight":
             groups["head"].append((name, p))
-        elif name.startswith("blocks.") and p.ndim == 2 and name.endswith(".weight"):
+        elif name.startswith("blocks.") and (".attn.c_" in name or ".attn.proj." in name or ".mlp." in name):
             groups["matrix"].append((name, p))
         else:
             groups["scalar"].append((name, p))
