@@ -1,0 +1,160 @@
+"""Each technique of the leading entries: causal, identity at init where the reference says so,
+no leak across BOS, and the layer plan followed exactly."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pgolf.model.config import ModelConfig
+from pgolf.model.embeddings import bigram_hash
+from pgolf.model.gpt import GPT, count_parameters
+from pgolf.model.plan import layer_plan, num_skips, virtual_order
+
+BASE = dict(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0)
+TECHNIQUES = {
+    "smear_r1": dict(smear_gate="r1"),
+    "smear_pr1693": dict(smear_gate="pr1693", smear_bos_mask=False),
+    "smear_classic": dict(smear_gate="classic"),
+    "attn_out_gate": dict(attn_gate="attn_out", attn_gate_width=8),
+    "attn_out_gate_prenorm": dict(attn_gate="attn_out", attn_gate_src="prenorm"),
+    "attn_out_gate_q": dict(attn_gate="attn_out", attn_gate_src="q"),
+    "sparse_gate": dict(attn_gate="sparse"),
+    "xsa": dict(xsa_last_n=2),
+    "partial_rope_yarn": dict(rope_dims=4, rope_yarn=True, rope_train_len=8),
+    "ln_scale_qk_gain": dict(ln_scale=True, qk_gain_init=5.0),
+    "skip_gates": dict(skip_gates=True),
+    "parallel_lanes": dict(parallel_start_layer=2),
+    "recurrence": dict(num_loops=2, loop_start=1, loop_end=2),
+    "film_block_map": dict(block_map=[0, 1, 1, 2, 3, 3], film=True),
+    "leaky_relu2": dict(mlp_activation="leaky_relu2", mlp_mult=3.0),
+    "bigram_hash": dict(bigram_vocab=96, bigram_dim=16),
+    "value_embeddings": dict(ve_layers=[2, 3], ve_dim=8),
+    "inhibitor": dict(inhibitor_blocks=[1], inhibitor_rank=4),
+    "orthogonal_init": dict(orthogonal_init=True),
+}
+R1_TINY = dict(mlp_activation="leaky_relu2", orthogonal_init=True, rope_dims=4, qk_gain_init=5.0, ln_scale=True,
+               xsa_last_n=4, skip_gates=True, parallel_start_layer=3, num_loops=2, loop_start=1, loop_end=2,
+               smear_gate="r1", attn_gate="sparse")
+
+
+def randomized(cfg: ModelConfig, seed: int = 0) -> GPT:
+    """Every parameter random, so zero-init techniques actually act."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model
+
+
+@pytest.mark.parametrize("name", list(TECHNIQUES) + ["r1_all"])
+def test_causal(name):
+    extra = R1_TINY if name == "r1_all" else TECHNIQUES[name]
+    model = randomized(ModelConfig(**{**BASE, **extra}))
+    model.set_looping(True)
+    ids = torch.randint(2, 64, (2, 12))
+    ids[:, 5] = 1  # a BOS inside the window
+    changed = ids.clone()
+    changed[:, 8:] = torch.randint(2, 64, (2, 4))
+    a, b = model.forward_logits(ids), model.forward_logits(changed)
+    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-5), name
+    assert not torch.allclose(a[:, 8:], b[:, 8:]), name
+
+
+@pytest.mark.parametrize("name", ["smear_r1", "smear_pr1693", "attn_out_gate", "attn_out_gate_q", "bigram_hash",
+                                  "value_embeddings"])
+def test_zero_init_techniques_start_as_the_identity(name):
+    torch.manual_seed(1)
+    plain = GPT(ModelConfig(**BASE))
+    with torch.no_grad():
+        for block in plain.blocks:  # weight in the zero-init projections, so the comparison means something
+            block.attn.proj.weight.normal_(0, 0.2)
+            block.mlp.proj.weight.normal_(0, 0.2)
+    torch.manual_seed(1)
+    model = GPT(ModelConfig(**{**BASE, **TECHNIQUES[name]}))
+    model.load_state_dict(plain.state_dict(), strict=False)
+    ids = torch.randint(0, 64, (2, 10))
+    assert torch.allclose(model.forward_logits(ids), plain.forward_logits(ids), atol=1e-6)
+
+
+def test_film_starts_as_the_identity():
+    cfg = dict(BASE, block_map=[0, 1, 1, 2, 3, 3])
+    torch.manual_seed(2)
+    plain = randomized(ModelConfig(**cfg))
+    film = GPT(ModelConfig(**cfg, film=True))
+    film.load_state_dict(plain.state_dict(), strict=False)
+    ids = torch.randint(0, 64, (1, 9))
+    assert torch.allclose(film.forward_logits(ids), plain.forward_logits(ids), atol=1e-6)
+    assert film.film.film_gamma.shape == (4, 32)  # depths 1, 2, 4, 5 run shared blocks
+
+
+def test_inhibitor_gate_starts_near_095():
+    model = GPT(ModelConfig(**BASE, inhibitor_blocks=[1], inhibitor_rank=4))
+    gate = model.blocks[1].attn_inhibitor(torch.randn(2, 3, 32))
+    assert torch.allclose(gate, torch.full_like(gate, torch.sigmoid(torch.tensor(3.0)).item()))
+
+
+@pytest.mark.parametrize("variant", ["r1", "pr1693", "classic"])
+def test_smear_gate_does_not_leak_across_bos(variant):
+    model = randomized(ModelConfig(**BASE, smear_gate=variant, smear_bos_mask=True))
+    ids = torch.randint(2, 64, (1, 8))
+    ids[0, 4] = 1
+    changed = ids.clone()
+    changed[0, 3] = (ids[0, 3] + 1) % 62 + 2  # the last token of the previous document
+    assert torch.equal(model.embed(ids)[0, 4], model.embed(changed)[0, 4])
+    leaky = randomized(ModelConfig(**BASE, smear_gate=variant, smear_bos_mask=False))
+    assert not torch.equal(leaky.embed(ids)[0, 4], leaky.embed(changed)[0, 4])
+
+
+def block_calls(model: GPT, ids) -> list[int]:
+    """Physical blocks in the order they run (sequential blocks and two-lane blocks alike)."""
+    calls: list[int] = []
+    originals = {}
+    for i, block in enumerate(model.blocks):
+        originals[i] = (block.forward, block.forward_lanes)
+        block.forward = (lambda *a, _f=block.forward, _i=i, **k: (calls.append(_i), _f(*a, **k))[1])
+        block.forward_lanes = (lambda *a, _f=block.forward_lanes, _i=i, **k: (calls.append(_i), _f(*a, **k))[1])
+    try:
+        model.forward_logits(ids)
+    finally:
+        for i, block in enumerate(model.blocks):
+            del block.forward, block.forward_lanes
+    return calls
+
+
+def test_recurrence_runs_the_loop_only_when_switched_on():
+    cfg = ModelConfig(**{**BASE, "num_layers": 11}, num_loops=2, loop_start=3, loop_end=5, parallel_start_layer=8)
+    assert virtual_order(cfg, True) == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
+    plan = layer_plan(cfg, True)
+    assert [s.physical for s in plan.encoder] == [0, 1, 2, 3, 4, 5, 3, 4]
+    assert [s.physical for s in plan.decoder if s.parallel] == [8, 9, 10] and num_skips(cfg) == 8
+    model = randomized(cfg)
+    ids = torch.randint(0, 64, (1, 6))
+    off = model.forward_logits(ids)
+    assert block_calls(model, ids) == list(range(11))
+    model.set_looping(True)
+    assert block_calls(model, ids) == virtual_order(cfg, True)
+    assert not torch.allclose(model.forward_logits(ids), off)
+
+
+def test_film_follows_the_block_map():
+    cfg = ModelConfig(**{**BASE, "num_layers": 9}, block_map=[0, 1, 2, 3, 3, 4, 5, 6, 7, 8, 8], film=True)
+    model = randomized(cfg)
+    assert block_calls(model, torch.randint(0, 64, (1, 5))) == cfg.block_map
+    assert [s.film_slot for s in layer_plan(cfg, False).steps] == [-1, -1, -1, 0, 1, -1, -1, -1, -1, 2, 3]
+
+
+def test_bigram_hash_formula():
+    ids = torch.tensor([[5, 7, 9]])
+    h = bigram_hash(ids, 100)
+    assert h[0, 0] == 99
+    assert h[0, 1] == (36313 * 7 ^ 27191 * 5) % 99 and h[0, 2] == (36313 * 9 ^ 27191 * 7) % 99
+
+
+def test_reference_parameter_counts():
+    r1 = dict(vocab_size=8192, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4, mlp_mult=4.0,
+              mlp_activation="leaky_relu2", rope_dims=16, qk_gain_init=5.0, ln_scale=True, xsa_last_n=11,
+              skip_gates=True, parallel_start_layer=8, num_loops=2, loop_start=3, loop_end=5, smear_gate="r1",
+              attn_gate="sparse")
+    assert count_parameters(ModelConfig(**r1)) == 35_945_671  # reference.md 4.1
+    assert count_parameters(ModelConfig(**r1, inhibitor_blocks=[5])) == 35_991_751  # PR #2116
