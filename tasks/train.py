@@ -24,8 +24,9 @@ from pgolf.data.shards import check_vocab
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, param_groups
 from pgolf.model.io import save_model
-from pgolf.optim.muon import Muon
-from pgolf.optim.schedule import lr_multiplier, muon_momentum
+from pgolf.optim.ema import EMA
+from pgolf.optim.muon import COEFFICIENTS, Muon
+from pgolf.optim.schedule import lr_multiplier, muon_momentum, training_fraction, warmdown_multiplier
 from pgolf.params import from_dict
 from tasks.common import StageSpec, stage_main, write_json
 
@@ -41,8 +42,11 @@ class Config:
     train_seq_len: int = 1024
     grad_accum_steps: int = 0  # 0: 8 // nproc, the baseline's choice for 8 GPUs' worth of micro-batches
     max_wallclock_seconds: float = 600.0  # 0: no cap
+    gptq_reserve_seconds: float = 0.0  # taken out of the cap so calibration fits in the 600 s (R1 0.5, R0429 8)
     warmup_steps: int = 20  # compile warm-up steps, rolled back before the timed run
-    warmdown_iters: int = 1200
+    warmdown_iters: int = 1200  # baseline: warmdown length in steps (estimated from step time under a cap)
+    warmdown_frac: float = 0.0  # record lineage: warmdown over this fraction of the run (0: use warmdown_iters)
+    min_lr: float = 0.0  # floor of the warmdown_frac schedule (R1 0.1)
     matrix_lr: float = 0.04
     scalar_lr: float = 0.04
     tied_embed_lr: float = 0.05
@@ -52,10 +56,16 @@ class Config:
     muon_momentum_warmup_start: float = 0.85
     muon_momentum_warmup_steps: int = 500
     muon_backend_steps: int = 5
+    muon_coefficients: str = "stock"  # or "polar_express" (R1)
+    muon_row_normalize: bool = False  # MuonEq-R (R0405 on)
+    muon_wd: float = 0.0  # decoupled: p *= 1 - lr * wd, with the scheduled lr
+    embed_wd: float = 0.0  # AdamW weight decay of the embedding group
+    adam_wd: float = 0.0  # AdamW weight decay of the scalar/control group
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
-    grad_clip_norm: float = 0.0
+    grad_clip_norm: float = 0.0  # on each rank's local gradients, before averaging (as R1)
+    ema_decay: float = 0.0  # 0: off; R1 0.9965, EMA weights replace the live ones at the end
     compile: bool = True
     log_every: int = 200
 
@@ -64,6 +74,12 @@ class Config:
             raise ValueError("nproc must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device {self.device!r} must be auto, cpu or cuda")
+        if self.muon_coefficients not in COEFFICIENTS:
+            raise ValueError(f"muon_coefficients {self.muon_coefficients!r} must be one of {sorted(COEFFICIENTS)}")
+        if not 0 <= self.warmdown_frac <= 1 or not 0 <= self.min_lr <= 1:
+            raise ValueError("warmdown_frac and min_lr must be in [0, 1]")
+        if self.max_wallclock_seconds and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
+            raise ValueError("gptq_reserve_seconds must be smaller than max_wallclock_seconds")
         accum = self.resolved_grad_accum()
         if self.train_batch_tokens % (self.nproc * accum * self.train_seq_len):
             raise ValueError(f"train_batch_tokens {self.train_batch_tokens} must be a multiple of nproc x "
@@ -92,15 +108,17 @@ def code_version() -> str:
 def build_optimizers(model: GPT, cfg: Config, fused: bool):
     groups = param_groups(model)
     muon = Muon([p for _, p in groups["matrix"]], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
-                backend_steps=cfg.muon_backend_steps)
+                backend_steps=cfg.muon_backend_steps, coefficients=cfg.muon_coefficients,
+                row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd)
     adam_groups = [
         {"params": [p for _, p in groups["embed"]],
-         "lr": cfg.tied_embed_lr if cfg.model.tie_embeddings else cfg.embed_lr},
-        {"params": [p for _, p in groups["scalar"]], "lr": cfg.scalar_lr},
+         "lr": cfg.tied_embed_lr if cfg.model.tie_embeddings else cfg.embed_lr, "weight_decay": cfg.embed_wd},
+        {"params": [p for _, p in groups["scalar"]], "lr": cfg.scalar_lr, "weight_decay": cfg.adam_wd},
     ]
     if groups["head"]:
-        adam_groups.append({"params": [p for _, p in groups["head"]], "lr": cfg.head_lr})
-    adam = torch.optim.Adam(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
+        adam_groups.append({"params": [p for _, p in groups["head"]], "lr": cfg.head_lr, "weight_decay": 0.0})
+    # AdamW: decoupled decay, as the record lineage; with zero decay it is the baseline's Adam.
+    adam = torch.optim.AdamW(adam_groups, betas=(cfg.beta1, cfg.beta2), eps=cfg.adam_eps, fused=fused)
     optimizers = [muon, adam]
     for opt in optimizers:
         for group in opt.param_groups:
@@ -125,6 +143,8 @@ class Trainer:
         self.optimizers = build_optimizers(self.model, cfg, fused=self.device.type == "cuda")
         self.accum = cfg.resolved_grad_accum()
         self.loader = self.new_loader()
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.model.set_looping(cfg.model.num_loops > 0 and cfg.model.enable_looping_at <= 0)
 
     def new_loader(self) -> DistributedTokenLoader:
         return DistributedTokenLoader(self.shards, self.rank, self.world, self.device, self.cfg.model.vocab_size)
@@ -140,16 +160,18 @@ class Trainer:
                 loss = self.train_model(x, y)
             (loss / self.accum).backward()
             total += loss.detach()
+        if cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
         dist.average_gradients(self.model.parameters())
         momentum = muon_momentum(step, cfg.muon_momentum_warmup_start, cfg.muon_momentum, cfg.muon_momentum_warmup_steps)
         self.optimizers[0].param_groups[0]["momentum"] = momentum
         for opt in self.optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["base_lr"] * lr_scale
-        if cfg.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
         for opt in self.optimizers:
             opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
         mean = total / self.accum
         if self.world > 1:
             torch.distributed.all_reduce(mean, op=torch.distributed.ReduceOp.SUM)  # gloo has no AVG
@@ -163,8 +185,13 @@ class Trainer:
             return
         model_state = copy.deepcopy(self.model.state_dict())
         opt_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
-        for step in range(self.cfg.warmup_steps):
-            self.step(step, 1.0)
+        looping_at_start = self.model.looping
+        # Both graphs of a looped model get compiled here, not inside the timed run.
+        for looping in sorted({looping_at_start, bool(self.cfg.model.num_loops)}):
+            self.model.set_looping(looping)
+            for step in range(self.cfg.warmup_steps):
+                self.step(step, 1.0)
+        self.model.set_looping(looping_at_start)
         self.model.load_state_dict(model_state)
         for opt, state in zip(self.optimizers, opt_states):
             opt.load_state_dict(state)
@@ -178,15 +205,23 @@ class Trainer:
     def train(self) -> dict:
         cfg = self.cfg
         self.warmup()
-        cap_ms = cfg.max_wallclock_seconds * 1000.0 if cfg.max_wallclock_seconds > 0 else None
+        cap_ms = (cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) * 1000.0 if cfg.max_wallclock_seconds > 0 else None
         log = open(self.out / "train_log.jsonl", "w") if dist.is_main() else None
         live = self.open_live()
         elapsed_ms, step, loss = 0.0, 0, float("nan")
         tokens_per_step = cfg.train_batch_tokens
         self.sync()
         t0 = time.perf_counter()
+        looping_step = 0 if self.model.looping else None
         while step < cfg.iterations:
-            lr_scale = lr_multiplier(step, elapsed_ms, cfg.iterations, cfg.warmdown_iters, cap_ms)
+            frac = training_fraction(step, elapsed_ms, cfg.iterations, cap_ms)
+            if cfg.warmdown_frac > 0:
+                lr_scale = warmdown_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
+            else:
+                lr_scale = lr_multiplier(step, elapsed_ms, cfg.iterations, cfg.warmdown_iters, cap_ms)
+            if looping_step is None and cfg.model.num_loops and frac >= cfg.model.enable_looping_at:
+                self.model.set_looping(True)
+                looping_step = step
             loss = self.step(step, lr_scale)
             step += 1
             self.sync()
@@ -217,7 +252,10 @@ class Trainer:
             "peak_mem_bytes": self.peak_memory(),
             "world_size": self.world,
             "device": self.device.type,
+            "looping_enabled_at_step": looping_step,
         }
+        if self.ema is not None:
+            self.ema.copy_to(self.model)
         if log:
             log.close()
         if live:

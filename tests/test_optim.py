@@ -4,8 +4,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pgolf.optim.muon import Muon, newton_schulz
-from pgolf.optim.schedule import lr_multiplier, muon_momentum
+from pgolf.optim.ema import EMA
+from pgolf.optim.muon import POLAR_EXPRESS_NS5, Muon, newton_schulz
+from pgolf.optim.schedule import lr_multiplier, muon_momentum, training_fraction, warmdown_multiplier
 
 
 @pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32)])
@@ -48,3 +49,49 @@ def test_momentum_warmup():
     assert muon_momentum(250, 0.85, 0.95, 500) == pytest.approx(0.90)
     assert muon_momentum(10_000, 0.85, 0.95, 500) == pytest.approx(0.95)
     assert muon_momentum(3, 0.85, 0.95, 0) == 0.95
+
+
+def test_polar_express_orthogonalizes_tighter_than_stock():
+    torch.manual_seed(3)
+    k = 64
+    u = torch.linalg.qr(torch.randn(k, k))[0]
+    v = torch.linalg.qr(torch.randn(k, k))[0]
+    g = u @ torch.diag(torch.linspace(0.05, 1.0, k)) @ v.T
+    stock = torch.linalg.svdvals(newton_schulz(g))
+    polar = torch.linalg.svdvals(newton_schulz(g, coefficients=POLAR_EXPRESS_NS5))
+    assert (polar - 1).abs().max() < (stock - 1).abs().max()
+    assert polar.min() > 0.6 and polar.max() < 1.25
+
+
+def test_row_normalization_and_decoupled_weight_decay():
+    p = torch.nn.Parameter(torch.ones(4, 4))
+    p.grad = torch.diag(torch.tensor([100.0, 1.0, 1.0, 1.0]))
+    opt = Muon([p], lr=0.1, momentum=0.0, nesterov=False, row_normalize=True, weight_decay=0.5)
+    opt.step()
+    # rows normalized first -> identity -> orthogonal already: update = NS(I); decay shrinks p by 1 - 0.1*0.5
+    expected = 0.95 * torch.ones(4, 4) - 0.1 * newton_schulz(torch.eye(4))
+    assert torch.allclose(p.data, expected, atol=1e-5)
+
+
+def test_record_warmdown_by_fraction_with_floor():
+    # R1: warmdown_frac 0.85, min_lr 0.1 -> constant for the first 15% of the wallclock
+    assert warmdown_multiplier(0.10, 0.85, 0.1) == 1.0
+    assert warmdown_multiplier(0.15, 0.85, 0.1) == pytest.approx(1.0)
+    assert warmdown_multiplier(0.575, 0.85, 0.1) == pytest.approx(0.5)
+    assert warmdown_multiplier(0.99, 0.85, 0.1) == pytest.approx(0.1)
+    assert warmdown_multiplier(0.5, 0.0, 0.1) == 1.0
+    assert training_fraction(10, 299_750.0, 100, 599_500.0) == pytest.approx(0.5)
+    assert training_fraction(25, 0.0, 100, None) == 0.25
+
+
+def test_ema_tracks_and_replaces_weights():
+    model = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = EMA(model, decay=0.5)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update(model)
+    ema.update(model)
+    ema.copy_to(model)
+    assert torch.allclose(model.weight, torch.full((2, 2), 0.75))

@@ -129,6 +129,8 @@ def test_recurrence_runs_the_loop_only_when_switched_on():
     assert [s.physical for s in plan.encoder] == [0, 1, 2, 3, 4, 5, 3, 4]
     assert [s.physical for s in plan.decoder if s.parallel] == [8, 9, 10] and num_skips(cfg) == 8
     model = randomized(cfg)
+    assert model.looping, "a looped model evaluates with its loop on"
+    model.set_looping(False)
     ids = torch.randint(0, 64, (1, 6))
     off = model.forward_logits(ids)
     assert block_calls(model, ids) == list(range(11))

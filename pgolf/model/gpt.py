@@ -135,7 +135,9 @@ class GPT(nn.Module):
         self.film = FiLM(len(shared_depths(cfg)), cfg.model_dim) if cfg.film else None
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
         self.plans = {False: layer_plan(cfg, False), True: layer_plan(cfg, True)}
-        self.looping = False
+        # Recurrence is on by default (evaluation, calibration, TTT); training turns it off until
+        # enable_looping_at and then back on for good.
+        self.looping = bool(cfg.num_loops)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -1,9 +1,11 @@
 """Muon: momentum SGD whose 2-D updates are orthogonalized by a Newton-Schulz iteration.
 
 From Keller Jordan's modded-nanogpt, as the challenge's baseline uses it (reference.md 4.5, 4.8):
-Nesterov momentum, 5 quintic Newton-Schulz steps with the stock coefficients, update scaled by
-sqrt(max(1, rows/cols)). With several ranks the matrices are split round-robin: each rank
-orthogonalizes its share and one all-reduce assembles every update.
+Nesterov momentum, 5 quintic Newton-Schulz steps, update scaled by sqrt(max(1, rows/cols)). The
+record lineage adds Polar-Express per-iteration coefficients (arXiv:2505.16932), MuonEq-R (each
+row of the update normalized before orthogonalizing, R0405) and decoupled weight decay
+p *= 1 - lr * wd with the scheduled lr. With several ranks the matrices are split round-robin:
+each rank orthogonalizes its share and one all-reduce assembles every update.
 """
 from __future__ import annotations
 
@@ -11,26 +13,39 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-STOCK_NS5 = (3.4445, -4.7750, 2.0315)
+STOCK_NS5 = ((3.4445, -4.7750, 2.0315),) * 5
+POLAR_EXPRESS_NS5 = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+COEFFICIENTS = {"stock": STOCK_NS5, "polar_express": POLAR_EXPRESS_NS5}
 
 
 def newton_schulz(grad: Tensor, steps: int = 5, coefficients=STOCK_NS5, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalize `grad` (singular values pushed towards 1, roughly 0.7..1.2)."""
-    a, b, c = coefficients
+    """Approximately orthogonalize `grad` (singular values pushed towards 1)."""
     x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
     x = x / (x.norm() + eps)
     transposed = x.size(0) > x.size(1)
     if transposed:
         x = x.T
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = coefficients[min(i, len(coefficients) - 1)]
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True):
-        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov))
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True,
+                 coefficients: str = "stock", row_normalize: bool = False, weight_decay: float = 0.0):
+        if coefficients not in COEFFICIENTS:
+            raise ValueError(f"unknown Newton-Schulz coefficients {coefficients!r}; use {sorted(COEFFICIENTS)}")
+        super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
+                                      coefficients=coefficients, row_normalize=row_normalize,
+                                      weight_decay=weight_decay))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -52,7 +67,9 @@ class Muon(torch.optim.Optimizer):
                     buf = state["momentum_buffer"]
                     buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                    g = newton_schulz(g, steps=group["backend_steps"])
+                    if group["row_normalize"]:
+                        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
+                    g = newton_schulz(g, group["backend_steps"], COEFFICIENTS[group["coefficients"]])
                     g = g * max(1.0, p.size(0) / p.size(1)) ** 0.5
                     updates[offset:offset + p.numel()] = g.flatten().float()
                 offset += p.numel()
@@ -60,5 +77,7 @@ class Muon(torch.optim.Optimizer):
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)
             offset = 0
             for p in params:
+                if group["weight_decay"]:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
