@@ -71,7 +71,15 @@ def render(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (
         name = module.SPEC.name
         cfg = from_dict(module.SPEC.config_cls, params.get(name, {}), f"{where}: {name}")
         resolved[name] = to_dict(cfg)
+    check_across_sections(resolved, where)
     return resolved
+
+
+def check_across_sections(params: dict, where: str) -> None:
+    """What no single section can check: the model reads the tokenizer's ids."""
+    tok, model = params["tokenizer"]["vocab_size"], params["train"]["model"]["vocab_size"]
+    if tok != model:
+        raise ConfigError(f"{where}: tokenizer.vocab_size {tok} != train.model.vocab_size {model}; set both")
 
 
 def dump(params: dict) -> str:
