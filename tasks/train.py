@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import resource
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pgolf import dist
+from pgolf import checkpoint, dist
 from pgolf.data.loader import DistributedTokenLoader
 from pgolf.data.shards import check_vocab
 from pgolf.model.config import ModelConfig
@@ -66,6 +67,10 @@ class Config:
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.0  # on each rank's local gradients, before averaging (as R1)
     ema_decay: float = 0.0  # 0: off; R1 0.9965, EMA weights replace the live ones at the end
+    late_qat_threshold: float = 0.0  # > 0: fake-quantize block matrices once lr scale < this (#549 era: 0.15)
+    qat_bits: int = 6
+    checkpoint_every: int = 0  # steps between resumable checkpoints; 0: off
+    checkpoint_dir: str = "artifacts/.checkpoints/train"  # outside the stage output, so a killed run resumes
     compile: bool = True
     log_every: int = 200
 
@@ -198,22 +203,72 @@ class Trainer:
         self.loader = self.new_loader()
         self.sync()
 
+    def checkpoint_folder(self) -> Path:
+        """One folder per (config, data): a resumed run must be the same run."""
+        manifest = (self.shards / "manifest.json").read_bytes() if (self.shards / "manifest.json").is_file() else b""
+        key = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode() + manifest).hexdigest()[:16]
+        return Path(self.cfg.checkpoint_dir) / key
+
+    def save_checkpoint(self, progress: dict) -> None:
+        folder = self.checkpoint_folder()
+        state = {
+            **progress,
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "loader": (self.loader.stream.file_index, self.loader.stream.pos),
+        }
+        checkpoint.save_rank_state(folder, self.rank, state)
+        if self.world > 1:
+            torch.distributed.barrier()
+        if dist.is_main():
+            checkpoint.mark_complete(folder, progress["step"], self.world)
+
+    def load_checkpoint(self) -> dict | None:
+        folder = self.checkpoint_folder()
+        step = checkpoint.latest_step(folder, self.world) if self.cfg.checkpoint_every else None
+        if step is None:
+            return None
+        state = checkpoint.load_rank_state(folder, self.rank, self.device)
+        self.model.load_state_dict(state["model"])
+        for opt, opt_state in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.loader.stream.seek(*state["loader"])
+        self.model.set_looping(state["looping"])
+        self.model.set_qat(self.cfg.qat_bits if state["qat"] else 0)
+        print(f"resumed from {folder} at step {state['step']}", flush=True)
+        return state
+
     def sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def train(self) -> dict:
+    def train(self, stop_after: int | None = None) -> dict | None:
+        """Train to `iterations` or the wallclock cap. `stop_after` ends the run early without
+        cleaning up, the way a killed process would (tests resume from there)."""
         cfg = self.cfg
         self.warmup()
         cap_ms = (cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) * 1000.0 if cfg.max_wallclock_seconds > 0 else None
-        log = open(self.out / "train_log.jsonl", "w") if dist.is_main() else None
-        live = self.open_live()
         elapsed_ms, step, loss = 0.0, 0, float("nan")
+        looping_step = 0 if self.model.looping else None
+        qat_on = False
+        records: list[dict] = []
+        resumed = self.load_checkpoint()
+        if resumed:
+            step, elapsed_ms, looping_step, qat_on, records = (resumed["step"], resumed["elapsed_ms"],
+                                                               resumed["looping_step"], resumed["qat"], resumed["log"])
+        log = open(self.out / "train_log.jsonl", "w") if dist.is_main() else None
+        if log:
+            log.writelines(json.dumps(r) + "\n" for r in records)
+        live = self.open_live()
         tokens_per_step = cfg.train_batch_tokens
         self.sync()
-        t0 = time.perf_counter()
-        looping_step = 0 if self.model.looping else None
+        t0 = time.perf_counter() - elapsed_ms / 1000.0
         while step < cfg.iterations:
+            if stop_after is not None and step >= stop_after:
+                return None
             frac = training_fraction(step, elapsed_ms, cfg.iterations, cap_ms)
             if cfg.warmdown_frac > 0:
                 lr_scale = warmdown_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
@@ -222,6 +277,9 @@ class Trainer:
             if looping_step is None and cfg.model.num_loops and frac >= cfg.model.enable_looping_at:
                 self.model.set_looping(True)
                 looping_step = step
+            if not qat_on and cfg.late_qat_threshold > 0 and lr_scale < cfg.late_qat_threshold:
+                self.model.set_qat(cfg.qat_bits)
+                qat_on = True
             loss = self.step(step, lr_scale)
             step += 1
             self.sync()
@@ -231,6 +289,7 @@ class Trainer:
             if log and (step % cfg.log_every == 0 or step == 1 or step == cfg.iterations):
                 record = {"step": step, "train_loss": round(loss, 6), "lr_scale": round(lr_scale, 6),
                           "elapsed_ms": round(elapsed_ms, 1), "tokens": step * tokens_per_step}
+                records.append(record)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 print(f"step {step}/{cfg.iterations} loss {loss:.4f} lr_scale {lr_scale:.3f} "
@@ -242,6 +301,9 @@ class Trainer:
                     live.next_step()
             if dist.all_reduce_max_flag(cap_ms is not None and elapsed_ms >= cap_ms, self.device):
                 break
+            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
+                self.save_checkpoint({"step": step, "elapsed_ms": elapsed_ms, "looping_step": looping_step,
+                                      "looping": self.model.looping, "qat": qat_on, "log": records})
         seconds = elapsed_ms / 1000.0
         metrics = {
             "steps": step,
@@ -253,7 +315,13 @@ class Trainer:
             "world_size": self.world,
             "device": self.device.type,
             "looping_enabled_at_step": looping_step,
+            "resumed_from_step": resumed["step"] if resumed else None,
         }
+        if cfg.checkpoint_every:
+            if self.world > 1:
+                torch.distributed.barrier()
+            if dist.is_main():
+                checkpoint.remove(self.checkpoint_folder())
         if self.ema is not None:
             self.ema.copy_to(self.model)
         if log:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from pgolf.errors import FormatError
 from pgolf.model.config import ModelConfig
@@ -64,3 +65,35 @@ def test_vocab_mismatch_with_the_shards_is_clear(data_dirs, tmp_path):
 def test_batch_geometry_is_validated():
     with pytest.raises(ConfigError, match="multiple"):
         from_dict(train_stage.Config, {"train_batch_tokens": 1000, "train_seq_len": 64, "nproc": 2}, "params.yaml: train")
+
+
+def test_resume_after_a_kill_continues_with_identical_state(data_dirs, tmp_path, monkeypatch):
+    """A run killed after its step-6 checkpoint, rerun, ends with exactly the weights, log and
+    switches (looping on at 50%, late QAT) of a run that was never interrupted."""
+    monkeypatch.chdir(tmp_path)
+    model = ModelConfig(**TINY_MODEL, num_loops=1, loop_start=0, loop_end=0, enable_looping_at=0.5)
+    common = dict(model=model, nproc=1, grad_accum_steps=2, iterations=8, warmup_steps=0, ema_decay=0.9,
+                  late_qat_threshold=0.6)
+    shards = data_dirs["shards"]
+
+    reference = train_stage.Trainer(config(**common), shards, tmp_path)
+    (tmp_path / "ref").mkdir()
+    reference.out = tmp_path / "ref"
+    ref_metrics = reference.train()
+
+    cfg = config(**common, checkpoint_every=3)
+    (tmp_path / "killed").mkdir()
+    killed = train_stage.Trainer(cfg, shards, tmp_path / "killed")
+    assert killed.train(stop_after=7) is None
+    folder = killed.checkpoint_folder()
+    assert (folder / "latest.json").is_file()
+
+    (tmp_path / "resumed").mkdir()
+    resumed = train_stage.Trainer(cfg, shards, tmp_path / "resumed")
+    metrics = resumed.train()
+    assert metrics["resumed_from_step"] == 6 and metrics["steps"] == 8
+    assert metrics["looping_enabled_at_step"] == ref_metrics["looping_enabled_at_step"] == 4
+    for (name, a), (_, b) in zip(reference.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "ref")
+    assert not folder.exists(), "a finished run removes its checkpoints"

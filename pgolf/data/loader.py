@@ -25,6 +25,12 @@ class TokenStream:
         self.tokens = read_shard(self.files[0], vocab_size, mmap=False)
         self.pos = 0
 
+    def seek(self, file_index: int, pos: int) -> None:
+        """Continue from a saved position (resume after a killed run)."""
+        self.file_index = file_index
+        self.tokens = read_shard(self.files[file_index], self.vocab_size, mmap=False)
+        self.pos = pos
+
     def _advance(self) -> None:
         self.file_index = (self.file_index + 1) % len(self.files)
         self.tokens = read_shard(self.files[self.file_index], self.vocab_size, mmap=False)

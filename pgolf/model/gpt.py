@@ -154,6 +154,12 @@ class GPT(nn.Module):
         """Depth recurrence switches on during training (enable_looping_at) and stays on for eval."""
         self.looping = bool(on and self.cfg.num_loops)
 
+    def set_qat(self, bits: int) -> None:
+        """Fake-quantize the blocks' attention and MLP matrices from now on (0 turns it off)."""
+        for name, module in self.named_modules():
+            if isinstance(module, CastedLinear) and name.startswith("blocks."):
+                module.qat_bits = bits
+
     @property
     def plan(self) -> LayerPlan:
         return self.plans[self.looping]

@@ -4,6 +4,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgolf.model.qat import fake_quantize_rows
+
 
 class CastedLinear(nn.Linear):
     """Bias-free linear whose fp32 master weight is cast to the activation dtype at each matmul,
@@ -14,9 +16,11 @@ class CastedLinear(nn.Linear):
         super().__init__(in_features, out_features, bias=False)
         self.zero_init = zero_init
         self.orthogonal = orthogonal
+        self.qat_bits = 0  # > 0: train through a fake int-k quantizer (late QAT)
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.weight.to(x.dtype))
+        weight = fake_quantize_rows(self.weight, self.qat_bits) if self.qat_bits else self.weight
+        return F.linear(x, weight.to(x.dtype))
 
 
 def rms_norm(x: Tensor) -> Tensor:
