@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from pgolf import checkpoint, dist
-from pgolf.data.loader import DistributedTokenLoader
+from pgolf.data.loader import DistributedTokenLoader, DocumentPackingLoader
 from pgolf.data.shards import check_vocab
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, param_groups
@@ -42,6 +42,7 @@ class Config:
     train_batch_tokens: int = 524288
     train_seq_len: int = 1024
     grad_accum_steps: int = 0  # 0: 8 // nproc, the baseline's choice for 8 GPUs' worth of micro-batches
+    loader: str = "stream"  # "stream" (baseline) or "documents" (R1: spans from each shard's first BOS)
     max_wallclock_seconds: float = 600.0  # 0: no cap
     gptq_reserve_seconds: float = 0.0  # taken out of the cap so calibration fits in the 600 s (R1 0.5, R0429 8)
     warmup_steps: int = 20  # compile warm-up steps, rolled back before the timed run
@@ -79,6 +80,8 @@ class Config:
             raise ValueError("nproc must be >= 1")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device {self.device!r} must be auto, cpu or cuda")
+        if self.loader not in ("stream", "documents"):
+            raise ValueError(f"loader {self.loader!r} must be 'stream' or 'documents'")
         if self.muon_coefficients not in COEFFICIENTS:
             raise ValueError(f"muon_coefficients {self.muon_coefficients!r} must be one of {sorted(COEFFICIENTS)}")
         if not 0 <= self.warmdown_frac <= 1 or not 0 <= self.min_lr <= 1:
@@ -151,7 +154,10 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.model.set_looping(cfg.model.num_loops > 0 and cfg.model.enable_looping_at <= 0)
 
-    def new_loader(self) -> DistributedTokenLoader:
+    def new_loader(self) -> DistributedTokenLoader | DocumentPackingLoader:
+        if self.cfg.loader == "documents":
+            return DocumentPackingLoader(self.shards, self.rank, self.world, self.device, self.cfg.model.vocab_size,
+                                         self.cfg.model.bos_id)
         return DistributedTokenLoader(self.shards, self.rank, self.world, self.device, self.cfg.model.vocab_size)
 
     def step(self, step: int, lr_scale: float) -> float:

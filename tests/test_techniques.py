@@ -160,3 +160,15 @@ def test_reference_parameter_counts():
               attn_gate="sparse")
     assert count_parameters(ModelConfig(**r1)) == 35_945_671  # reference.md 4.1
     assert count_parameters(ModelConfig(**r1, inhibitor_blocks=[5])) == 35_991_751  # PR #2116
+
+
+def test_document_attention_isolates_documents():
+    model = randomized(ModelConfig(**BASE, doc_attention=True))
+    ids = torch.randint(2, 64, (2, 12))
+    ids[:, 5] = 1
+    changed = ids.clone()
+    changed[:, :5] = torch.randint(2, 64, (2, 5))  # rewrite the previous document entirely
+    a, b = model.forward_logits(ids), model.forward_logits(changed)
+    assert torch.allclose(a[:, 5:], b[:, 5:], atol=1e-5)
+    plain = randomized(ModelConfig(**BASE))
+    assert not torch.allclose(plain.forward_logits(ids)[:, 5:], plain.forward_logits(changed)[:, 5:])

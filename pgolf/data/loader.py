@@ -71,3 +71,54 @@ class DistributedTokenLoader:
         y = local[1:].reshape(-1, seq_len)
         non_blocking = self.device.type == "cuda"
         return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+
+
+class DocumentPackingLoader:
+    """R1's loader (PR #1530 lineage, reference.md 1.6): shards in sorted order, each read from its
+    first BOS (the fragment continued from the previous shard is skipped), every step one
+    contiguous global span of world_size x (local tokens + 1), rank r taking the r-th slice; a span
+    that does not fit in what is left of a shard skips to the next shard. Pair it with
+    doc_attention so each token sees only its own document."""
+
+    def __init__(self, folder: str | Path, rank: int, world_size: int, device: torch.device,
+                 vocab_size: int | None = None, bos_id: int = 1):
+        self.files = list_shards(folder, "train")
+        if not self.files:
+            raise InputError("no fineweb_train_*.bin shards found", folder)
+        self.rank, self.world_size, self.device = rank, world_size, device
+        self.vocab_size, self.bos_id = vocab_size, bos_id
+        self.seek(0, None)
+
+    @property
+    def stream(self) -> "DocumentPackingLoader":
+        return self  # the same resume interface as TokenStream: file_index, pos, seek
+
+    def _first_bos(self) -> int:
+        hits = np.flatnonzero(self.tokens == self.bos_id)
+        return int(hits[0]) if len(hits) else len(self.tokens)
+
+    def seek(self, file_index: int, pos: int | None) -> None:
+        self.file_index = file_index
+        self.tokens = read_shard(self.files[file_index], self.vocab_size, mmap=False)
+        self.pos = self._first_bos() if pos is None else pos
+
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        local_tokens = global_tokens // (self.world_size * grad_accum_steps)
+        if local_tokens % seq_len or local_tokens == 0:
+            raise ValueError(f"{global_tokens} tokens per step over {self.world_size} ranks x {grad_accum_steps} "
+                             f"micro-steps is not a multiple of seq_len {seq_len}")
+        span = local_tokens + 1
+        need = span * self.world_size
+        for _ in range(2 * len(self.files) + 1):
+            if self.pos + need <= len(self.tokens):
+                break
+            self.seek((self.file_index + 1) % len(self.files), None)
+        else:
+            raise InputError(f"no train shard holds one global span of {need} tokens after its first BOS; "
+                             "use fewer tokens per step or larger shards", self.files[0].parent)
+        chunk = self.tokens[self.pos:self.pos + need]
+        self.pos += need
+        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
+        x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
+        non_blocking = self.device.type == "cuda"
+        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)

@@ -48,6 +48,7 @@ class ModelConfig:
     attn_gate_src: Literal["norm", "prenorm", "q"] = "norm"
     sparse_attn_gate_scale: float = 0.5
     bos_id: int = 1
+    doc_attention: bool = False  # attend only within the document (R1's varlen attention at BOS)
     bigram_vocab: int = 0  # BigramHash table rows; 0: off
     bigram_dim: int = 128
     ve_layers: list[int] = field(default_factory=list)  # physical layers whose V gets value embeddings

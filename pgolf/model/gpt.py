@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.model.config import ModelConfig
+from pgolf.model.docmask import document_causal_mask
 from pgolf.model.embeddings import BigramHashEmbedding, ValueEmbedding
 from pgolf.model.film import FiLM
 from pgolf.model.gates import AttnOutputGate
@@ -43,7 +44,8 @@ class CausalSelfAttention(nn.Module):
         self.xsa = uses_xsa(cfg, physical)
         self.gate = AttnOutputGate(cfg) if cfg.attn_gate != "off" else None
 
-    def forward(self, n: Tensor, prenorm: Tensor, value_embed: Tensor | None = None) -> Tensor:
+    def forward(self, n: Tensor, prenorm: Tensor, value_embed: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
         bsz, seqlen, dim = n.shape
         q_flat = self.c_q(n)
         q = q_flat.reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
@@ -56,7 +58,11 @@ class CausalSelfAttention(nn.Module):
         cos, sin = self.rotary(seqlen, n.device, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         q = q * self.q_gain.to(q.dtype)[None, :, None, None]
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.num_kv_heads != self.num_heads)
+        gqa = self.num_kv_heads != self.num_heads
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         if self.xsa:
             y = exclusive(y, v)
         if self.gate is not None:
@@ -86,13 +92,13 @@ class Block(nn.Module):
         else:
             self.attn_inhibitor = self.mlp_inhibitor = None
 
-    def _attn(self, x_in: Tensor, value_embed: Tensor | None) -> Tensor:
+    def _attn(self, x_in: Tensor, value_embed: Tensor | None, mask: Tensor | None) -> Tensor:
         n = rms_norm(x_in) * self.norm_scale
         ve = value_embed * self.ve_scale.to(n.dtype) if self.ve_scale is not None and value_embed is not None else None
         scale = self.attn_scale.to(n.dtype)
         if self.attn_inhibitor is not None:
             scale = scale * self.attn_inhibitor(n)
-        return scale * self.attn(n, x_in, ve)
+        return scale * self.attn(n, x_in, ve, mask)
 
     def _mlp(self, x: Tensor) -> Tensor:
         n = rms_norm(x) * self.norm_scale
@@ -105,15 +111,16 @@ class Block(nn.Module):
         m = self.resid_mix.to(x.dtype)
         return m[0] * x + m[1] * x0
 
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None,
+                mask: Tensor | None = None) -> Tensor:
         x = self.mix(x, x0)
-        x = x + self._attn(x, value_embed)
+        x = x + self._attn(x, value_embed, mask)
         return x + self._mlp(x)
 
-    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor,
-                      value_embed: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, value_embed: Tensor | None = None,
+                      mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Attention reads the mixed lane 0, the MLP reads lane 1, both lanes take both outputs."""
-        a = self._attn(self.mix(lane0, x0), value_embed)
+        a = self._attn(self.mix(lane0, x0), value_embed, mask)
         m = self._mlp(lane1)
         rho, post = self.parallel_resid_lambdas.to(a.dtype), self.parallel_post_lambdas.to(a.dtype)
         return rho[0] * lane0 + post[0, 0] * a + post[1, 0] * m, rho[1] * lane1 + post[0, 1] * a + post[1, 1] * m
@@ -187,10 +194,11 @@ class GPT(nn.Module):
         x = self.embed(input_ids)
         x0 = x
         ve = self.value_embed(input_ids).to(x.dtype) if self.value_embed is not None else None
+        mask = document_causal_mask(input_ids, self.cfg.bos_id) if self.cfg.doc_attention else None
         plan = self.plan
         skips: list[Tensor] = []
         for step in plan.encoder:
-            x = self.blocks[step.physical](x, x0, ve)
+            x = self.blocks[step.physical](x, x0, ve, mask)
             if step.film_slot >= 0:
                 x = self.film(x, step.film_slot)
             skips.append(x)
@@ -201,13 +209,13 @@ class GPT(nn.Module):
                 if lanes is None:
                     lanes = (x, x)
                 lane0 = self._skip(lanes[0], skips.pop(), j) if skips else lanes[0]
-                lanes = block.forward_lanes(lane0, lanes[1], x0, ve)
+                lanes = block.forward_lanes(lane0, lanes[1], x0, ve, mask)
                 if step.film_slot >= 0:
                     lanes = (self.film(lanes[0], step.film_slot), self.film(lanes[1], step.film_slot))
                 continue
             if skips:
                 x = self._skip(x, skips.pop(), j)
-            x = block(x, x0, ve)
+            x = block(x, x0, ve, mask)
             if step.film_slot >= 0:
                 x = self.film(x, step.film_slot)
         if lanes is not None:
