@@ -97,3 +97,22 @@ def test_resume_after_a_kill_continues_with_identical_state(data_dirs, tmp_path,
         assert torch.equal(a, b), name
     assert losses(tmp_path / "resumed") == losses(tmp_path / "ref")
     assert not folder.exists(), "a finished run removes its checkpoints"
+
+
+@pytest.mark.parametrize("preset", ["record", "pr1693", "pr1790", "pr2116", "pr1383"])
+def test_each_preset_trains_at_tiny_width(preset, data_dirs, tmp_path):
+    """Every technique switch of a preset, through the real train stage, at a CPU-sized width."""
+    from tasks import params as P
+
+    section = P.render(preset, [f"train.model.{k}={v}" for k, v in
+                                dict(vocab_size=400, model_dim=32, num_heads=2, num_kv_heads=1).items()]
+                       + ["tokenizer.vocab_size=400"])["train"]
+    section.update(nproc=1, device="cpu", iterations=6, train_batch_tokens=512, train_seq_len=64, grad_accum_steps=1,
+                   max_wallclock_seconds=0, gptq_reserve_seconds=0, warmup_steps=1, compile=False, log_every=1)
+    cfg = from_dict(train_stage.Config, section, preset)
+    metrics = execute(train_stage.SPEC, cfg, {"shards": data_dirs["shards"]}, tmp_path / "train")
+    curve = losses(tmp_path / "train")
+    assert metrics["steps"] == 6 and all(map(lambda v: v == v, curve)) and curve[-1] < curve[0]
+    if cfg.model.num_loops:
+        assert metrics["looping_enabled_at_step"] == 3  # enable_looping_at 0.35 of 6 steps
+    load_model(tmp_path / "train")
