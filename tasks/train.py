@@ -26,7 +26,7 @@ from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, param_groups
 from pgolf.model.io import save_model
 from pgolf.optim.ema import EMA
-from pgolf.optim.muon import COEFFICIENTS, Muon
+from pgolf.optim.muon import COEFFICIENTS, Muon, ShardedMuon
 from pgolf.optim.schedule import lr_multiplier, muon_momentum, training_fraction, warmdown_multiplier
 from pgolf.params import from_dict
 from tasks.common import StageSpec, stage_main, write_json
@@ -61,6 +61,7 @@ class Config:
     muon_coefficients: str = "stock"  # or "polar_express" (R1)
     muon_row_normalize: bool = False  # MuonEq-R (R0405 on)
     muon_wd: float = 0.0  # decoupled: p *= 1 - lr * wd, with the scheduled lr
+    muon_sharded: bool = False  # R1's parallel Muon: reduce-scatter banks, orthogonalize a share, all-gather
     embed_wd: float = 0.0  # AdamW weight decay of the embedding group
     adam_wd: float = 0.0  # AdamW weight decay of the scalar/control group
     beta1: float = 0.9
@@ -115,7 +116,8 @@ def code_version() -> str:
 
 def build_optimizers(model: GPT, cfg: Config, fused: bool):
     groups = param_groups(model)
-    muon = Muon([p for _, p in groups["matrix"]], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
+    muon_cls = ShardedMuon if cfg.muon_sharded else Muon
+    muon = muon_cls([p for _, p in groups["matrix"]], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
                 backend_steps=cfg.muon_backend_steps, coefficients=cfg.muon_coefficients,
                 row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd)
     adam_groups = [
@@ -149,6 +151,7 @@ class Trainer:
         self.model = GPT(cfg.model).to(self.device)
         self.train_model = torch.compile(self.model, dynamic=False) if cfg.compile and self.device.type == "cuda" else self.model
         self.optimizers = build_optimizers(self.model, cfg, fused=self.device.type == "cuda")
+        self.adam_params = [p for group in self.optimizers[1].param_groups for p in group["params"]]
         self.accum = cfg.resolved_grad_accum()
         self.loader = self.new_loader()
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -173,7 +176,9 @@ class Trainer:
             total += loss.detach()
         if cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
-        dist.average_gradients(self.model.parameters())
+        # Sharded Muon averages its own gradients (reduce-scatter); everything else is all-reduced.
+        averaged = self.adam_params if cfg.muon_sharded else list(self.model.parameters())
+        dist.average_gradients(averaged)
         momentum = muon_momentum(step, cfg.muon_momentum_warmup_start, cfg.muon_momentum, cfg.muon_momentum_warmup_steps)
         self.optimizers[0].param_groups[0]["momentum"] = momentum
         for opt in self.optimizers:

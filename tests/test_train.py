@@ -54,6 +54,16 @@ def test_one_process_matches_two_on_the_same_global_batch(two_rank_run, data_dir
     assert losses(out) == pytest.approx(losses(two_rank_run[0]), abs=2e-4)
 
 
+def test_sharded_muon_on_two_ranks_matches_one_process(two_rank_run, data_dirs, tmp_path):
+    out = tmp_path / "sharded"
+    execute(train_stage.SPEC, config(muon_sharded=True, muon_row_normalize=True, muon_wd=0.05,
+                                     muon_coefficients="polar_express"), {"shards": data_dirs["shards"]}, out)
+    single = tmp_path / "single"
+    execute(train_stage.SPEC, config(nproc=1, grad_accum_steps=2, muon_row_normalize=True, muon_wd=0.05,
+                                     muon_coefficients="polar_express"), {"shards": data_dirs["shards"]}, single)
+    assert losses(out) == pytest.approx(losses(single), abs=2e-4)
+
+
 def test_vocab_mismatch_with_the_shards_is_clear(data_dirs, tmp_path):
     cfg = config(model=ModelConfig(**{**TINY_MODEL, "vocab_size": 512}))
     with pytest.raises(FormatError, match="400-piece") as err:

@@ -25,17 +25,18 @@ COEFFICIENTS = {"stock": STOCK_NS5, "polar_express": POLAR_EXPRESS_NS5}
 
 
 def newton_schulz(grad: Tensor, steps: int = 5, coefficients=STOCK_NS5, eps: float = 1e-7) -> Tensor:
-    """Approximately orthogonalize `grad` (singular values pushed towards 1)."""
+    """Approximately orthogonalize `grad` [..., rows, cols] (singular values pushed towards 1);
+    leading dims are a batch of matrices, each normalized on its own."""
     x = grad.to(torch.bfloat16 if grad.is_cuda else torch.float32)
-    x = x / (x.norm() + eps)
-    transposed = x.size(0) > x.size(1)
+    x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
+    transposed = x.size(-2) > x.size(-1)
     if transposed:
-        x = x.T
+        x = x.mT
     for i in range(steps):
         a, b, c = coefficients[min(i, len(coefficients) - 1)]
-        gram = x @ x.T
+        gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
-    return x.T if transposed else x
+    return x.mT if transposed else x
 
 
 class Muon(torch.optim.Optimizer):
@@ -81,3 +82,52 @@ class Muon(torch.optim.Optimizer):
                     p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += p.numel()
+
+
+class ShardedMuon(Muon):
+    """R1's "parallel Muon" (reference.md 4.5): matrices of one shape form a bank; its gradients are
+    reduce-scattered so each rank holds the average of its share, the rank keeps momentum and runs
+    Newton-Schulz only for that share (batched), and an all-gather returns every update. Banks go
+    largest first. The optimizer does its own gradient averaging: leave its parameters out of any
+    all-reduce."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        distributed = dist.is_available() and dist.is_initialized()
+        world = dist.get_world_size() if distributed else 1
+        rank = dist.get_rank() if distributed else 0
+        for group in self.param_groups:
+            banks: dict[tuple[int, ...], list] = {}
+            for p in group["params"]:
+                banks.setdefault(tuple(p.shape), []).append(p)
+            for shape, params in sorted(banks.items(), key=lambda kv: -len(kv[1]) * kv[1][0].numel()):
+                per_rank = -(-len(params) // world)
+                stacked = torch.zeros(per_rank * world, *shape, device=params[0].device, dtype=torch.float32)
+                for i, p in enumerate(params):
+                    if p.grad is not None:
+                        stacked[i] = p.grad.float()
+                if world > 1:
+                    shard = torch.empty(per_rank, *shape, device=stacked.device, dtype=stacked.dtype)
+                    dist.reduce_scatter_tensor(shard, stacked)
+                    shard /= world
+                else:
+                    shard = stacked
+                state = self.state[params[0]]
+                if "bank_momentum" not in state:
+                    state["bank_momentum"] = torch.zeros_like(shard)
+                buf = state["bank_momentum"]
+                buf.mul_(group["momentum"]).add_(shard)
+                g = shard.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+                if group["row_normalize"]:
+                    g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                g = newton_schulz(g, group["backend_steps"], COEFFICIENTS[group["coefficients"]]).float()
+                g = g * max(1.0, shape[0] / shape[1]) ** 0.5
+                if world > 1:
+                    full = torch.empty_like(stacked)
+                    dist.all_gather_into_tensor(full, g.contiguous())
+                else:
+                    full = g
+                for i, p in enumerate(params):
+                    if group["weight_decay"]:
+                        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                    p.add_(full[i].to(p.dtype), alpha=-group["lr"])
