@@ -26,6 +26,7 @@ from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, param_groups
 from pgolf.model.io import save_model
 from pgolf.optim.ema import EMA
+from pgolf.optim.swa import SWA
 from pgolf.optim.muon import COEFFICIENTS, Muon, ShardedMuon
 from pgolf.optim.schedule import lr_multiplier, muon_momentum, training_fraction, warmdown_multiplier
 from pgolf.params import from_dict
@@ -69,6 +70,9 @@ class Config:
     adam_eps: float = 1e-8
     grad_clip_norm: float = 0.0  # on each rank's local gradients, before averaging (as R1)
     ema_decay: float = 0.0  # 0: off; R1 0.9965, EMA weights replace the live ones at the end
+    swa_every: int = 0  # > 0: add the weights to a running mean every this many steps ...
+    swa_start_lr_scale: float = 0.2  # ... once the lr scale is below this
+    swa_apply: bool = False  # end with the SWA mean (else EMA when on, else the live weights)
     late_qat_threshold: float = 0.0  # > 0: fake-quantize block matrices once lr scale < this (#549 era: 0.15)
     qat_bits: int = 6
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0: off
@@ -155,6 +159,7 @@ class Trainer:
         self.accum = cfg.resolved_grad_accum()
         self.loader = self.new_loader()
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.swa = SWA(self.model) if cfg.swa_every > 0 else None
         self.model.set_looping(cfg.model.num_loops > 0 and cfg.model.enable_looping_at <= 0)
 
     def new_loader(self) -> DistributedTokenLoader | DocumentPackingLoader:
@@ -227,6 +232,7 @@ class Trainer:
             "model": self.model.state_dict(),
             "optimizers": [opt.state_dict() for opt in self.optimizers],
             "ema": self.ema.state_dict() if self.ema is not None else None,
+            "swa": self.swa.state_dict() if self.swa is not None else None,
             "loader": (self.loader.stream.file_index, self.loader.stream.pos),
         }
         checkpoint.save_rank_state(folder, self.rank, state)
@@ -246,6 +252,8 @@ class Trainer:
             opt.load_state_dict(opt_state)
         if self.ema is not None and state["ema"] is not None:
             self.ema.load_state_dict(state["ema"])
+        if self.swa is not None and state["swa"] is not None:
+            self.swa.load_state_dict(state["swa"])
         self.loader.stream.seek(*state["loader"])
         self.model.set_looping(state["looping"])
         self.model.set_qat(self.cfg.qat_bits if state["qat"] else 0)
@@ -297,6 +305,8 @@ class Trainer:
             elapsed_ms = (time.perf_counter() - t0) * 1000.0
             if not math.isfinite(loss):
                 raise FloatingPointError(f"train loss became {loss} at step {step}")
+            if self.swa is not None and lr_scale < cfg.swa_start_lr_scale and step % cfg.swa_every == 0:
+                self.swa.add(self.model)
             if log and (step % cfg.log_every == 0 or step == 1 or step == cfg.iterations):
                 record = {"step": step, "train_loss": round(loss, 6), "lr_scale": round(lr_scale, 6),
                           "elapsed_ms": round(elapsed_ms, 1), "tokens": step * tokens_per_step}
@@ -333,7 +343,10 @@ class Trainer:
                 torch.distributed.barrier()
             if dist.is_main():
                 checkpoint.remove(self.checkpoint_folder())
-        if self.ema is not None:
+        metrics["swa_snapshots"] = self.swa.count if self.swa is not None else 0
+        if self.swa is not None and cfg.swa_apply:
+            self.swa.copy_to(self.model)
+        elif self.ema is not None:
             self.ema.copy_to(self.model)
         if log:
             log.close()

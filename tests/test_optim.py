@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pgolf.optim.ema import EMA
+from pgolf.optim.swa import SWA
 from pgolf.optim.muon import POLAR_EXPRESS_NS5, Muon, newton_schulz
 from pgolf.optim.schedule import lr_multiplier, muon_momentum, training_fraction, warmdown_multiplier
 
@@ -95,3 +96,14 @@ def test_ema_tracks_and_replaces_weights():
     ema.update(model)
     ema.copy_to(model)
     assert torch.allclose(model.weight, torch.full((2, 2), 0.75))
+
+
+def test_swa_is_the_running_mean_of_its_snapshots():
+    model = torch.nn.Linear(2, 2, bias=False)
+    swa = SWA(model)
+    for value in (1.0, 2.0, 6.0):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        swa.add(model)
+    swa.copy_to(model)
+    assert swa.count == 3 and torch.allclose(model.weight, torch.full((2, 2), 3.0))

@@ -83,6 +83,7 @@ def test_resume_after_a_kill_continues_with_identical_state(data_dirs, tmp_path,
     monkeypatch.chdir(tmp_path)
     model = ModelConfig(**TINY_MODEL, num_loops=1, loop_start=0, loop_end=0, enable_looping_at=0.5)
     common = dict(model=model, nproc=1, grad_accum_steps=2, iterations=8, warmup_steps=0, ema_decay=0.9,
+                  swa_every=2, swa_start_lr_scale=0.9, swa_apply=True,
                   late_qat_threshold=0.6)
     shards = data_dirs["shards"]
 
