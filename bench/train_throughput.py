@@ -58,7 +58,7 @@ def synthetic_shards(folder: Path, vocab: int, train_tokens: int, val_tokens: in
 def corpus_shards(corpus: Path, vocab: int, folder: Path) -> tuple[Path, Path]:
     """Real text through the pipeline's own stages; returns (shards folder, tokenizer model)."""
     execute(corpus_stage.SPEC, corpus_stage.Config(source=str(corpus)), {}, folder / "corpus")
-    execute(tok_stage.SPEC, tok_stage.Config(vocab_size=vocab, num_threads=os.cpu_count() or 1),
+    execute(tok_stage.SPEC, tok_stage.Config(vocab_size=vocab, num_threads=os.cpu_count() or 1, max_sentence_length=1 << 20),
             {"corpus": folder / "corpus"}, folder / "tokenizer")
     execute(shards_stage.SPEC, shards_stage.Config(val_docs=200),
             {"corpus": folder / "corpus", "tokenizer": folder / "tokenizer"}, folder / "shards")

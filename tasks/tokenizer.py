@@ -10,8 +10,10 @@ from typing import Literal
 import sentencepiece as spm
 
 from pgolf.data.docs import iter_docs
+from pgolf.errors import InputError
 from pgolf.tokenize.casefold import casefold
-from pgolf.tokenize.trainer import BOS_ID, CHALLENGE_TRAINER_SETTINGS, train_bpe, training_sentences
+from pgolf.tokenize.trainer import (BOS_ID, CHALLENGE_MAX_SENTENCE_LENGTH, CHALLENGE_TRAINER_SETTINGS, train_bpe,
+                                    training_sentences)
 from tasks.common import StageSpec, stage_main, write_json
 
 
@@ -22,6 +24,9 @@ class Config:
     train_docs: int = 0  # documents fed to the trainer, from document 0 (val included, as the challenge does); 0: all
     num_threads: int = 2
     seed: int = 1337
+    # Documents longer than this many bytes are skipped by the trainer (SentencePiece's default,
+    # kept by the challenge); raise it for corpora of long documents.
+    max_sentence_length: int = CHALLENGE_MAX_SENTENCE_LENGTH
 
     def validate(self) -> None:
         # 4 specials + 256 byte-fallback pieces come first; shards store ids as uint16.
@@ -38,7 +43,11 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     docs = iter_docs(inputs["corpus"])
     if transform:
         docs = (transform(d) for d in docs)
-    model = train_bpe(training_sentences(docs, cfg.train_docs), cfg.vocab_size, cfg.num_threads, cfg.seed)
+    try:
+        model = train_bpe(training_sentences(docs, cfg.train_docs), cfg.vocab_size, cfg.num_threads, cfg.seed,
+                          max_sentence_length=cfg.max_sentence_length)
+    except InputError as err:
+        raise InputError(str(err), Path(inputs["corpus"]) / "docs.jsonl") from err
     (out / "tokenizer.model").write_bytes(model)
     sp = spm.SentencePieceProcessor(model_proto=model)
     with open(out / "tokenizer.vocab", "w", encoding="utf-8") as f:

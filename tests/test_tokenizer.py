@@ -56,3 +56,13 @@ def test_vocab_size_is_validated():
         from_dict(tok_stage.Config, {"vocab_size": 100}, "params.yaml: tokenizer")
     with pytest.raises(ConfigError, match="variant"):
         from_dict(tok_stage.Config, {"variant": "upper"}, "params.yaml: tokenizer")
+
+
+def test_corpus_of_only_long_documents_is_a_clear_error(tmp_path):
+    from pgolf.errors import InputError
+
+    corpus = write_corpus(tmp_path / "corpus", [" ".join(make_docs(40, seed=i)) for i in range(3)])
+    with pytest.raises(InputError, match="longer than 4192 bytes") as err:
+        train(corpus, tmp_path / "tok")
+    assert "docs.jsonl" in str(err.value) and not (tmp_path / "tok").exists()
+    assert len(train(corpus, tmp_path / "tok", max_sentence_length=1 << 20)) > 0

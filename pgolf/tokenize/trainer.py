@@ -39,18 +39,31 @@ def training_sentences(docs: Iterable[str], max_docs: int = 0) -> Iterator[str]:
             return
 
 
+CHALLENGE_MAX_SENTENCE_LENGTH = 4192  # SentencePiece's default, which the challenge leaves in place
+
+
 def train_bpe(sentences: Iterable[str], vocab_size: int, num_threads: int, seed: int,
-              user_defined_symbols: list[str] | None = None) -> bytes:
+              user_defined_symbols: list[str] | None = None,
+              max_sentence_length: int = CHALLENGE_MAX_SENTENCE_LENGTH) -> bytes:
     """Train and return the serialized model; identical inputs and seed give identical bytes."""
     spm.set_random_generator_seed(seed)
     model = io.BytesIO()
     kwargs = dict(CHALLENGE_TRAINER_SETTINGS, vocab_size=vocab_size, num_threads=num_threads)
+    if max_sentence_length != CHALLENGE_MAX_SENTENCE_LENGTH:
+        kwargs["max_sentence_length"] = max_sentence_length
     if user_defined_symbols:
         kwargs["user_defined_symbols"] = user_defined_symbols
     counted = _Counting(sentences)
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(counted), model_writer=model, minloglevel=2, **kwargs)
-    if counted.n == 0:
-        raise InputError("no non-empty documents to train the tokenizer on")
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(counted), model_writer=model, minloglevel=2, **kwargs)
+    except RuntimeError as err:
+        if counted.n == 0:
+            raise InputError("no non-empty documents to train the tokenizer on") from err
+        if "sentences_.empty()" in str(err):
+            raise InputError(f"every one of the {counted.n} training documents is longer than "
+                             f"{max_sentence_length} bytes, and SentencePiece skips those (as the challenge "
+                             "does); raise tokenizer.max_sentence_length for a corpus of long documents") from err
+        raise InputError(f"SentencePiece could not train on this corpus: {err}") from err
     return model.getvalue()
 
 
