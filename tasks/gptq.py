@@ -18,6 +18,7 @@ from pgolf.data.shards import check_vocab
 from pgolf.model.io import load_model
 from pgolf.quant.format import QuantizedModel, save_quantized
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
+from pgolf.quant.lqer import correction, low_rank_factors, pack_factors
 from pgolf.quant.hessian import calibration_batches, collect_hessians
 from tasks.common import StageSpec, stage_main, write_json
 
@@ -27,8 +28,16 @@ class Config:
     calib_batches: int = 16
     calib_seq_len: int = 1024
     calib_batch_seqs: int = 8
-    bits: int = 6
-    clip_sigmas: float = 12.85
+    bits: int = 6  # attention and MLP matrices (and anything else GPTQ'd)
+    embed_bits: int = 0  # the tied embedding; 0: same as bits (R1: 7)
+    clip_sigmas: float = 12.85  # SDClip k for matrices of no family below
+    attn_clip_sigmas: float = 0.0  # names containing .attn.; 0: clip_sigmas (R1 13.0)
+    mlp_clip_sigmas: float = 0.0  # names containing .mlp.; 0: clip_sigmas (R1 11.5)
+    embed_clip_sigmas: float = 0.0  # tok_emb / lm_head; 0: clip_sigmas (R1 14.0)
+    gate_int8: bool = False  # attention gates / inhibitors of 32..8,192 values: int8 per row (R1 on)
+    lqer_rank: int = 0  # > 0: low-rank error correction on the lqer_top_k worst tensors (R1: 4)
+    lqer_top_k: int = 3
+    lqer_group: int = 64
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = True
@@ -37,12 +46,33 @@ class Config:
     seed: int = 1337
 
     def validate(self) -> None:
-        if self.bits not in (6, 8):
-            raise ValueError(f"bits {self.bits}: supported are 6 and 8")
+        for name in ("bits", "embed_bits"):
+            value = getattr(self, name)
+            if value not in ((0, 6, 7, 8) if name == "embed_bits" else (6, 7, 8)):
+                raise ValueError(f"{name} {value}: supported are 6, 7 and 8")
         if self.calib_batches < 1 or self.calib_batch_seqs < 1 or self.calib_seq_len < 1:
             raise ValueError("calib_batches, calib_batch_seqs and calib_seq_len must be >= 1")
         if not 0 < self.damp < 1:
             raise ValueError("damp must be in (0, 1)")
+        if self.lqer_rank < 0 or self.lqer_top_k < 0 or self.lqer_group < 1:
+            raise ValueError("lqer_rank and lqer_top_k must be >= 0, lqer_group >= 1")
+
+    def family(self, name: str) -> tuple[int, float]:
+        """(bits, clip sigmas) of a matrix, by its name (reference.md 5.3)."""
+        if name in ("tok_emb.weight", "lm_head.weight"):
+            return self.embed_bits or self.bits, self.embed_clip_sigmas or self.clip_sigmas
+        if ".mlp." in name:
+            return self.bits, self.mlp_clip_sigmas or self.clip_sigmas
+        if ".attn." in name:
+            return self.bits, self.attn_clip_sigmas or self.clip_sigmas
+        return self.bits, self.clip_sigmas
+
+
+GATE_NAMES = ("attn_gate_w", "_inhibitor.")
+
+
+def is_gate(name: str, tensor: torch.Tensor) -> bool:
+    return any(g in name for g in GATE_NAMES) and tensor.ndim == 2 and 32 <= tensor.numel() <= 8192
 
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], cfg: Config,
@@ -50,31 +80,61 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
     tensors, entries, report = {}, {}, {}
     for name, tensor in sorted(state.items()):
         entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        if cfg.gate_int8 and tensor.is_floating_point() and is_gate(name, tensor):
+            # R1's GATED_ATTN_QUANT_GATE: symmetric int8 per row, s = max|row| / 127.
+            scale = (tensor.float().abs().amax(dim=1) / 127).clamp_min(1e-12).half()
+            tensors[f"{name}.q"] = torch.clamp(torch.round(tensor.float() / scale.float()[:, None]), -127, 127).to(torch.int8)
+            tensors[f"{name}.scale"] = scale
+            entries[name] = {**entry, "kind": "int8_row", "bits": 8}
+            report[name] = {"kind": "int8_row", "bits": 8}
+            continue
         if not tensor.is_floating_point() or tensor.numel() <= cfg.passthrough_max_numel or tensor.ndim != 2:
             tensors[name] = tensor.to(torch.float16) if tensor.is_floating_point() else tensor
             entries[name] = {**entry, "kind": "passthrough"}
             continue
+        bits, clip = cfg.family(name)
         weight = tensor.float()
-        scale = sdclip_scales(weight, cfg.bits, cfg.clip_sigmas)
-        rtn = quantize_rtn(weight, scale, cfg.bits)
+        scale = sdclip_scales(weight, bits, clip)
+        rtn = quantize_rtn(weight, scale, bits)
         hessian = hessians.get(name)
         if hessian is None:
             codes, kind = rtn.to(torch.int8), "rtn"
         else:
-            codes, scale16 = gptq_quantize(weight, hessian, cfg.bits, cfg.clip_sigmas, cfg.damp, cfg.block_size,
-                                           cfg.act_order, name)
+            codes, scale16 = gptq_quantize(weight, hessian, bits, clip, cfg.damp, cfg.block_size, cfg.act_order, name)
             assert torch.equal(scale16.float(), scale)
             kind = "gptq"
         tensors[f"{name}.q"], tensors[f"{name}.scale"] = codes, scale.to(torch.float16)
-        entries[name] = {**entry, "kind": kind, "bits": cfg.bits, "clip_sigmas": cfg.clip_sigmas}
+        entries[name] = {**entry, "kind": kind, "bits": bits, "clip_sigmas": clip}
+        report[name] = {"kind": kind, "bits": bits, "clip_sigmas": clip,
+                        "error_fro": float(torch.linalg.matrix_norm(weight - codes.float() * scale[:, None]))}
         if hessian is not None:
             err = output_error(weight, codes.float() * scale[:, None], hessian)
             err_rtn = output_error(weight, rtn * scale[:, None], hessian)
-            report[name] = {"kind": kind, "bits": cfg.bits, "clip_sigmas": cfg.clip_sigmas, "error": err,
-                            "rtn_error": err_rtn, "ratio": err / err_rtn if err_rtn > 0 else 1.0}
-        else:
-            report[name] = {"kind": kind, "bits": cfg.bits, "clip_sigmas": cfg.clip_sigmas}
+            report[name].update(error=err, rtn_error=err_rtn, ratio=err / err_rtn if err_rtn > 0 else 1.0)
+    if cfg.lqer_rank > 0:
+        apply_lqer(state, tensors, entries, report, hessians, cfg)
     return QuantizedModel(model_config, tensors, entries), report
+
+
+def apply_lqer(state, tensors, entries, report, hessians, cfg: Config) -> None:
+    """Rank-r correction of the top-k tensors by ||W - Q s||_F; the report says how much error it removes."""
+    candidates = sorted((r["error_fro"], n) for n, r in report.items() if "error_fro" in r)
+    for _, name in reversed(candidates[-cfg.lqer_top_k:] if cfg.lqer_top_k else []):
+        weight = state[name].float()
+        approx = tensors[f"{name}.q"].float() * tensors[f"{name}.scale"].float()[:, None]
+        a, b = low_rank_factors(weight - approx, cfg.lqer_rank)
+        packed = pack_factors(a, b, cfg.lqer_group)
+        for suffix, value in packed.items():
+            tensors[name + suffix] = value
+        entries[name]["lqer"] = {"rank": a.size(1), "group": cfg.lqer_group, "asym": ".lqA_a" in packed}
+        corrected = approx + correction(tensors, name, cfg.lqer_group)
+        report[name]["lqer"] = {
+            "rank": a.size(1), "asym": ".lqA_a" in packed,
+            "error_fro_after": float(torch.linalg.matrix_norm(weight - corrected)),
+            "error_removed": 1.0 - float(torch.linalg.matrix_norm(weight - corrected)) / max(report[name]["error_fro"], 1e-30),
+        }
+        if name in hessians:
+            report[name]["lqer"]["output_error_after"] = output_error(weight, corrected, hessians[name])
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
@@ -98,6 +158,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         "tensors_gptq": sum(r["kind"] == "gptq" for r in report.values()),
         "tensors_rtn": sum(r["kind"] == "rtn" for r in report.values()),
         "tensors_passthrough": sum(e["kind"] == "passthrough" for e in qm.entries.values()),
+        "tensors_int8_row": sum(e["kind"] == "int8_row" for e in qm.entries.values()),
+        "tensors_lqer": sum("lqer" in e for e in qm.entries.values()),
         "mean_error": sum(r["error"] for r in gptq_errors) / max(len(gptq_errors), 1),
         "mean_rtn_error": sum(r["rtn_error"] for r in gptq_errors) / max(len(gptq_errors), 1),
     }

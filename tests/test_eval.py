@@ -71,21 +71,24 @@ def test_bytes_per_position_lut_and_sidecar(sp):
     assert bytes_per_position(tokens, None, sidecar).tolist() == [0] + sidecar[1:].tolist()
 
 
-@pytest.fixture(scope="module")
-def packed(data_dirs, tmp_path_factory):
-    root = tmp_path_factory.mktemp("eval")
+def build_packed(root, data_dirs, model_extra=None, **gptq):
     torch.manual_seed(0)
-    model = GPT(ModelConfig(**TINY_MODEL))
+    model = GPT(ModelConfig(**TINY_MODEL, **(model_extra or {})))
     for block in model.blocks:
         torch.nn.init.normal_(block.attn.proj.weight, std=0.05)
         torch.nn.init.normal_(block.mlp.proj.weight, std=0.05)
-    (root / "train").mkdir()
+    (root / "train").mkdir(parents=True)
     save_model(model, model.cfg, root / "train")
     execute(gptq_stage.SPEC, gptq_stage.Config(calib_batches=2, calib_seq_len=32, calib_batch_seqs=4, device="cpu",
-                                               passthrough_max_numel=512),
+                                               passthrough_max_numel=512, **gptq),
             {"train": root / "train", "shards": data_dirs["shards"]}, root / "gptq")
     execute(pack_stage.SPEC, pack_stage.Config(), {"gptq": root / "gptq"}, root / "pack")
     return root
+
+
+@pytest.fixture(scope="module")
+def packed(data_dirs, tmp_path_factory):
+    return build_packed(tmp_path_factory.mktemp("eval"), data_dirs)
 
 
 def run_eval(data_dirs, packed, out, **cfg):
@@ -94,15 +97,20 @@ def run_eval(data_dirs, packed, out, **cfg):
                                              "tokenizer": data_dirs["tokenizer"]}, out)
 
 
-def test_eval_from_the_artifact_equals_the_in_memory_quantized_model(data_dirs, packed, tmp_path):
+@pytest.mark.parametrize("variant", ["plain", "families_gates_lqer"])
+def test_eval_from_the_artifact_equals_the_in_memory_quantized_model(data_dirs, packed, tmp_path, variant):
     from pgolf.data.shards import load_split
     from pgolf.quant.format import load_quantized
     from pgolf.tokenize.bytes import load_tokenizer
 
+    if variant != "plain":
+        packed = build_packed(tmp_path / "v", data_dirs, {"attn_gate": "sparse", "attn_gate_width": 16},
+                              embed_bits=7, gate_int8=True, lqer_rank=2, lqer_top_k=2, mlp_clip_sigmas=11.5)
     metrics = run_eval(data_dirs, packed, tmp_path / "e")
     qm = load_quantized(packed / "gptq/quantized.safetensors")
     model = GPT(ModelConfig(**qm.model_config))
     model.load_state_dict(qm.dequantize())
+    assert (variant == "plain") == (not any("lqer" in e for e in qm.entries.values()))
     tokens = truncate_val(load_split(data_dirs["shards"], "val"), 64)
     sp, _ = load_tokenizer(data_dirs["tokenizer"])
     expected = evaluate_bpb(model, tokens, bytes_per_position(tokens, build_byte_luts(sp, 400), None), 64, 0, 8,

@@ -118,3 +118,60 @@ def test_same_inputs_same_quantized_bytes(data_dirs, trained, tmp_path):
     run_gptq(data_dirs, trained, tmp_path / "a")
     run_gptq(data_dirs, trained, tmp_path / "b")
     assert (tmp_path / "a/quantized.safetensors").read_bytes() == (tmp_path / "b/quantized.safetensors").read_bytes()
+
+
+def test_family_bits_and_clip_sigmas_follow_the_names():
+    cfg = gptq_stage.Config(bits=6, embed_bits=7, clip_sigmas=12.85, attn_clip_sigmas=13.0, mlp_clip_sigmas=11.5,
+                            embed_clip_sigmas=14.0)
+    assert cfg.family("tok_emb.weight") == (7, 14.0)
+    assert cfg.family("blocks.3.mlp.fc.weight") == (6, 11.5)
+    assert cfg.family("blocks.3.attn.c_q.weight") == (6, 13.0)
+    assert cfg.family("bigram.proj.weight") == (6, 12.85)
+    assert gptq_stage.Config().family("blocks.0.mlp.fc.weight") == (6, 12.85)
+
+
+def test_lqer_removes_error_and_dequantizes_with_its_correction():
+    from pgolf.quant.lqer import correction, low_rank_factors, pack_factors
+
+    torch.manual_seed(0)
+    error = torch.randn(64, 4) @ torch.randn(4, 128) * 0.1  # exactly rank 4
+    a, b = low_rank_factors(error, 4)
+    assert torch.allclose(a @ b, error, atol=1e-5)
+    # 4 x 128 = 512 splits into groups of 64 (INT2 A, INT4 B) but not of 48 (INT4 both, per row):
+    # the coarse INT2 A keeps less of the correction, which is what R1 trades for bytes.
+    for group, key, kept in ((64, ".lqA_a", 0.75), (48, ".lqA", 0.3)):
+        packed = pack_factors(a, b, group)
+        assert key in packed
+        tensors = {"w" + k: v for k, v in packed.items()}
+        approx = correction(tensors, "w", group)
+        assert torch.linalg.matrix_norm(error - approx) < kept * torch.linalg.matrix_norm(error)
+    qa = pack_factors(a, b, 64)[".lqA_a"]
+    assert qa.min() >= -2 and qa.max() <= 1  # INT2
+    assert pack_factors(a, b, 64)[".lqB_a"].abs().max() <= 8  # INT4
+
+
+def test_stage_with_families_gates_and_lqer(data_dirs, tmp_path):
+    from pgolf.model.config import ModelConfig
+    from pgolf.model.gpt import GPT
+    from pgolf.model.io import save_model
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY_MODEL, attn_gate="sparse", attn_gate_width=16))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    (tmp_path / "train").mkdir()
+    save_model(model, model.cfg, tmp_path / "train")
+    summary = run_gptq(data_dirs, tmp_path / "train", tmp_path / "q", embed_bits=7, gate_int8=True, lqer_rank=2,
+                       lqer_top_k=2, mlp_clip_sigmas=11.5)
+    assert summary["tensors_int8_row"] == 2 and summary["tensors_lqer"] == 2
+    qm = load_quantized(tmp_path / "q/quantized.safetensors")
+    assert qm.entries["tok_emb.weight"]["bits"] == 7 and qm.tensors["tok_emb.weight.q"].abs().max() <= 63
+    assert qm.entries["blocks.0.attn.gate.attn_gate_w"]["kind"] == "int8_row"
+    report = json.loads((tmp_path / "q/report.json").read_text())["tensors"]
+    corrected = [r for r in report.values() if "lqer" in r]
+    assert len(corrected) == 2 and all(r["lqer"]["error_removed"] > 0 for r in corrected)
+    deq = qm.dequantize()
+    gate = model.state_dict()["blocks.0.attn.gate.attn_gate_w"]
+    assert torch.allclose(deq["blocks.0.attn.gate.attn_gate_w"], gate, atol=gate.abs().max().item() / 100)

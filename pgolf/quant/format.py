@@ -12,9 +12,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from pgolf.errors import FormatError, InputError
+from pgolf.quant.lqer import correction
 
 QUANT_FORMAT = "pgolf-quant-v1"
-KINDS = ("gptq", "rtn", "passthrough")
+KINDS = ("gptq", "rtn", "int8_row", "passthrough")
 
 
 @dataclass
@@ -31,6 +32,8 @@ class QuantizedModel:
             else:
                 codes, scale = self.tensors[f"{name}.q"], self.tensors[f"{name}.scale"]
                 out[name] = codes.float() * scale.float()[:, None]
+                if "lqer" in entry:
+                    out[name] = out[name] + correction(self.tensors, name, entry["lqer"]["group"])
             if list(out[name].shape) != list(entry["shape"]):
                 raise FormatError(f"tensor {name}: stored shape {list(out[name].shape)} != recorded {entry['shape']}")
         return out
