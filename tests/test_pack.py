@@ -8,8 +8,11 @@ import pytest
 import torch
 
 from pgolf.errors import CapExceededError, FormatError, InputError
-from pgolf.pack.compress import COMPRESSORS, compress, decompress
-from pgolf.pack.serialize import FORMAT_VERSION, OUTER, load_artifact, pack, unpack
+from pgolf.errors import PgolfError
+from pgolf.pack.compress import COMPRESSORS, available, compress, decompress
+from pgolf.pack.serialize import CONTAINER, FORMAT_VERSION, load_artifact, pack, similarity_order, unpack
+
+HERE = [c for c in COMPRESSORS if available(c)]
 from pgolf.quant.format import QuantizedModel, save_quantized
 from tasks import pack as pack_stage
 from tasks.common import execute
@@ -32,18 +35,19 @@ def quantized_model() -> QuantizedModel:
     return QuantizedModel({"vocab_size": 64, "model_dim": 16}, tensors, entries)
 
 
-@pytest.mark.parametrize("name", COMPRESSORS)
+@pytest.mark.parametrize("name", HERE)
 def test_compressors_round_trip(name):
     data = bytes(range(256)) * 50
     assert decompress(compress(data, name), name) == data
     assert len(compress(data, name)) < len(data)
 
 
-@pytest.mark.parametrize("name", COMPRESSORS)
-def test_pack_unpack_is_bit_exact_and_deterministic(name):
+@pytest.mark.parametrize("layout,sort_rows", [("flat", False), ("pergroup", False), ("pergroup", True)])
+@pytest.mark.parametrize("name", HERE)
+def test_pack_unpack_is_bit_exact_and_deterministic(name, layout, sort_rows):
     qm = quantized_model()
-    blob, sizes = pack(qm, name)
-    assert blob == pack(qm, name)[0]
+    blob, sizes = pack(qm, name, layout=layout, sort_rows=sort_rows)
+    assert blob == pack(qm, name, layout=layout, sort_rows=sort_rows)[0]
     restored = unpack(blob)
     assert restored.model_config == qm.model_config and restored.entries == qm.entries
     assert set(restored.tensors) == set(qm.tensors)
@@ -61,8 +65,9 @@ def test_corrupt_artifacts_are_clear_errors(tmp_path):
         "shorter than": blob[:10],
         "magic": b"XXXX" + blob[4:],
         "version": blob[:4] + struct.pack("<H", FORMAT_VERSION + 1) + blob[6:],
-        "truncated or corrupt": blob[:-20],
-        "checksum": blob[:OUTER.size - 1] + bytes([blob[OUTER.size - 1] ^ 1]) + blob[OUTER.size:],
+        "cut off": blob[:-20],
+        "truncated or corrupt": blob[:-20] + bytes(20),
+        "checksum": blob[:CONTAINER.size + 20] + bytes([blob[CONTAINER.size + 20] ^ 1]) + blob[CONTAINER.size + 21:],
     }
     for needle, data in cases.items():
         path.write_bytes(data)
@@ -88,6 +93,7 @@ def test_stage_counts_code_and_groups(tmp_path):
     assert "tasks/eval.py" in size["code_files"] and "pgolf/evaluate/bpb.py" in size["code_files"]
     assert "pgolf/optim/muon.py" not in size["code_files"] and "tasks/train.py" not in size["code_files"]
     assert size["total_bytes"] == size["model_bytes"] + size["code_bytes"]
+    assert 0 < size["code_bytes_wrapped_estimate"] < size["code_bytes"] / 2
     assert size["margin_bytes"] == 16_000_000 - size["total_bytes"]
     assert set(size["groups"]) == {"attention", "mlp", "scales", "passthrough"}
     assert size["groups"]["attention"]["raw_bytes"] == 16 * 32
@@ -98,3 +104,50 @@ def test_cap_exceeded_says_by_how_much_and_writes_nothing(tmp_path):
         run_pack(tmp_path, cap_bytes=1000)
     assert "quantized.safetensors" in str(err.value)
     assert not (tmp_path / "pack").exists()
+
+
+def test_lrzip_absent_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(PgolfError, match="apt-get install lrzip"):
+        compress(b"data", "lrzip")
+
+
+def test_similarity_order_chains_nearest_rows():
+    rows = torch.tensor([[0, 0], [10, 10], [1, 1], [9, 9], [2, 2]], dtype=torch.int8).numpy()
+    assert similarity_order(rows).tolist() == [0, 2, 4, 3, 1]
+
+
+def test_pergroup_layout_is_smaller_on_structured_codes():
+    """Rows that repeat with small changes: per-group transposed streams compress better."""
+    g = torch.Generator().manual_seed(1)
+    base = torch.randint(-3, 4, (1, 256), generator=g, dtype=torch.int8)
+    tensors, entries = {}, {}
+    for layer in range(4):
+        rows = (base.repeat(64, 1) + torch.randint(-1, 2, (64, 256), generator=g, dtype=torch.int8)).to(torch.int8)
+        rows = rows[torch.randperm(64, generator=g)]
+        name = f"blocks.{layer}.mlp.fc.weight"
+        tensors[name + ".q"], tensors[name + ".scale"] = rows, torch.ones(64).half()
+        entries[name] = {"kind": "gptq", "bits": 6, "shape": [64, 256], "dtype": "float32"}
+    qm = QuantizedModel({}, tensors, entries)
+    flat = len(pack(qm, "lzma")[0])
+    grouped = len(pack(qm, "lzma", layout="pergroup", sort_rows=True)[0])
+    assert grouped < flat
+    restored = unpack(pack(qm, "lzma", layout="pergroup", sort_rows=True)[0])
+    assert all(torch.equal(restored.tensors[k], v) for k, v in tensors.items())
+
+
+def test_wrapped_code_size_follows_the_records_rule():
+    from pgolf.pack.codesize import minify, wrapped_size, wrapper
+
+    source = 'def f(x):\n    """Docstring."""\n    assert x\n    return x + 1\n\nprint(f(2))\n'
+    assert "Docstring" not in minify(source) and "assert" not in minify(source)
+    text = wrapper(source)
+    assert text.startswith("import brotli as B,base64 as b\nexec(B.decompress(b.b85decode(")
+    assert wrapped_size(source) == len(text.encode())
+    import contextlib
+    import io
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(text, {})
+    assert out.getvalue() == "3\n"

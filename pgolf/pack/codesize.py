@@ -1,13 +1,18 @@
 """The code the challenge counts: the source needed to evaluate the artifact.
 
-Today the files themselves are counted, found by following the imports of the eval stage through
-this repository's packages; the minified, compressed single-script form the leading entries
-count is the export's job.
+The files are found by following the imports of the eval stage through this repository's
+packages and counted as they are. `wrapped_size` is the rule the leading entries use for their one
+script (R1, reference.md 6.2): minify, brotli quality 11, base85, and count the two-line
+self-extracting stub that execs it.
 """
 from __future__ import annotations
 
 import ast
+import base64
 from pathlib import Path
+
+import brotli
+import python_minifier
 
 LOCAL_PACKAGES = ("pgolf", "tasks")
 
@@ -49,3 +54,18 @@ def import_closure(entry: Path, root: Path, packages: tuple[str, ...] = LOCAL_PA
 
 def code_bytes(files: list[Path]) -> int:
     return sum(len(f.read_bytes()) for f in files)
+
+
+def minify(source: str) -> str:
+    """R1's flags: keep local names, no literal hoisting, drop docstrings and asserts, one line per block."""
+    return python_minifier.minify(source, rename_locals=False, hoist_literals=False, remove_literal_statements=True,
+                                  remove_asserts=True, prefer_single_line=True)
+
+
+def wrapper(source: str) -> str:
+    payload = base64.b85encode(brotli.compress(minify(source).encode("utf-8"), quality=11)).decode("ascii")
+    return f'import brotli as B,base64 as b\nexec(B.decompress(b.b85decode("{payload}")))\n'
+
+
+def wrapped_size(source: str) -> int:
+    return len(wrapper(source).encode("utf-8"))

@@ -1,10 +1,14 @@
 """artifact.bin: the quantized model in one self-describing, compressed, checksummed binary.
 
-    outer:   b"PGLF" | u16 format version | u8 compressor id | u64 payload length | sha256(payload) | compressed payload
-    payload: u32 header length | header JSON | tensor bytes, in the header's order (sorted names)
+    container: b"PGLF" | u16 format version | u8 layout | u8 compressor id | u32 stream count
+               | per stream: u64 raw length, u64 stored length, sha256(raw) | the stored streams
+    payload:   u32 header length | header JSON | tensor bytes, in the header's order (sorted names)
 
-No pickle: the header says each tensor's name, dtype, shape, offset and length, and the model
-config, so the artifact alone is enough to rebuild the model for evaluation.
+Layout `flat` compresses one payload stream. Layout `pergroup` (R1, reference.md 6.3) gives each
+family of int codes its own stream, layers in order, each matrix optionally row-sorted by greedy
+L1 nearest neighbour and stored transposed (column-major), so the coder sees long runs of
+similar bytes; the payload stream keeps everything else and the row orders go in a last stream.
+No pickle anywhere: the artifact alone is enough to rebuild the model for evaluation.
 """
 from __future__ import annotations
 
@@ -16,13 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pgolf.errors import FormatError, InputError
+from pgolf.errors import FormatError, InputError, PgolfError
 from pgolf.pack.compress import COMPRESSOR_IDS, compress, decompress
 from pgolf.quant.format import QUANT_FORMAT, QuantizedModel
 
 MAGIC = b"PGLF"
-FORMAT_VERSION = 1
-OUTER = struct.Struct("<4sHBQ32s")
+FORMAT_VERSION = 2
+CONTAINER = struct.Struct("<4sHBBI")
+STREAM = struct.Struct("<QQ32s")
+LAYOUTS = ("flat", "pergroup")
+# R1's _GROUP_ORDER, by the suffix of the code tensors' names
+GROUP_ORDER = ("tok_emb.weight.q", "attn.c_k.weight.q", "attn.c_q.weight.q", "attn.c_v.weight.q",
+               "attn.proj.weight.q", "mlp.fc.weight.q", "mlp.proj.weight.q")
+SORTED_GROUPS = ("tok_emb.weight.q", "attn.c_q.weight.q", "mlp.fc.weight.q")  # R1 sorts only these
 DTYPES = {"int8": torch.int8, "float16": torch.float16, "float32": torch.float32, "int64": torch.int64,
           "int32": torch.int32, "bfloat16": torch.bfloat16, "uint8": torch.uint8}
 
@@ -34,7 +44,7 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.numpy().tobytes()
 
 
-def serialize_payload(qm: QuantizedModel) -> tuple[bytes, dict[str, int]]:
+def serialize_payload(qm: QuantizedModel, extra: dict | None = None) -> tuple[bytes, dict[str, int]]:
     """Return (payload bytes, raw bytes per stored tensor)."""
     layout, chunks, offset = [], [], 0
     sizes = {}
@@ -48,12 +58,13 @@ def serialize_payload(qm: QuantizedModel) -> tuple[bytes, dict[str, int]]:
         chunks.append(data)
         sizes[name] = len(data)
         offset += len(data)
-    header = json.dumps({"format": QUANT_FORMAT, "model": qm.model_config, "entries": qm.entries, "tensors": layout},
+    header = json.dumps({"format": QUANT_FORMAT, "model": qm.model_config, "entries": qm.entries, "tensors": layout,
+                         **(extra or {})},
                         sort_keys=True, separators=(",", ":")).encode("utf-8")
     return struct.pack("<I", len(header)) + header + b"".join(chunks), sizes
 
 
-def deserialize_payload(payload: bytes, source: str | Path) -> QuantizedModel:
+def deserialize_payload(payload: bytes, source: str | Path, with_header: bool = False):
     try:
         (header_len,) = struct.unpack_from("<I", payload, 0)
         header = json.loads(payload[4:4 + header_len].decode("utf-8"))
@@ -72,35 +83,137 @@ def deserialize_payload(payload: bytes, source: str | Path) -> QuantizedModel:
         else:
             t = torch.frombuffer(bytearray(raw), dtype=dtype)
         tensors[item["name"]] = t.reshape(item["shape"])
-    return QuantizedModel(header["model"], tensors, header["entries"])
+    qm = QuantizedModel(header["model"], tensors, header["entries"])
+    return (qm, header) if with_header else qm
 
 
-def pack(qm: QuantizedModel, compressor: str, level: int = -1) -> tuple[bytes, dict[str, int]]:
+def group_of(name: str) -> str | None:
+    for group in GROUP_ORDER:
+        if name == group or name.endswith("." + group):
+            return group
+    return None
+
+
+def _layer(name: str) -> int:
+    parts = name.split(".")
+    return int(parts[1]) if parts[0] == "blocks" and parts[1].isdigit() else -1
+
+
+def similarity_order(rows: np.ndarray) -> np.ndarray:
+    """Greedy L1 nearest-neighbour chain from row 0 (ties to the lowest index: deterministic)."""
+    data = rows.astype(np.int16)
+    remaining = np.ones(len(rows), dtype=bool)
+    order = np.empty(len(rows), dtype=np.int64)
+    current = 0
+    for k in range(len(rows)):
+        order[k] = current
+        remaining[current] = False
+        if k == len(rows) - 1:
+            break
+        candidates = np.flatnonzero(remaining)
+        distances = np.abs(data[candidates] - data[current]).sum(axis=1)
+        current = int(candidates[np.argmin(distances)])
+    return order
+
+
+def _streams_pergroup(qm: QuantizedModel, sort_rows: bool) -> list[bytes]:
+    members: dict[str, list[str]] = {}
+    for name, t in qm.tensors.items():
+        group = group_of(name)
+        if group is not None and t.dtype == torch.int8 and t.ndim == 2:
+            members.setdefault(group, []).append(name)
+    groups, streams, perms = [], [], []
+    for group in GROUP_ORDER:
+        names = sorted(members.get(group, []), key=lambda n: (_layer(n), n))
+        chunks, layout = [], []
+        for name in names:
+            codes = qm.tensors[name].numpy()
+            permuted = sort_rows and group in SORTED_GROUPS and codes.shape[0] < 2**16
+            if permuted:
+                order = similarity_order(codes)
+                codes = codes[order]
+                perms.append(order.astype("<u2").tobytes())
+            chunks.append(np.ascontiguousarray(codes.T).tobytes())
+            layout.append({"name": name, "shape": list(qm.tensors[name].shape), "permuted": bool(permuted)})
+        groups.append({"group": group, "members": layout})
+        streams.append(b"".join(chunks))
+    grouped = {m["name"] for g in groups for m in g["members"]}
+    remainder = QuantizedModel(qm.model_config, {k: v for k, v in qm.tensors.items() if k not in grouped}, qm.entries)
+    payload, _ = serialize_payload(remainder, extra={"groups": groups})
+    return [payload, *streams, b"".join(perms)]
+
+
+def _unpack_pergroup(streams: list[bytes], source) -> QuantizedModel:
+    qm, header = deserialize_payload(streams[0], source, with_header=True)
+    perms = np.frombuffer(streams[-1], dtype="<u2")
+    perm_offset = 0
+    for group, data in zip(header["groups"], streams[1:-1]):
+        offset = 0
+        for member in group["members"]:
+            rows, cols = member["shape"]
+            chunk = np.frombuffer(data, dtype=np.int8, count=rows * cols, offset=offset)
+            offset += rows * cols
+            codes = chunk.reshape(cols, rows).T
+            if member["permuted"]:
+                order = perms[perm_offset:perm_offset + rows].astype(np.int64)
+                perm_offset += rows
+                restored = np.empty_like(codes)
+                restored[order] = codes
+                codes = restored
+            qm.tensors[member["name"]] = torch.from_numpy(np.ascontiguousarray(codes))
+        if offset != len(data):
+            raise FormatError(f"group {group['group']}: {len(data) - offset} bytes left over", source)
+    return qm
+
+
+def pack(qm: QuantizedModel, compressor: str, level: int = -1, layout: str = "flat",
+         sort_rows: bool = False) -> tuple[bytes, dict[str, int]]:
+    """Return (artifact bytes, raw bytes per stored tensor)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     payload, sizes = serialize_payload(qm)
-    body = compress(payload, compressor, level)
-    outer = OUTER.pack(MAGIC, FORMAT_VERSION, COMPRESSOR_IDS[compressor], len(payload), hashlib.sha256(payload).digest())
-    return outer + body, sizes
+    raw_streams = [payload] if layout == "flat" else _streams_pergroup(qm, sort_rows)
+    stored = [compress(s, compressor, level) if s else b"" for s in raw_streams]
+    head = CONTAINER.pack(MAGIC, FORMAT_VERSION, LAYOUTS.index(layout), COMPRESSOR_IDS[compressor], len(stored))
+    table = b"".join(STREAM.pack(len(r), len(c), hashlib.sha256(r).digest()) for r, c in zip(raw_streams, stored))
+    return head + table + b"".join(stored), sizes
 
 
 def unpack(blob: bytes, source: str | Path = "artifact") -> QuantizedModel:
-    if len(blob) < OUTER.size:
-        raise FormatError(f"truncated artifact: {len(blob)} bytes is shorter than its {OUTER.size}-byte header", source)
-    magic, version, comp_id, length, digest = OUTER.unpack_from(blob, 0)
+    if len(blob) < CONTAINER.size:
+        raise FormatError(f"truncated artifact: {len(blob)} bytes is shorter than its {CONTAINER.size}-byte header", source)
+    magic, version, layout, comp_id, count = CONTAINER.unpack_from(blob, 0)
     if magic != MAGIC:
         raise FormatError(f"wrong magic {magic!r} (expected {MAGIC!r}): not a pgolf artifact", source)
     if version != FORMAT_VERSION:
         raise FormatError(f"unsupported artifact format version {version} (this pgolf reads {FORMAT_VERSION}); "
                           "repack it with this version's pack stage", source)
     names = {v: k for k, v in COMPRESSOR_IDS.items()}
-    if comp_id not in names:
-        raise FormatError(f"unknown compressor id {comp_id}", source)
-    try:
-        payload = decompress(blob[OUTER.size:], names[comp_id])
-    except Exception as err:  # noqa: BLE001 - each codec raises its own error type on corrupt input
-        raise FormatError(f"cannot decompress ({names[comp_id]}): the artifact is truncated or corrupt ({err})", source) from err
-    if len(payload) != length or hashlib.sha256(payload).digest() != digest:
-        raise FormatError("payload checksum mismatch: the artifact is corrupt", source)
-    return deserialize_payload(payload, source)
+    if comp_id not in names or layout >= len(LAYOUTS):
+        raise FormatError(f"unknown compressor id {comp_id} or layout {layout}", source)
+    offset = CONTAINER.size + count * STREAM.size
+    if len(blob) < offset:
+        raise FormatError("truncated artifact: the stream table is cut off", source)
+    streams = []
+    for i in range(count):
+        raw_len, stored_len, digest = STREAM.unpack_from(blob, CONTAINER.size + i * STREAM.size)
+        stored = blob[offset:offset + stored_len]
+        offset += stored_len
+        if len(stored) != stored_len:
+            raise FormatError(f"truncated artifact: stream {i} is cut off", source)
+        try:
+            raw = decompress(stored, names[comp_id]) if stored_len else b""
+        except PgolfError:
+            raise
+        except Exception as err:  # noqa: BLE001 - each codec raises its own error type on corrupt input
+            raise FormatError(f"cannot decompress stream {i} ({names[comp_id]}): the artifact is truncated or "
+                              f"corrupt ({err})", source) from err
+        if len(raw) != raw_len or hashlib.sha256(raw).digest() != digest:
+            raise FormatError(f"stream {i}: checksum mismatch, the artifact is corrupt", source)
+        streams.append(raw)
+    if LAYOUTS[layout] == "flat":
+        return deserialize_payload(streams[0], source)
+    return _unpack_pergroup(streams, source)
 
 
 def load_artifact(path: str | Path) -> QuantizedModel:
