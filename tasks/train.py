@@ -24,7 +24,7 @@ from pgolf.data.loader import DistributedTokenLoader, DocumentPackingLoader
 from pgolf.data.shards import check_vocab
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, param_groups
-from pgolf.model.io import save_model
+from pgolf.model.io import import_state_dict, save_model
 from pgolf.optim.ema import EMA
 from pgolf.optim.swa import SWA
 from pgolf.optim.muon import COEFFICIENTS, Muon, ShardedMuon
@@ -77,6 +77,7 @@ class Config:
     qat_bits: int = 6
     checkpoint_every: int = 0  # steps between resumable checkpoints; 0: off
     checkpoint_dir: str = "artifacts/.checkpoints/train"  # outside the stage output, so a killed run resumes
+    import_checkpoint: str = ""  # a torch state dict trained elsewhere (baseline final_model.pt): no training
     compile: bool = True
     log_every: int = 200
 
@@ -104,8 +105,14 @@ class Config:
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     check_vocab(inputs["shards"], cfg.model.vocab_size)
-    write_json(out / "config.json", {"model": asdict(cfg.model), "train": asdict(cfg), "code_version": code_version(),
-                                     "torch": torch.__version__})
+    resolved = {"model": asdict(cfg.model), "train": asdict(cfg), "code_version": code_version(), "torch": torch.__version__}
+    if cfg.import_checkpoint:
+        model = import_state_dict(cfg.import_checkpoint, cfg.model)
+        save_model(model, cfg.model, out, extra_config={k: v for k, v in resolved.items() if k != "model"})
+        metrics = {"steps": 0, "imported_from": str(Path(cfg.import_checkpoint).resolve())}
+        write_json(out / "metrics.json", metrics)
+        return metrics
+    write_json(out / "config.json", resolved)
     dist.launch("tasks.train", ["--worker", "--out", str(out), "--shards", str(inputs["shards"])], cfg.nproc)
     return json.loads((out / "metrics.json").read_text())
 

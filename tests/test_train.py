@@ -127,3 +127,24 @@ def test_each_preset_trains_at_tiny_width(preset, data_dirs, tmp_path):
     if cfg.model.num_loops:
         assert metrics["looping_enabled_at_step"] == 3  # enable_looping_at 0.35 of 6 steps
     load_model(tmp_path / "train")
+
+
+def test_import_a_state_dict_trained_elsewhere(data_dirs, tmp_path):
+    """The challenge baseline's final_model.pt is a torch.compile'd module's state dict."""
+    from pgolf.model.gpt import GPT
+
+    torch.manual_seed(3)
+    source = GPT(ModelConfig(**TINY_MODEL))
+    torch.save({f"_orig_mod.{k}": v.bfloat16() for k, v in source.state_dict().items()}, tmp_path / "final_model.pt")
+    cfg = config(import_checkpoint=str(tmp_path / "final_model.pt"))
+    metrics = execute(train_stage.SPEC, cfg, {"shards": data_dirs["shards"]}, tmp_path / "train")
+    assert metrics["steps"] == 0
+    model, _ = load_model(tmp_path / "train")
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.state_dict()[name], tensor.bfloat16().float()), name
+    bad = {k: v for k, v in source.state_dict().items() if k != "skip_weights"}
+    bad["blocks.0.attn.c_z.weight"] = torch.zeros(2, 2)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(FormatError, match="missing \\['skip_weights'\\], unexpected \\['blocks.0.attn.c_z.weight'\\]"):
+        execute(train_stage.SPEC, config(import_checkpoint=str(tmp_path / "bad.pt")), {"shards": data_dirs["shards"]},
+                tmp_path / "t2")

@@ -69,3 +69,31 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
     model = GPT(cfg)
     load_state_dict_into(model, tensors, path)
     return model.to(device), cfg
+
+
+# Prefixes torch.compile and DDP put in front of every name of the module they wrap.
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def import_state_dict(path: str | Path, cfg: ModelConfig) -> GPT:
+    """A model saved elsewhere with torch.save (e.g. the challenge baseline's final_model.pt):
+    a plain state dict or {"model": state_dict}, names possibly prefixed by compile/DDP wrappers."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError("checkpoint to import not found", path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises several types for a bad file
+        raise FormatError(f"cannot read as a torch checkpoint ({err})", path) from err
+    if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
+        data = data["model"]
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise FormatError("expected a state dict (name -> tensor)", path)
+    tensors = {}
+    for name, tensor in data.items():
+        for prefix in WRAPPER_PREFIXES:
+            name = name.removeprefix(prefix)
+        tensors[name] = tensor.float()
+    model = GPT(cfg)
+    load_state_dict_into(model, tensors, path)
+    return model
