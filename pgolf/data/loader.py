@@ -15,6 +15,23 @@ from pgolf.data.shards import list_shards, read_shard
 from pgolf.errors import InputError
 
 
+def span_per_rank(global_tokens: int, seq_len: int, world_size: int, grad_accum_steps: int) -> int:
+    """Tokens one rank reads per micro-step: its inputs plus the one extra target."""
+    local_tokens = global_tokens // (world_size * grad_accum_steps)
+    if local_tokens % seq_len or local_tokens == 0:
+        raise ValueError(f"{global_tokens} tokens per step over {world_size} ranks x {grad_accum_steps} "
+                         f"micro-steps is not a multiple of seq_len {seq_len}")
+    return local_tokens + 1
+
+
+def rank_batch(chunk: np.ndarray, rank: int, span: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank r's slice of one global span, as (inputs, targets) rows of seq_len."""
+    local = torch.from_numpy(chunk[rank * span:(rank + 1) * span].astype(np.int64))
+    x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
+    non_blocking = device.type == "cuda"
+    return x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
+
+
 class TokenStream:
     def __init__(self, folder: str | Path, split: str = "train", vocab_size: int | None = None):
         self.files = list_shards(folder, split)
@@ -60,17 +77,8 @@ class DistributedTokenLoader:
         self.rank, self.world_size, self.device = rank, world_size, device
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        local_tokens = global_tokens // (self.world_size * grad_accum_steps)
-        if local_tokens % seq_len or local_tokens == 0:
-            raise ValueError(f"{global_tokens} tokens per step over {self.world_size} ranks x {grad_accum_steps} "
-                             f"micro-steps is not a multiple of seq_len {seq_len}")
-        span = local_tokens + 1
-        chunk = self.stream.take(span * self.world_size)
-        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
-        x = local[:-1].reshape(-1, seq_len)
-        y = local[1:].reshape(-1, seq_len)
-        non_blocking = self.device.type == "cuda"
-        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+        span = span_per_rank(global_tokens, seq_len, self.world_size, grad_accum_steps)
+        return rank_batch(self.stream.take(span * self.world_size), self.rank, span, seq_len, self.device)
 
 
 class DocumentPackingLoader:
@@ -103,11 +111,7 @@ class DocumentPackingLoader:
         self.pos = self._first_bos() if pos is None else pos
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
-        local_tokens = global_tokens // (self.world_size * grad_accum_steps)
-        if local_tokens % seq_len or local_tokens == 0:
-            raise ValueError(f"{global_tokens} tokens per step over {self.world_size} ranks x {grad_accum_steps} "
-                             f"micro-steps is not a multiple of seq_len {seq_len}")
-        span = local_tokens + 1
+        span = span_per_rank(global_tokens, seq_len, self.world_size, grad_accum_steps)
         need = span * self.world_size
         for _ in range(2 * len(self.files) + 1):
             if self.pos + need <= len(self.tokens):
@@ -118,7 +122,4 @@ class DocumentPackingLoader:
                              "use fewer tokens per step or larger shards", self.files[0].parent)
         chunk = self.tokens[self.pos:self.pos + need]
         self.pos += need
-        local = torch.from_numpy(chunk[self.rank * span:(self.rank + 1) * span].astype(np.int64))
-        x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
-        non_blocking = self.device.type == "cuda"
-        return x.to(self.device, non_blocking=non_blocking), y.to(self.device, non_blocking=non_blocking)
+        return rank_batch(chunk, self.rank, span, seq_len, self.device)

@@ -39,6 +39,29 @@ def newton_schulz(grad: Tensor, steps: int = 5, coefficients=STOCK_NS5, eps: flo
     return x.mT if transposed else x
 
 
+def _rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def orthogonal_update(grad: Tensor, buf: Tensor, group: dict) -> Tensor:
+    """Momentum (in place on `buf`), optional MuonEq-R row normalization, Newton-Schulz, and the
+    sqrt(max(1, rows/cols)) scale; works on one matrix or a bank [n, rows, cols]."""
+    buf.mul_(group["momentum"]).add_(grad)
+    g = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
+    if group["row_normalize"]:
+        g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+    g = newton_schulz(g, group["backend_steps"], COEFFICIENTS[group["coefficients"]]).float()
+    return g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
+
+
+def apply_update(p: Tensor, update: Tensor, group: dict) -> None:
+    if group["weight_decay"]:
+        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+    p.add_(update.view_as(p).to(p.dtype), alpha=-group["lr"])
+
+
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True,
                  coefficients: str = "stock", row_normalize: bool = False, weight_decay: float = 0.0):
@@ -50,9 +73,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        distributed = dist.is_available() and dist.is_initialized()
-        world = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+        rank, world = _rank_and_world()
         for group in self.param_groups:
             params = group["params"]
             if not params:
@@ -78,9 +99,7 @@ class Muon(torch.optim.Optimizer):
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)
             offset = 0
             for p in params:
-                if group["weight_decay"]:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(updates[offset:offset + p.numel()].view_as(p).to(p.dtype), alpha=-group["lr"])
+                apply_update(p, updates[offset:offset + p.numel()], group)
                 offset += p.numel()
 
 
@@ -93,9 +112,7 @@ class ShardedMuon(Muon):
 
     @torch.no_grad()
     def step(self, closure=None):
-        distributed = dist.is_available() and dist.is_initialized()
-        world = dist.get_world_size() if distributed else 1
-        rank = dist.get_rank() if distributed else 0
+        rank, world = _rank_and_world()
         for group in self.param_groups:
             banks: dict[tuple[int, ...], list] = {}
             for p in group["params"]:
@@ -115,19 +132,11 @@ class ShardedMuon(Muon):
                 state = self.state[params[0]]
                 if "bank_momentum" not in state:
                     state["bank_momentum"] = torch.zeros_like(shard)
-                buf = state["bank_momentum"]
-                buf.mul_(group["momentum"]).add_(shard)
-                g = shard.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                if group["row_normalize"]:
-                    g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-                g = newton_schulz(g, group["backend_steps"], COEFFICIENTS[group["coefficients"]]).float()
-                g = g * max(1.0, shape[0] / shape[1]) ** 0.5
+                g = orthogonal_update(shard, state["bank_momentum"], group)
                 if world > 1:
                     full = torch.empty_like(stacked)
                     dist.all_gather_into_tensor(full, g.contiguous())
                 else:
                     full = g
                 for i, p in enumerate(params):
-                    if group["weight_decay"]:
-                        p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                    p.add_(full[i].to(p.dtype), alpha=-group["lr"])
+                    apply_update(p, full[i], group)
