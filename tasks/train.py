@@ -364,7 +364,10 @@ class Trainer:
     def open_live(self):
         if not dist.is_main():
             return None
-        from dvclive import Live
+        try:
+            from dvclive import Live
+        except ImportError:  # an exported train_gpt.py runs without DVC installed
+            return None
 
         # Inside `dvc repro` DVCLive would otherwise try to register an experiment and rewrite
         # dvc.yaml; here it only writes its metrics and plots into the stage output.
@@ -385,13 +388,19 @@ def worker_main(argv: list[str]) -> int:
     out = Path(args.out)
     resolved = json.loads((out / "config.json").read_text())
     cfg = from_dict(Config, resolved["train"], f"{out / 'config.json'}: train")
-    trainer = Trainer(cfg, Path(args.shards), out)
+    train_in_process(cfg, Path(args.shards), out, resolved)
+    return 0
+
+
+def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict) -> dict:
+    """This process's share of a (torchrun) training run; rank 0 writes the weights and metrics."""
+    trainer = Trainer(cfg, shards, out)
     metrics = trainer.train()
     if dist.is_main():
         save_model(trainer.model, cfg.model, out, extra_config={k: v for k, v in resolved.items() if k != "model"})
         write_json(out / "metrics.json", metrics)
     dist.shutdown()
-    return 0
+    return metrics
 
 
 SPEC = StageSpec(name="train", config_cls=Config, run=run, out="artifacts/train",

@@ -1,0 +1,53 @@
+"""The main of an exported train_gpt.py: train, quantize, pack and evaluate with the stages' own
+code, under torchrun inside a records folder.
+
+    torchrun --standalone --nproc_per_node=8 train_gpt.py --shards DIR --tokenizer DIR [--out DIR]
+
+Every rank trains (the training loop's collectives need them all); rank 0 then runs gptq, pack
+(counting this script the records' way) and eval, and prints one `pgolf_final {...}` JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from pgolf import dist
+from pgolf.params import from_dict
+from tasks import eval as eval_stage, gptq, pack, train
+from tasks.common import execute, write_json
+
+
+def main(params: dict, script: str, argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=Path(script).name, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shards", required=True, help="a shards stage output (fineweb_*.bin + manifest.json)")
+    parser.add_argument("--tokenizer", required=True, help="a tokenizer stage output (tokenizer.model + .json)")
+    parser.add_argument("--out", default="run", help="where train/, gptq/, pack/, eval/ go")
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    train_cfg = from_dict(train.Config, params["train"], "train")
+    train_dir = out / "train"
+    train_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {"model": params["train"]["model"], "train": params["train"], "code_version": "exported"}
+    write_json(train_dir / "config.json", resolved)
+    train.train_in_process(train_cfg, Path(args.shards), train_dir, resolved)
+    if not dist.is_main():
+        return 0
+    execute(gptq.SPEC, from_dict(gptq.Config, params["gptq"], "gptq"),
+            {"train": train_dir, "shards": Path(args.shards)}, out / "gptq")
+    pack_cfg = from_dict(pack.Config, {**params["pack"], "code_file": str(Path(script).resolve())}, "pack")
+    execute(pack.SPEC, pack_cfg, {"gptq": out / "gptq"}, out / "pack")
+    metrics = execute(eval_stage.SPEC, from_dict(eval_stage.Config, params["eval"], "eval"),
+                      {"pack": out / "pack", "shards": Path(args.shards), "tokenizer": Path(args.tokenizer)},
+                      out / "eval")
+    size = json.loads((out / "pack" / "size.json").read_text())
+    final = {"val_loss": metrics["val_loss"], "val_bpb": metrics["val_bpb"], "artifact_bytes": size["total_bytes"],
+             "code_bytes": size["code_bytes"], "model_bytes": size["model_bytes"]}
+    print("pgolf_final " + json.dumps(final), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit("run this through an exported train_gpt.py (python -m tasks.export)")

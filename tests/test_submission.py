@@ -1,0 +1,50 @@
+"""The exported records folder: its train_gpt.py, run alone under torchrun, gives the pipeline's numbers."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pgolf.params import from_dict
+from tasks import eval as eval_stage, export, gptq, pack, params as P, train
+from tasks.common import execute
+
+pytestmark = pytest.mark.slow
+
+TINY = ["tokenizer.vocab_size=400", "train.model.vocab_size=400", "train.model.num_layers=2",
+        "train.model.model_dim=32", "train.model.num_heads=2", "train.model.num_kv_heads=1", "train.iterations=5",
+        "train.train_batch_tokens=512", "train.train_seq_len=64", "train.grad_accum_steps=1", "train.warmup_steps=1",
+        "gptq.calib_batches=1", "gptq.calib_seq_len=32", "gptq.passthrough_max_numel=512", "eval.seq_len=64"]
+
+
+def test_exported_script_reproduces_the_pipeline(data_dirs, tmp_path):
+    params = P.render("smoke", TINY)
+    art = tmp_path / "artifacts"
+    execute(train.SPEC, from_dict(train.Config, params["train"], "train"), {"shards": data_dirs["shards"]}, art / "train")
+    execute(gptq.SPEC, from_dict(gptq.Config, params["gptq"], "gptq"),
+            {"train": art / "train", "shards": data_dirs["shards"]}, art / "gptq")
+    execute(pack.SPEC, from_dict(pack.Config, params["pack"], "pack"), {"gptq": art / "gptq"}, art / "pack")
+    metrics = execute(eval_stage.SPEC, from_dict(eval_stage.Config, params["eval"], "eval"),
+                      {"pack": art / "pack", "shards": data_dirs["shards"], "tokenizer": data_dirs["tokenizer"]},
+                      art / "eval")
+
+    records = tmp_path / "records" / "tiny"
+    submission = export.export(records, params, "tiny run", "pgolf", "pgolf", art)
+    assert sorted(p.name for p in records.iterdir()) == ["README.md", "eval_metrics.json", "requirements.txt",
+                                                         "size.json", "submission.json", "train_gpt.py",
+                                                         "train_log.jsonl"]
+    assert submission["val_bpb"] == metrics["val_bpb"]
+    assert json.loads((records / "submission.json").read_text())["bytes_code"] < (records / "train_gpt.py").stat().st_size
+    assert "torch==" in (records / "requirements.txt").read_text()
+
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           f"--nproc_per_node={params['train']['nproc']}", "train_gpt.py",
+                           "--shards", str(data_dirs["shards"]), "--tokenizer", str(data_dirs["tokenizer"])],
+                          cwd=records, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    final = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("pgolf_final "))[12:])
+    assert final["val_bpb"] == metrics["val_bpb"] and final["val_loss"] == metrics["val_loss"]
+    assert final["model_bytes"] == json.loads((art / "pack/size.json").read_text())["model_bytes"]
+    assert final["code_bytes"] == submission["bytes_code"]
