@@ -19,7 +19,7 @@ from pgolf.model.io import load_model
 from pgolf.quant.format import QuantizedModel, save_quantized
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
 from pgolf.quant.lqer import correction, low_rank_factors, pack_factors
-from pgolf.quant.hessian import calibration_batches, collect_hessians
+from pgolf.quant.hessian import calibration_batches, collect_hessians, self_generated_batches
 from tasks.common import StageSpec, stage_main, write_json
 
 
@@ -28,6 +28,8 @@ class Config:
     calib_batches: int = 16
     calib_seq_len: int = 1024
     calib_batch_seqs: int = 8
+    calib_source: str = "train"  # "train": training windows; "self": sequences the model generates (R0325)
+    calib_temperature: float = 0.8  # sampling temperature of self-generated calibration
     bits: int = 6  # attention and MLP matrices (and anything else GPTQ'd)
     embed_bits: int = 0  # the tied embedding; 0: same as bits (R1: 7)
     clip_sigmas: float = 12.85  # SDClip k for matrices of no family below
@@ -54,6 +56,8 @@ class Config:
             raise ValueError("calib_batches, calib_batch_seqs and calib_seq_len must be >= 1")
         if not 0 < self.damp < 1:
             raise ValueError("damp must be in (0, 1)")
+        if self.calib_source not in ("train", "self"):
+            raise ValueError(f"calib_source {self.calib_source!r} must be 'train' or 'self'")
         if self.lqer_rank < 0 or self.lqer_top_k < 0 or self.lqer_group < 1:
             raise ValueError("lqer_rank and lqer_top_k must be >= 0, lqer_group >= 1")
 
@@ -142,8 +146,12 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     model, model_cfg = load_model(inputs["train"], device)
     check_vocab(inputs["shards"], model_cfg.vocab_size)
     started = time.perf_counter()
-    batches = calibration_batches(inputs["shards"], cfg.calib_batches, cfg.calib_batch_seqs, cfg.calib_seq_len,
-                                  cfg.seed, model_cfg.vocab_size)
+    if cfg.calib_source == "self":
+        batches = self_generated_batches(model, cfg.calib_batches, cfg.calib_batch_seqs, cfg.calib_seq_len,
+                                         cfg.calib_temperature, cfg.seed, model_cfg.bos_id, device)
+    else:
+        batches = calibration_batches(inputs["shards"], cfg.calib_batches, cfg.calib_batch_seqs, cfg.calib_seq_len,
+                                      cfg.seed, model_cfg.vocab_size)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         hessians, tokens = collect_hessians(model, batches, device)
     hessian_seconds = time.perf_counter() - started
@@ -153,6 +161,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     gptq_errors = [r for r in report.values() if "error" in r]
     summary = {
         "calib_tokens": tokens,
+        "calib_source": cfg.calib_source,
         "hessian_seconds": round(hessian_seconds, 3),
         "quantize_seconds": round(time.perf_counter() - started - hessian_seconds, 3),
         "tensors_gptq": sum(r["kind"] == "gptq" for r in report.values()),

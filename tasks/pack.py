@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 from pgolf.errors import CapExceededError
+from pgolf.pack.chart import bytes_chart
 from pgolf.pack.codesize import code_bytes, import_closure, wrapped_size
 from pgolf.pack.compress import compress
 from pgolf.pack.serialize import pack, tensor_bytes, unpack
@@ -89,6 +90,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
             Path(inputs["gptq"]) / "quantized.safetensors")
     (out / "artifact.bin").write_bytes(blob)
     write_json(out / "size.json", size)
+    (out / "bytes_by_group.svg").write_text(
+        bytes_chart(size["groups"], f"artifact {total:,} bytes ({cfg.compressor}, {cfg.layout})"), encoding="utf-8")
     return {k: v for k, v in size.items() if isinstance(v, (int, str))}
 
 

@@ -175,3 +175,17 @@ def test_stage_with_families_gates_and_lqer(data_dirs, tmp_path):
     deq = qm.dequantize()
     gate = model.state_dict()["blocks.0.attn.gate.attn_gate_w"]
     assert torch.allclose(deq["blocks.0.attn.gate.attn_gate_w"], gate, atol=gate.abs().max().item() / 100)
+
+
+def test_self_generated_calibration_is_deterministic_and_starts_at_bos(data_dirs, trained, tmp_path):
+    from pgolf.model.io import load_model
+    from pgolf.quant.hessian import self_generated_batches
+
+    model, cfg = load_model(trained)
+    a = list(self_generated_batches(model, 2, 3, 12, 0.8, 7, cfg.bos_id, torch.device("cpu")))
+    b = list(self_generated_batches(model, 2, 3, 12, 0.8, 7, cfg.bos_id, torch.device("cpu")))
+    assert [t.shape for t in a] == [(3, 12), (3, 12)] and all(torch.equal(x, y) for x, y in zip(a, b))
+    assert (a[0][:, 0] == cfg.bos_id).all()
+    summary = run_gptq(data_dirs, trained, tmp_path / "q", calib_source="self", calib_seq_len=16)
+    assert summary["calib_source"] == "self" and summary["calib_tokens"] == 2 * 4 * 16
+    assert summary["mean_error"] < summary["mean_rtn_error"]

@@ -97,6 +97,8 @@ def test_stage_counts_code_and_groups(tmp_path):
     assert size["margin_bytes"] == 16_000_000 - size["total_bytes"]
     assert set(size["groups"]) == {"attention", "mlp", "scales", "passthrough"}
     assert size["groups"]["attention"]["raw_bytes"] == 16 * 32
+    chart = (tmp_path / "pack/bytes_by_group.svg").read_text()
+    assert chart.startswith("<svg") and all(group in chart for group in size["groups"])
 
 
 def test_cap_exceeded_says_by_how_much_and_writes_nothing(tmp_path):

@@ -62,3 +62,19 @@ def collect_hessians(model: GPT, batches, device: torch.device) -> tuple[dict[st
         for handle in hooks:
             handle.remove()
     return {k: (v / max(tokens, 1)).cpu() for k, v in sorted(hessians.items())}, tokens
+
+
+@torch.no_grad()
+def self_generated_batches(model: GPT, batches: int, batch_seqs: int, seq_len: int, temperature: float, seed: int,
+                           bos_id: int, device: torch.device):
+    """Calibration text the model writes itself, starting from BOS (R0325, PR #1019): no training
+    data is touched after the training wallclock, which the challenge rules out."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    model.eval()
+    for _ in range(batches):
+        seqs = torch.full((batch_seqs, 1), bos_id, dtype=torch.long, device=device)
+        while seqs.size(1) < seq_len:
+            logits = model.forward_logits(seqs)[:, -1].float()
+            probs = torch.softmax(logits / max(temperature, 1e-6), dim=-1)
+            seqs = torch.cat([seqs, torch.multinomial(probs, 1, generator=generator)], dim=1)
+        yield seqs.cpu()
