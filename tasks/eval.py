@@ -6,7 +6,8 @@ from __future__ import annotations
 import hashlib
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from pgolf import dist
 from pgolf.data.shards import load_split, read_manifest
 from pgolf.errors import FormatError
 from pgolf.evaluate.bpb import bytes_per_position, evaluate_bpb, truncate_val
+from pgolf.evaluate.ttt import TTTSettings, evaluate_ttt
 from pgolf.model.gpt import GPT
 from pgolf.model.io import load_state_dict_into, model_config_from_dict
 from pgolf.pack.serialize import load_artifact
@@ -28,6 +30,8 @@ class Config:
     stride: int = 0  # 0: flat non-overlapping windows; > 0: sliding windows scoring `stride` new tokens each
     batch_seqs: int = 32
     device: str = "auto"
+    ttt: Literal["off", "lora"] = "off"  # lora: score-first per-document LoRA test-time training
+    lora: TTTSettings = field(default_factory=TTTSettings)
 
     def validate(self) -> None:
         if self.seq_len < 1 or self.batch_seqs < 1 or self.stride < 0:
@@ -62,13 +66,22 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     sidecar = load_val_byte_sidecar(inputs["shards"])
     byte_counts = bytes_per_position(tokens, None if sidecar is not None else build_byte_luts(sp, vocab), sidecar)
     load_seconds = time.perf_counter() - started
-    result = evaluate_bpb(model, tokens, byte_counts, cfg.seq_len, cfg.stride, cfg.batch_seqs, device)
+    audit = None
+    if cfg.ttt == "lora":
+        result, audit, _ = evaluate_ttt(model, tokens, byte_counts, cfg.lora, device, model.cfg.bos_id)
+        if not audit["passed"]:
+            raise AssertionError(f"TTT broke the challenge's conditions: {audit['violations']}")
+        mode = "ttt_lora"
+    else:
+        result = evaluate_bpb(model, tokens, byte_counts, cfg.seq_len, cfg.stride, cfg.batch_seqs, device)
+        mode = "sliding" if cfg.stride else "flat"
     metrics = {
         "val_loss": result.val_loss,
         "val_bpb": result.val_bpb,
         "tokens": result.tokens,
         "bytes": result.bytes,
-        "mode": "sliding" if cfg.stride else "flat",
+        "mode": mode,
+        "audit": audit,
         "seq_len": cfg.seq_len,
         "stride": cfg.stride,
         "byte_source": "sidecar" if sidecar is not None else "lut",

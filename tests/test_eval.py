@@ -136,3 +136,14 @@ def test_tokenizer_vocab_must_match_the_model(data_dirs, packed, tmp_path):
                 {"pack": packed / "pack", "shards": data_dirs["shards"], "tokenizer": tmp_path / "tok"}, tmp_path / "e")
     assert "tokenizer.json" in str(err.value)
     assert not (tmp_path / "e").exists()
+
+
+def test_stage_runs_score_first_lora_ttt_with_its_audit(data_dirs, packed, tmp_path):
+    flat = run_eval(data_dirs, packed, tmp_path / "flat")
+    lora = {"rank": 2, "alpha": 2.0, "lr": 1e-3, "chunk": 16, "context": 64, "batch_docs": 8}
+    cfg = eval_stage.Config(seq_len=64, device="cpu", ttt="lora", lora=eval_stage.TTTSettings(**lora))
+    metrics = execute(eval_stage.SPEC, cfg, {"pack": packed / "pack", "shards": data_dirs["shards"],
+                                             "tokenizer": data_dirs["tokenizer"]}, tmp_path / "ttt")
+    assert metrics["mode"] == "ttt_lora" and metrics["audit"]["passed"] and metrics["audit"]["train_steps"] > 0
+    assert (metrics["tokens"], metrics["bytes"]) == (flat["tokens"], flat["bytes"])
+    assert math.isfinite(metrics["val_bpb"])

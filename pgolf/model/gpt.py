@@ -21,6 +21,7 @@ from pgolf.model.film import FiLM
 from pgolf.model.gates import AttnOutputGate
 from pgolf.model.inhibitor import InhibitorGate
 from pgolf.model.layers import CastedLinear, rms_norm
+from pgolf.model.lora import DocumentAdapters, SlotAdapters
 from pgolf.model.mlp import MLP
 from pgolf.model.plan import LayerPlan, layer_plan, num_skips, shared_depths, uses_xsa
 from pgolf.model.rope import Rotary, apply_rotary
@@ -45,12 +46,13 @@ class CausalSelfAttention(nn.Module):
         self.gate = AttnOutputGate(cfg) if cfg.attn_gate != "off" else None
 
     def forward(self, n: Tensor, prenorm: Tensor, value_embed: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | None = None, lora: SlotAdapters | None = None) -> Tensor:
         bsz, seqlen, dim = n.shape
-        q_flat = self.c_q(n)
+        q_flat, k_flat, v = self.c_q(n), self.c_k(n), self.c_v(n)
+        if lora is not None:
+            q_flat, k_flat, v = q_flat + lora.q(n), k_flat + lora.k(n), v + lora.v(n)
         q = q_flat.reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.c_k(n).reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.c_v(n)
+        k = k_flat.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if value_embed is not None:
             v = v + value_embed
         v = v.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -67,7 +69,8 @@ class CausalSelfAttention(nn.Module):
             y = exclusive(y, v)
         if self.gate is not None:
             y = self.gate(y, self.gate.source(n, prenorm, q_flat))
-        return self.proj(y.transpose(1, 2).reshape(bsz, seqlen, dim))
+        out = self.proj(y.transpose(1, 2).reshape(bsz, seqlen, dim))
+        return out + lora.o(n) if lora is not None else out
 
 
 class Block(nn.Module):
@@ -92,36 +95,38 @@ class Block(nn.Module):
         else:
             self.attn_inhibitor = self.mlp_inhibitor = None
 
-    def _attn(self, x_in: Tensor, value_embed: Tensor | None, mask: Tensor | None) -> Tensor:
+    def _attn(self, x_in: Tensor, value_embed: Tensor | None, mask: Tensor | None,
+              lora: SlotAdapters | None = None) -> Tensor:
         n = rms_norm(x_in) * self.norm_scale
         ve = value_embed * self.ve_scale.to(n.dtype) if self.ve_scale is not None and value_embed is not None else None
         scale = self.attn_scale.to(n.dtype)
         if self.attn_inhibitor is not None:
             scale = scale * self.attn_inhibitor(n)
-        return scale * self.attn(n, x_in, ve, mask)
+        return scale * self.attn(n, x_in, ve, mask, lora)
 
-    def _mlp(self, x: Tensor) -> Tensor:
+    def _mlp(self, x: Tensor, lora: SlotAdapters | None = None) -> Tensor:
         n = rms_norm(x) * self.norm_scale
         scale = self.mlp_scale.to(n.dtype)
         if self.mlp_inhibitor is not None:
             scale = scale * self.mlp_inhibitor(n)
-        return scale * self.mlp(n)
+        out = self.mlp(n)
+        return scale * (out + lora.mlp(n) if lora is not None else out)
 
     def mix(self, x: Tensor, x0: Tensor) -> Tensor:
         m = self.resid_mix.to(x.dtype)
         return m[0] * x + m[1] * x0
 
     def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None,
-                mask: Tensor | None = None) -> Tensor:
+                mask: Tensor | None = None, lora: SlotAdapters | None = None) -> Tensor:
         x = self.mix(x, x0)
-        x = x + self._attn(x, value_embed, mask)
-        return x + self._mlp(x)
+        x = x + self._attn(x, value_embed, mask, lora)
+        return x + self._mlp(x, lora)
 
     def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, value_embed: Tensor | None = None,
-                      mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                      mask: Tensor | None = None, lora: SlotAdapters | None = None) -> tuple[Tensor, Tensor]:
         """Attention reads the mixed lane 0, the MLP reads lane 1, both lanes take both outputs."""
-        a = self._attn(self.mix(lane0, x0), value_embed, mask)
-        m = self._mlp(lane1)
+        a = self._attn(self.mix(lane0, x0), value_embed, mask, lora)
+        m = self._mlp(lane1, lora)
         rho, post = self.parallel_resid_lambdas.to(a.dtype), self.parallel_post_lambdas.to(a.dtype)
         return rho[0] * lane0 + post[0, 0] * a + post[1, 0] * m, rho[1] * lane1 + post[0, 1] * a + post[1, 1] * m
 
@@ -189,16 +194,20 @@ class GPT(nn.Module):
         g = torch.sigmoid(self.skip_gates[j].to(x.dtype))
         return g * x + (1 - g) * weighted
 
-    def hidden(self, input_ids: Tensor) -> Tensor:
-        """Final-normed hidden states [B, T, D]: the input of the LM head (one path for train/eval/TTT)."""
+    def hidden(self, input_ids: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
+        """Final-normed hidden states [B, T, D]: the input of the LM head (one path for train/eval/TTT;
+        `adapters`: per-document LoRA, one slot per virtual depth)."""
         x = self.embed(input_ids)
         x0 = x
         ve = self.value_embed(input_ids).to(x.dtype) if self.value_embed is not None else None
         mask = document_causal_mask(input_ids, self.cfg.bos_id) if self.cfg.doc_attention else None
         plan = self.plan
         skips: list[Tensor] = []
+        def lora(step):
+            return adapters.slot(step.virtual) if adapters is not None else None
+
         for step in plan.encoder:
-            x = self.blocks[step.physical](x, x0, ve, mask)
+            x = self.blocks[step.physical](x, x0, ve, mask, lora(step))
             if step.film_slot >= 0:
                 x = self.film(x, step.film_slot)
             skips.append(x)
@@ -209,27 +218,33 @@ class GPT(nn.Module):
                 if lanes is None:
                     lanes = (x, x)
                 lane0 = self._skip(lanes[0], skips.pop(), j) if skips else lanes[0]
-                lanes = block.forward_lanes(lane0, lanes[1], x0, ve, mask)
+                lanes = block.forward_lanes(lane0, lanes[1], x0, ve, mask, lora(step))
                 if step.film_slot >= 0:
                     lanes = (self.film(lanes[0], step.film_slot), self.film(lanes[1], step.film_slot))
                 continue
             if skips:
                 x = self._skip(x, skips.pop(), j)
-            x = block(x, x0, ve, mask)
+            x = block(x, x0, ve, mask, lora(step))
             if step.film_slot >= 0:
                 x = self.film(x, step.film_slot)
         if lanes is not None:
             x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)
 
-    def logits_from_hidden(self, h: Tensor) -> Tensor:
+    def logits_from_hidden(self, h: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(h, weight.to(h.dtype)).float()
+        if adapters is not None:
+            logits = logits + adapters.head(h).float()
         cap = self.cfg.logit_softcap
         return cap * torch.tanh(logits / cap) if cap > 0 else logits
 
-    def forward_logits(self, input_ids: Tensor) -> Tensor:
-        return self.logits_from_hidden(self.hidden(input_ids))
+    def forward_logits(self, input_ids: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
+        return self.logits_from_hidden(self.hidden(input_ids, adapters), adapters)
+
+    def virtual_depth(self) -> int:
+        """Slots a DocumentAdapters needs: one per virtual depth of the current plan."""
+        return len(self.plan.steps)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         logits = self.forward_logits(input_ids)

@@ -1,0 +1,167 @@
+"""Score-first test-time training with per-document LoRA (R0416 -> R1, reference.md 7.3), with the
+challenge's four conditions (7.5) checked as it runs.
+
+Each document is [BOS_i .. BOS_{i+1}] (its last target is the next BOS: the end of the document);
+documents are batched by length, each with its own adapters. A document is read in chunks of
+`chunk` predictions, each seen with up to `context` tokens of its own past: the chunk is scored
+first (its loss and bytes added to the totals), then, unless it is the document's last chunk, one
+AdamW step trains the adapters on it. So no token is trained on before it is scored, every target
+is scored exactly once, rows never see another document, and every score is a full-vocabulary
+softmax.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pgolf.evaluate.bpb import BpbResult
+from pgolf.model.lora import DocumentAdapters
+
+
+@dataclass
+class TTTSettings:
+    rank: int = 96
+    alpha: float = 96.0
+    lr: float = 1e-4
+    beta1: float = 0.0
+    beta2: float = 0.999
+    eps: float = 1e-10
+    weight_decay: float = 0.5
+    chunk: int = 48
+    context: int = 2048
+    batch_docs: int = 64
+    warm_start_a: bool = False  # R1: keep A across batches (B is always reset)
+    seed: int = 0
+
+
+def find_documents(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
+    """(start, end) with end exclusive; a document includes the next document's BOS as its last
+    target. Together the documents' targets are every position 1..N-1 exactly once."""
+    starts = [int(i) for i in np.flatnonzero(tokens == bos_id)]
+    if not starts or starts[0] != 0:
+        starts = [0] + starts
+    docs = []
+    for i, start in enumerate(starts):
+        end = starts[i + 1] + 1 if i + 1 < len(starts) else len(tokens)
+        if end - start >= 2:
+            docs.append((start, end))
+    return docs
+
+
+@dataclass
+class Audit:
+    """Every scored and trained span (global target positions, end exclusive), in order."""
+
+    num_targets: int
+    events: list[tuple[str, int, int, int]] = field(default_factory=list)  # (kind, doc, lo, hi)
+
+    def scored(self, doc: int, lo: int, hi: int) -> None:
+        self.events.append(("score", doc, lo, hi))
+
+    def trained(self, doc: int, lo: int, hi: int) -> None:
+        self.events.append(("train", doc, lo, hi))
+
+    def check(self, doc_ends: dict[int, int]) -> dict:
+        counts = np.zeros(self.num_targets + 1, dtype=np.int64)
+        violations = []
+        trains = 0
+        for kind, doc, lo, hi in self.events:
+            if kind == "score":
+                counts[lo:hi] += 1
+                continue
+            trains += 1
+            if (counts[lo:hi] == 0).any():
+                violations.append(f"doc {doc}: trained on targets {lo}..{hi} before scoring them")
+            if hi >= doc_ends[doc]:
+                violations.append(f"doc {doc}: trained on its last chunk ({lo}..{hi})")
+        if counts[0] != 0 or (counts[1:] != 1).any():
+            bad = int(np.flatnonzero(counts[1:] != 1)[0]) + 1 if (counts[1:] != 1).any() else 0
+            violations.append(f"target {bad} scored {int(counts[bad])} times (every target must be scored once)")
+        return {"passed": not violations, "scored_targets": int(counts.sum()), "train_steps": trains,
+                "violations": violations[:10]}
+
+
+def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: TTTSettings, device: torch.device,
+                 bos_id: int) -> tuple[BpbResult, dict, np.ndarray]:
+    """Returns (totals, audit result, the NLL of every target position)."""
+    num_targets = len(tokens) - 1
+    stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    docs = find_documents(tokens, bos_id)
+    order = sorted(range(len(docs)), key=lambda i: (docs[i][1] - docs[i][0], i))
+    batches = [order[i:i + settings.batch_docs] for i in range(0, len(order), settings.batch_docs)]
+    audit = Audit(num_targets)
+    nll_at = np.full(len(tokens), np.nan)
+    loss_sum, scored_bytes = 0.0, 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    generator = torch.Generator().manual_seed(settings.seed)
+    adapters = None
+    for batch in batches[::-1]:  # longest first, as R1 (the slowest batches start early)
+        if adapters is None or len(batch) != adapters.head.A.size(0) or not settings.warm_start_a:
+            adapters = DocumentAdapters(model.cfg, model.virtual_depth(), len(batch), settings.rank, settings.alpha,
+                                        int(torch.randint(0, 2**31 - 1, (1,), generator=generator))).to(device)
+        else:
+            adapters.reset(keep_a=True)
+        optimizer = torch.optim.AdamW(adapters.parameters(), lr=settings.lr, betas=(settings.beta1, settings.beta2),
+                                      eps=settings.eps, weight_decay=settings.weight_decay)
+        lengths = [docs[d][1] - docs[d][0] - 1 for d in batch]  # predictions per document
+        chunks = [math.ceil(n / settings.chunk) for n in lengths]
+        for c in range(max(chunks)):
+            rows = []
+            for j, d in enumerate(batch):
+                if c >= chunks[j]:
+                    rows.append(None)
+                    continue
+                lo, hi = c * settings.chunk, min((c + 1) * settings.chunk, lengths[j])
+                w0 = max(0, hi - settings.context)
+                rows.append((lo, hi, w0))
+            width = max(r[1] - r[2] for r in rows if r is not None)
+            x = torch.zeros(len(batch), width, dtype=torch.long)
+            y = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.bool)
+            for j, row in enumerate(rows):
+                if row is None:
+                    continue
+                lo, hi, w0 = row
+                start = docs[batch[j]][0]
+                x[j, :hi - w0] = stream[start + w0:start + hi]
+                y[j, :hi - w0] = stream[start + w0 + 1:start + hi + 1]
+                mask[j, lo - w0:hi - w0] = True
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                logits = model.forward_logits(x.to(device), adapters)
+            nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1),
+                                  reduction="none").view(len(batch), width)
+            # Score first: the chunk's losses and bytes are final before any update that uses them.
+            scored = nll.detach().double().cpu()
+            for j, row in enumerate(rows):
+                if row is None:
+                    continue
+                lo, hi, w0 = row
+                start = docs[batch[j]][0]
+                loss_sum += float(scored[j, lo - w0:hi - w0].sum())
+                nll_at[start + lo + 1:start + hi + 1] = scored[j, lo - w0:hi - w0].numpy()
+                scored_bytes += int(byte_counts[start + lo + 1:start + hi + 1].sum())
+                audit.scored(batch[j], start + lo + 1, start + hi + 1)
+            # Then train on the chunk, for the documents that have chunks left to score.
+            train_rows = [j for j, row in enumerate(rows) if row is not None and c + 1 < chunks[j]]
+            if not train_rows:
+                continue
+            m = mask.to(device).float()
+            per_doc = (nll * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)
+            loss = per_doc[train_rows].sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for j in train_rows:
+                lo, hi, _ = rows[j]
+                start = docs[batch[j]][0]
+                audit.trained(batch[j], start + lo + 1, start + hi + 1)
+    doc_ends = {i: end for i, (_, end) in enumerate(docs)}
+    result = audit.check({i: e for i, e in doc_ends.items()})
+    tokens_scored = int(np.count_nonzero(~np.isnan(nll_at)))
+    return BpbResult(loss_sum, tokens_scored, scored_bytes), result, nll_at

@@ -1,0 +1,110 @@
+"""Score-first LoRA TTT: the four conditions, checked by the run's own audit and from outside."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pgolf.evaluate.bpb import evaluate_bpb
+from pgolf.evaluate.ttt import Audit, TTTSettings, evaluate_ttt, find_documents
+from pgolf.model.config import ModelConfig
+from pgolf.model.gpt import GPT
+from tests.conftest import TINY_MODEL
+
+CPU = torch.device("cpu")
+
+
+def stream(seed=0, n=400):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(4, 400, n)
+    tokens[[i for i in (0, 37, 90, 91, 200, 333) if i < n]] = 1  # documents of many lengths, one of them empty
+    return tokens
+
+
+def model():
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(**TINY_MODEL))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+SETTINGS = TTTSettings(rank=4, alpha=4.0, lr=1e-2, chunk=8, context=32, batch_docs=3)
+
+
+def test_documents_cover_every_target_once():
+    tokens = stream()
+    docs = find_documents(tokens, 1)
+    covered = np.zeros(len(tokens), dtype=int)
+    for start, end in docs:
+        assert tokens[start] == 1
+        covered[start + 1:end] += 1
+    assert covered[0] == 0 and (covered[1:] == 1).all()
+
+
+def test_ttt_scores_everything_once_and_passes_its_audit():
+    tokens = stream()
+    byte_counts = np.arange(len(tokens)) % 5
+    result, audit, nll = evaluate_ttt(model(), tokens, byte_counts, SETTINGS, CPU, 1)
+    assert audit["passed"], audit["violations"]
+    assert result.tokens == len(tokens) - 1 == audit["scored_targets"] and audit["train_steps"] > 0
+    assert result.bytes == byte_counts[1:].sum()
+    assert not np.isnan(nll[1:]).any()
+
+
+def test_ttt_learns_and_lr_zero_is_the_base_model():
+    rng = np.random.default_rng(3)
+    repeated = np.concatenate([[1], np.tile(rng.integers(4, 400, 24), 20)])  # one document that repeats itself
+    ones = np.ones(len(repeated), dtype=np.int64)
+    frozen, _, _ = evaluate_ttt(model(), repeated, ones, TTTSettings(**{**SETTINGS.__dict__, "lr": 0.0}), CPU, 1)
+    adapted, _, _ = evaluate_ttt(model(), repeated, ones, TTTSettings(**{**SETTINGS.__dict__, "lr": 1e-2}), CPU, 1)
+    assert adapted.val_loss < frozen.val_loss - 0.1
+    tokens = stream()
+    byte_counts = np.ones(len(tokens), dtype=np.int64)
+    frozen_settings = TTTSettings(**{**SETTINGS.__dict__, "lr": 0.0, "context": 512})
+    base, _, base_nll = evaluate_ttt(model(), tokens, byte_counts, frozen_settings, CPU, 1)
+    # with lr 0 every score is the frozen model's on the document alone (context covers each one)
+    m = model()
+    for start, end in find_documents(tokens, 1):
+        doc = torch.from_numpy(tokens[start:end].astype(np.int64))[None]
+        logits = m.forward_logits(doc[:, :-1])
+        expected = torch.nn.functional.cross_entropy(logits[0], doc[0, 1:], reduction="none")
+        assert np.allclose(base_nll[start + 1:end], expected.detach().numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("cut", [50, 95, 250])
+def test_causal_future_tokens_do_not_change_earlier_scores(cut):
+    """Perturb every token after position `cut` (documents and lengths kept): every score up to it,
+    in this document and in the other documents of its batch, stays the same."""
+    tokens = stream(seed=1)
+    changed = tokens.copy()
+    later = np.arange(len(tokens)) > cut
+    keep = tokens == 1
+    changed[later & ~keep] = (tokens[later & ~keep] + 7) % 396 + 4
+    byte_counts = np.ones(len(tokens), dtype=np.int64)
+    _, _, a = evaluate_ttt(model(), tokens, byte_counts, SETTINGS, CPU, 1)
+    _, _, b = evaluate_ttt(model(), changed, byte_counts, SETTINGS, CPU, 1)
+    assert np.allclose(a[1:cut + 1], b[1:cut + 1], atol=1e-6)
+    assert not np.allclose(a[cut + 2:], b[cut + 2:])
+
+
+def test_audit_catches_training_before_scoring_and_double_scoring():
+    audit = Audit(num_targets=10)
+    audit.scored(0, 1, 6)
+    audit.trained(0, 1, 6)
+    audit.trained(0, 6, 11)  # not scored yet, and the document's last chunk
+    audit.scored(0, 6, 11)
+    audit.scored(0, 3, 4)
+    result = audit.check({0: 11})
+    assert not result["passed"]
+    text = " ".join(result["violations"])
+    assert "before scoring" in text and "last chunk" in text and "scored 2 times" in text
+
+
+def test_flat_and_ttt_count_the_same_tokens_and_bytes():
+    tokens = stream()[:257]
+    byte_counts = np.arange(len(tokens)) % 3
+    flat = evaluate_bpb(model(), tokens, byte_counts, 64, 0, 4, CPU)
+    ttt, _, _ = evaluate_ttt(model(), tokens, byte_counts, SETTINGS, CPU, 1)
+    assert (flat.tokens, flat.bytes) == (ttt.tokens, ttt.bytes)
