@@ -108,3 +108,28 @@ def test_flat_and_ttt_count_the_same_tokens_and_bytes():
     flat = evaluate_bpb(model(), tokens, byte_counts, 64, 0, 4, CPU)
     ttt, _, _ = evaluate_ttt(model(), tokens, byte_counts, SETTINGS, CPU, 1)
     assert (flat.tokens, flat.bytes) == (ttt.tokens, ttt.bytes)
+
+
+def test_phased_global_sgd_trains_only_on_scored_documents():
+    from pgolf.evaluate.ttt import phase_boundaries
+
+    assert phase_boundaries(2500, 3) == [833, 1666, 2500] and phase_boundaries(2000, 3) == [666, 1333, 2000]
+    tokens = stream(seed=2, n=600)
+    tokens[[120, 160, 410, 470]] = 1
+    byte_counts = np.ones(len(tokens), dtype=np.int64)
+    phased = TTTSettings(**{**SETTINGS.__dict__, "batch_docs": 2, "phases": 2, "prefix_docs": 4,
+                            "global_lr": 0.05, "global_chunk_tokens": 64, "global_seq_len": 16, "global_batch_seqs": 2})
+    result, audit, nll = evaluate_ttt(model(), tokens, byte_counts, phased, CPU, 1)
+    assert audit["passed"], audit["violations"]
+    assert len(audit["global_sgd_chunks"]) == 2 and all(n > 0 for n in audit["global_sgd_chunks"])
+    assert result.tokens == len(tokens) - 1
+    _, _, plain = evaluate_ttt(model(), tokens, byte_counts, SETTINGS.__class__(**{**phased.__dict__, "phases": 0}), CPU, 1)
+    # the first batch (scored before any phase) is untouched; documents scored after a phase are not
+    docs = find_documents(tokens, 1)
+    order = sorted(range(len(docs)), key=lambda i: (docs[i][1] - docs[i][0], i))
+    first = order[-2:]  # the longest batch of two goes first
+    for d in first:
+        s, e = docs[d]
+        assert np.allclose(nll[s + 1:e], plain[s + 1:e])
+    later = [d for d in range(len(docs)) if d not in first and docs[d][1] - docs[d][0] > 2]
+    assert any(not np.allclose(nll[docs[d][0] + 1:docs[d][1]], plain[docs[d][0] + 1:docs[d][1]]) for d in later)

@@ -36,6 +36,16 @@ class TTTSettings:
     batch_docs: int = 64
     warm_start_a: bool = False  # R1: keep A across batches (B is always reset)
     seed: int = 0
+    # Multi-phase global SGD (PR #1626 -> R1, reference.md 7.4): after the first prefix_docs * k / phases
+    # documents (in processing order) are scored, all base weights take one SGD epoch on them.
+    phases: int = 0
+    prefix_docs: int = 2000
+    global_lr: float = 1e-3
+    global_momentum: float = 0.9
+    global_chunk_tokens: int = 32768
+    global_seq_len: int = 2048
+    global_batch_seqs: int = 32
+    global_clip: float = 1.0
 
 
 def find_documents(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
@@ -62,8 +72,8 @@ class Audit:
     def scored(self, doc: int, lo: int, hi: int) -> None:
         self.events.append(("score", doc, lo, hi))
 
-    def trained(self, doc: int, lo: int, hi: int) -> None:
-        self.events.append(("train", doc, lo, hi))
+    def trained(self, doc: int, lo: int, hi: int, kind: str = "train") -> None:
+        self.events.append((kind, doc, lo, hi))
 
     def check(self, doc_ends: dict[int, int]) -> dict:
         counts = np.zeros(self.num_targets + 1, dtype=np.int64)
@@ -76,13 +86,54 @@ class Audit:
             trains += 1
             if (counts[lo:hi] == 0).any():
                 violations.append(f"doc {doc}: trained on targets {lo}..{hi} before scoring them")
-            if hi >= doc_ends[doc]:
+            if kind == "train" and hi >= doc_ends[doc]:
                 violations.append(f"doc {doc}: trained on its last chunk ({lo}..{hi})")
         if counts[0] != 0 or (counts[1:] != 1).any():
             bad = int(np.flatnonzero(counts[1:] != 1)[0]) + 1 if (counts[1:] != 1).any() else 0
             violations.append(f"target {bad} scored {int(counts[bad])} times (every target must be scored once)")
         return {"passed": not violations, "scored_targets": int(counts.sum()), "train_steps": trains,
                 "violations": violations[:10]}
+
+
+def phase_boundaries(prefix_docs: int, phases: int) -> list[int]:
+    """R1: 2,500 docs in 3 phases -> [833, 1666, 2500]."""
+    return [prefix_docs * (k + 1) // phases for k in range(phases)]
+
+
+def global_sgd(model, tokens: np.ndarray, settings: TTTSettings, device: torch.device) -> int:
+    """One epoch of SGD over every base weight on `tokens`, in chunks with a cosine lr over chunks;
+    the last chunk is skipped. Returns the number of chunks trained on."""
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    optimizer = torch.optim.SGD(params, lr=settings.global_lr, momentum=settings.global_momentum)
+    chunk = settings.global_chunk_tokens
+    n_chunks = max(1, math.ceil((len(tokens) - 1) / chunk))
+    model.train()
+    trained = 0
+    for c in range(n_chunks - 1):
+        lr = settings.global_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        piece = torch.from_numpy(np.asarray(tokens[c * chunk:(c + 1) * chunk + 1], dtype=np.int64))
+        rows = (len(piece) - 1) // settings.global_seq_len
+        if rows == 0:
+            continue
+        x = piece[:rows * settings.global_seq_len].view(rows, -1)
+        y = piece[1:rows * settings.global_seq_len + 1].view(rows, -1)
+        optimizer.zero_grad(set_to_none=True)
+        for b in range(0, rows, settings.global_batch_seqs):
+            xb, yb = x[b:b + settings.global_batch_seqs].to(device), y[b:b + settings.global_batch_seqs].to(device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = model(xb, yb)
+            (loss * len(xb) / rows).backward()
+        torch.nn.utils.clip_grad_norm_(params, settings.global_clip)
+        optimizer.step()
+        trained += 1
+    for p in params:
+        p.requires_grad_(False)
+    model.eval()
+    return trained
 
 
 def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: TTTSettings, device: torch.device,
@@ -101,7 +152,19 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: T
     model.eval()
     generator = torch.Generator().manual_seed(settings.seed)
     adapters = None
+    boundaries = phase_boundaries(settings.prefix_docs, settings.phases) if settings.phases else []
+    scored_docs: list[int] = []
+    phase_chunks: list[int] = []
     for batch in batches[::-1]:  # longest first, as R1 (the slowest batches start early)
+        while boundaries and len(scored_docs) >= boundaries[0]:
+            # Global SGD on the first `boundary` documents scored so far (cumulative over phases);
+            # each document without the next one's BOS, so documents are joined by their own BOS.
+            prefix = scored_docs[:boundaries.pop(0)]
+            text = np.concatenate([tokens[docs[d][0]:docs[d][1] - 1] for d in prefix])
+            phase_chunks.append(global_sgd(model, text, settings, device))
+            for d in prefix:
+                audit.trained(d, docs[d][0] + 1, docs[d][1], kind="global")
+            adapters = None  # rebuilt after every phase
         if adapters is None or len(batch) != adapters.head.A.size(0) or not settings.warm_start_a:
             adapters = DocumentAdapters(model.cfg, model.virtual_depth(), len(batch), settings.rank, settings.alpha,
                                         int(torch.randint(0, 2**31 - 1, (1,), generator=generator))).to(device)
@@ -161,7 +224,9 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: T
                 lo, hi, _ = rows[j]
                 start = docs[batch[j]][0]
                 audit.trained(batch[j], start + lo + 1, start + hi + 1)
+        scored_docs.extend(batch)
     doc_ends = {i: end for i, (_, end) in enumerate(docs)}
     result = audit.check({i: e for i, e in doc_ends.items()})
+    result["global_sgd_chunks"] = phase_chunks
     tokens_scored = int(np.count_nonzero(~np.isnan(nll_at)))
     return BpbResult(loss_sum, tokens_scored, scored_bytes), result, nll_at
