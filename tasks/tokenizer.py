@@ -11,7 +11,7 @@ import sentencepiece as spm
 
 from pgolf.data.docs import iter_docs
 from pgolf.errors import InputError
-from pgolf.tokenize.casefold import casefold
+from pgolf.tokenize.variants import VARIANTS
 from pgolf.tokenize.trainer import (BOS_ID, CHALLENGE_MAX_SENTENCE_LENGTH, CHALLENGE_TRAINER_SETTINGS, train_bpe,
                                     training_sentences)
 from tasks.common import StageSpec, stage_main, write_json
@@ -19,7 +19,7 @@ from tasks.common import StageSpec, stage_main, write_json
 
 @dataclass
 class Config:
-    variant: Literal["plain", "casefold"] = "plain"
+    variant: Literal["plain", "casefold", "caseops"] = "plain"
     vocab_size: int = 1024
     train_docs: int = 0  # documents fed to the trainer, from document 0 (val included, as the challenge does); 0: all
     num_threads: int = 2
@@ -34,18 +34,14 @@ class Config:
             raise ValueError(f"vocab_size {self.vocab_size} must be in (260, 65536]")
 
 
-def transform_for(variant: str):
-    return casefold if variant == "casefold" else None
-
-
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
-    transform = transform_for(cfg.variant)
+    variant = VARIANTS[cfg.variant]
     docs = iter_docs(inputs["corpus"])
-    if transform:
-        docs = (transform(d) for d in docs)
+    if variant.transform:
+        docs = (variant.transform(d) for d in docs)
     try:
         model = train_bpe(training_sentences(docs, cfg.train_docs), cfg.vocab_size, cfg.num_threads, cfg.seed,
-                          max_sentence_length=cfg.max_sentence_length)
+                          variant.user_defined_symbols, cfg.max_sentence_length)
     except InputError as err:
         raise InputError(str(err), Path(inputs["corpus"]) / "docs.jsonl") from err
     (out / "tokenizer.model").write_bytes(model)

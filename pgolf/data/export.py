@@ -21,7 +21,7 @@ import sentencepiece as spm
 from pgolf.data.shards import list_shards, read_header, read_shard, shard_name, write_shard
 from pgolf.errors import FormatError, InputError
 from pgolf.tokenize.bytes import original_byte_counts
-from pgolf.tokenize.casefold import casefold
+from pgolf.tokenize.variants import VARIANTS
 
 DOCS_PER_CHUNK = 256
 _worker_sp: spm.SentencePieceProcessor | None = None
@@ -42,13 +42,14 @@ def encode_chunk(docs: list[str], variant: str, bos_id: int, with_bytes: bool) -
     sp = _worker_sp
     assert sp is not None, "worker not initialized"
     parts, counts = [], []
-    if variant == "casefold" and with_bytes:
+    spec = VARIANTS[variant]
+    if spec.with_provenance is not None and with_bytes:
         for text in docs:
-            ids, byte_counts = original_byte_counts(sp, text)
+            ids, byte_counts = original_byte_counts(sp, text, spec.with_provenance)
             parts.append([bos_id] + ids)
             counts.append([0] + byte_counts)
     else:
-        texts = [casefold(t) for t in docs] if variant == "casefold" else docs
+        texts = [spec.transform(t) for t in docs] if spec.transform else docs
         parts = [[bos_id] + ids for ids in sp.encode(texts)]
     tokens = np.fromiter((t for p in parts for t in p), dtype=np.uint16)
     sidecar = None

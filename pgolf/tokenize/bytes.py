@@ -56,14 +56,17 @@ def target_bytes(prev_ids: np.ndarray, target_ids: np.ndarray, luts: ByteLUTs) -
     return luts.base_bytes[target_ids].astype(np.int64) + extra.astype(np.int64)
 
 
-def original_byte_counts(sp: spm.SentencePieceProcessor, original: str) -> tuple[list[int], list[int]]:
-    """Casefold `original`, encode it, and return (token ids, original UTF-8 bytes per token).
+def original_byte_counts(sp: spm.SentencePieceProcessor, original: str,
+                         with_provenance=casefold_with_provenance) -> tuple[list[int], list[int]]:
+    """Transform `original` (casefold by default), encode it, and return (token ids, original UTF-8
+    bytes per token).
 
-    Each original segment (a character and its combining marks) is charged to the token whose
+    Each original segment (for casefold a character and its combining marks; for CaseOps a character
+    or an operator, which carries 0 bytes) is charged to the token whose
     span in the casefolded text covers the segment's first byte; segments no token covers
     (whitespace SentencePiece drops at the ends) go to the next token, or the last one. So the
     counts of a document always sum to len(original.encode("utf-8"))."""
-    folded, starts, sizes = casefold_with_provenance(original)
+    folded, starts, sizes = with_provenance(original)
     proto = sp.encode(folded, return_type="proto")
     ids = [p.id for p in proto.pieces]
     counts = [0] * len(ids)

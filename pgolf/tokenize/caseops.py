@@ -1,0 +1,86 @@
+"""CaseOps (`lossless_caps_caseops_v1`, PR #1729 -> R1; reference.md 2.3): a bijective case transform.
+
+Case moves out of the letters into four reserved operator characters, so the tokenizer sees
+lowercase words and the model predicts case as tokens. Rules act on maximal runs of ASCII letters:
+all lowercase stays; all uppercase (2+ letters) -> ALLCAPS + lowercase; one capital then lowercase ->
+TITLE + lowercase; anything else -> TITLE if it starts upper, then CAPNEXT before every later capital.
+A literal operator character in the text is escaped with ESC. decode(encode(x)) == x for any string.
+"""
+from __future__ import annotations
+
+import re
+
+TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
+OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)
+_RUN = re.compile(r"[A-Za-z]+")
+
+
+def _encode_run(run: str) -> list[tuple[str, int]]:
+    """(output text, original UTF-8 bytes) per output piece; operators carry 0 bytes."""
+    if run.islower():
+        return [(run, len(run))]
+    if len(run) >= 2 and run.isupper():
+        return [(ALLCAPS, 0), (run.lower(), len(run))]
+    if run[0].isupper() and (len(run) == 1 or run[1:].islower()):
+        return [(TITLE, 0), (run.lower(), len(run))]
+    out: list[tuple[str, int]] = []
+    for i, ch in enumerate(run):
+        if ch.isupper():
+            out.append((TITLE if i == 0 else CAPNEXT, 0))
+        out.append((ch.lower(), 1))
+    return out
+
+
+def encode_with_provenance(text: str) -> tuple[str, list[int], list[int]]:
+    """(transformed text, start byte offset of each piece in it, original bytes of each piece)."""
+    pieces: list[tuple[str, int]] = []
+    pos = 0
+    for match in _RUN.finditer(text):
+        pieces.extend(_encode_other(text[pos:match.start()]))
+        pieces.extend(_encode_run(match.group()))
+        pos = match.end()
+    pieces.extend(_encode_other(text[pos:]))
+    out, starts, sizes, offset = [], [], [], 0
+    for piece, size in pieces:
+        out.append(piece)
+        starts.append(offset)
+        sizes.append(size)
+        offset += len(piece.encode("utf-8"))
+    return "".join(out), starts, sizes
+
+
+def _encode_other(chunk: str) -> list[tuple[str, int]]:
+    pieces = []
+    for ch in chunk:
+        if ch in OPERATORS:
+            pieces.append((ESC + ch, len(ch.encode("utf-8"))))
+        else:
+            pieces.append((ch, len(ch.encode("utf-8"))))
+    return pieces
+
+
+def encode(text: str) -> str:
+    return encode_with_provenance(text)[0]
+
+
+def decode(text: str) -> str:
+    out: list[str] = []
+    i, n = 0, len(text)
+    while i < n:
+        ch = text[i]
+        if ch == ESC and i + 1 < n:
+            out.append(text[i + 1])
+            i += 2
+        elif ch == ALLCAPS:
+            match = _RUN.match(text, i + 1)
+            run = match.group() if match else ""
+            out.append(run.upper())
+            i += 1 + len(run)
+        elif ch in (TITLE, CAPNEXT):
+            if i + 1 < n:
+                out.append(text[i + 1].upper())
+            i += 2
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)

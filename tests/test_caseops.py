@@ -1,0 +1,65 @@
+"""CaseOps: the reference's examples, losslessness on generated text, and its byte sidecar."""
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import sentencepiece as spm
+
+from pgolf.data.shards import load_split
+from pgolf.tokenize.bytes import load_val_byte_sidecar, original_byte_counts
+from pgolf.tokenize.caseops import ALLCAPS, CAPNEXT, ESC, OPERATORS, TITLE, decode, encode, encode_with_provenance
+from tasks import shards as shards_stage, tokenizer as tok_stage
+from tasks.common import execute
+from tests.conftest import make_docs, write_corpus
+
+ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") * 3 + list("0123456789 .,'-\n\t") + \
+    ["É", "ß", "İ", "ı", "ﬁ", "Σ", "日", "😀", "\u0301", "\x00"] + list(OPERATORS)
+
+
+def test_reference_examples():
+    assert encode("The NASA Launch") == f"{TITLE}the {ALLCAPS}nasa {TITLE}launch"
+    assert encode("iPhone OpenAI") == f"i{CAPNEXT}phone {TITLE}open{CAPNEXT}a{CAPNEXT}i"
+    assert encode("I") == f"{TITLE}i" and encode("already lower") == "already lower"
+    assert encode(f"x{TITLE}y") == f"x{ESC}{TITLE}y"
+
+
+def test_lossless_on_generated_text():
+    rng = random.Random(0)
+    for _ in range(3000):
+        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 40)))
+        encoded = encode(text)
+        assert decode(encoded) == text, repr(text)
+        assert not any("A" <= ch <= "Z" for ch in encoded), repr(text)
+
+
+def test_provenance_charges_original_bytes_and_nothing_to_operators():
+    rng = random.Random(1)
+    for _ in range(500):
+        text = "".join(rng.choice(ALPHABET) for _ in range(rng.randint(0, 30)))
+        encoded, starts, sizes = encode_with_provenance(text)
+        assert sum(sizes) == len(text.encode("utf-8"))
+        raw = encoded.encode("utf-8")
+        for start, size in zip(starts, sizes):
+            if raw[start:start + 3].decode("utf-8", "ignore")[:1] in (TITLE, ALLCAPS, CAPNEXT) and size:
+                raise AssertionError(f"an operator carries bytes in {text!r}")
+
+
+def test_tokenizer_reserves_operators_and_shards_carry_original_bytes(tmp_path):
+    docs = make_docs(80, seed=9)
+    corpus = write_corpus(tmp_path / "corpus", docs)
+    execute(tok_stage.SPEC, tok_stage.Config(variant="caseops", vocab_size=380, num_threads=1), {"corpus": corpus},
+            tmp_path / "tok")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok/tokenizer.model"))
+    assert [sp.id_to_piece(i) for i in range(4, 8)] == list(OPERATORS)  # always single tokens, ids 4-7
+    assert sp.id_to_piece(8) == "<0x00>"
+    ids, counts = original_byte_counts(sp, "The NASA Launch", encode_with_provenance)
+    assert sum(counts) == len("The NASA Launch") and all(c == 0 for i, c in zip(ids, counts) if 4 <= i <= 7)
+    assert decode(sp.decode(ids)) == "The NASA Launch"
+    execute(shards_stage.SPEC, shards_stage.Config(val_docs=30, shard_tokens=3000, workers=2),
+            {"corpus": corpus, "tokenizer": tmp_path / "tok"}, tmp_path / "shards")
+    val, sidecar = load_split(tmp_path / "shards", "val"), load_val_byte_sidecar(tmp_path / "shards")
+    starts = list(np.flatnonzero(val == 1)) + [len(val)]
+    for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
+        assert sidecar[a:b].sum() == len(docs[i].encode("utf-8"))
+    assert sidecar[(val >= 4) & (val <= 7)].sum() == 0
