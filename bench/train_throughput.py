@@ -30,7 +30,6 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pgolf.data.shards import write_shard  # noqa: E402
-from pgolf.model.config import ModelConfig  # noqa: E402
 from pgolf.model.gpt import count_parameters  # noqa: E402
 from pgolf.params import from_dict  # noqa: E402
 from tasks import params as P  # noqa: E402

@@ -7,7 +7,6 @@ A preset is presets/<name>.yaml; it may name another preset under `extends:` to 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from pathlib import Path

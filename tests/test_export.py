@@ -1,7 +1,6 @@
 """Shard building and adoption: format, split, determinism across worker counts, sidecars, errors."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

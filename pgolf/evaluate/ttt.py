@@ -225,8 +225,7 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: T
                 start = docs[batch[j]][0]
                 audit.trained(batch[j], start + lo + 1, start + hi + 1)
         scored_docs.extend(batch)
-    doc_ends = {i: end for i, (_, end) in enumerate(docs)}
-    result = audit.check({i: e for i, e in doc_ends.items()})
+    result = audit.check({i: end for i, (_, end) in enumerate(docs)})
     result["global_sgd_chunks"] = phase_chunks
     tokens_scored = int(np.count_nonzero(~np.isnan(nll_at)))
     return BpbResult(loss_sum, tokens_scored, scored_bytes), result, nll_at

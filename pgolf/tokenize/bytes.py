@@ -63,11 +63,11 @@ def original_byte_counts(sp: spm.SentencePieceProcessor, original: str,
 
     Each original segment (for casefold a character and its combining marks; for CaseOps a character
     or an operator, which carries 0 bytes) is charged to the token whose
-    span in the casefolded text covers the segment's first byte; segments no token covers
+    span in the transformed text covers the segment's first byte; segments no token covers
     (whitespace SentencePiece drops at the ends) go to the next token, or the last one. So the
     counts of a document always sum to len(original.encode("utf-8"))."""
-    folded, starts, sizes = with_provenance(original)
-    proto = sp.encode(folded, return_type="proto")
+    transformed, starts, sizes = with_provenance(original)
+    proto = sp.encode(transformed, return_type="proto")
     ids = [p.id for p in proto.pieces]
     counts = [0] * len(ids)
     if not ids:
