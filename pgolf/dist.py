@@ -17,11 +17,12 @@ class LaunchError(PgolfError):
 
 
 def rank() -> int:
-    return int(os.environ.get("RANK", "0"))
+    """This process's rank: the process group's once one is joined, torchrun's before."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def local_rank() -> int:
@@ -54,6 +55,11 @@ def init(device: torch.device) -> None:
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), **kwargs)
 
 
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
 def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -69,8 +75,27 @@ def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def average_gradients(params) -> None:
-    """Mean of every gradient across ranks, one flat buffer per dtype (no DDP wrapper needed)."""
+def all_gather_objects(obj) -> list:
+    """Every rank's `obj`, in rank order (pickled; for logs and small results, not tensors)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
+    """Elementwise sums over ranks in float64 (loss, token and byte totals stay exact integers)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def average_gradients(params, mean: bool = True) -> None:
+    """Mean (or sum) of every gradient across ranks, one flat buffer per dtype (no DDP wrapper
+    needed). Parameters without a gradient are skipped, so every rank must have the same ones."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return
     grads = [p.grad for p in params if p.grad is not None]
@@ -80,7 +105,8 @@ def average_gradients(params) -> None:
     for group in by_dtype.values():
         flat = torch.cat([g.reshape(-1) for g in group])
         dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-        flat /= dist.get_world_size()
+        if mean:
+            flat /= dist.get_world_size()
         offset = 0
         for g in group:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))

@@ -3,14 +3,16 @@ code, under torchrun inside a records folder.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py --shards DIR --tokenizer DIR [--out DIR]
 
-Every rank trains (the training loop's collectives need them all); rank 0 then runs gptq, pack
-(counting this script the records' way) and eval, and prints one `pgolf_final {...}` JSON line.
+Every rank trains (the training loop's collectives need them all); rank 0 then runs gptq and pack
+(counting this script the records' way) while the others wait; every rank evaluates its share, and
+rank 0 prints one `pgolf_final {...}` JSON line.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from pgolf import dist
@@ -32,16 +34,21 @@ def main(params: dict, script: str, argv: list[str] | None = None) -> int:
     train_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"model": params["train"]["model"], "train": params["train"], "code_version": "exported"}
     write_json(train_dir / "config.json", resolved)
-    train.train_in_process(train_cfg, Path(args.shards), train_dir, resolved)
+    train.train_in_process(train_cfg, Path(args.shards), train_dir, resolved, keep_group=True)
+    if dist.is_main():
+        execute(gptq.SPEC, from_dict(gptq.Config, params["gptq"], "gptq"),
+                {"train": train_dir, "shards": Path(args.shards)}, out / "gptq")
+        pack_cfg = from_dict(pack.Config, {**params["pack"], "code_file": str(Path(script).resolve())}, "pack")
+        execute(pack.SPEC, pack_cfg, {"gptq": out / "gptq"}, out / "pack")
+    dist.barrier()
+    # Already under torchrun: every rank evaluates its share in this process group (nproc 1: the
+    # stage launches no processes of its own); only rank 0 writes.
+    eval_cfg = replace(from_dict(eval_stage.Config, params["eval"], "eval"), nproc=1)
+    eval_inputs = {"pack": out / "pack", "shards": Path(args.shards), "tokenizer": Path(args.tokenizer)}
     if not dist.is_main():
+        eval_stage.evaluate(eval_cfg, eval_inputs, out / "eval")
         return 0
-    execute(gptq.SPEC, from_dict(gptq.Config, params["gptq"], "gptq"),
-            {"train": train_dir, "shards": Path(args.shards)}, out / "gptq")
-    pack_cfg = from_dict(pack.Config, {**params["pack"], "code_file": str(Path(script).resolve())}, "pack")
-    execute(pack.SPEC, pack_cfg, {"gptq": out / "gptq"}, out / "pack")
-    metrics = execute(eval_stage.SPEC, from_dict(eval_stage.Config, params["eval"], "eval"),
-                      {"pack": out / "pack", "shards": Path(args.shards), "tokenizer": Path(args.tokenizer)},
-                      out / "eval")
+    metrics = execute(eval_stage.SPEC, eval_cfg, eval_inputs, out / "eval")
     size = json.loads((out / "pack" / "size.json").read_text())
     final = {"val_loss": metrics["val_loss"], "val_bpb": metrics["val_bpb"], "artifact_bytes": size["total_bytes"],
              "code_bytes": size["code_bytes"], "model_bytes": size["model_bytes"]}

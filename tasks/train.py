@@ -392,14 +392,16 @@ def worker_main(argv: list[str]) -> int:
     return 0
 
 
-def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict) -> dict:
-    """This process's share of a (torchrun) training run; rank 0 writes the weights and metrics."""
+def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict, keep_group: bool = False) -> dict:
+    """This process's share of a (torchrun) training run; rank 0 writes the weights and metrics.
+    `keep_group`: stay in the process group for the stages that follow in the same processes."""
     trainer = Trainer(cfg, shards, out)
     metrics = trainer.train()
     if dist.is_main():
         save_model(trainer.model, cfg.model, out, extra_config={k: v for k, v in resolved.items() if k != "model"})
         write_json(out / "metrics.json", metrics)
-    dist.shutdown()
+    if not keep_group:
+        dist.shutdown()
     return metrics
 
 

@@ -147,3 +147,27 @@ def test_stage_runs_score_first_lora_ttt_with_its_audit(data_dirs, packed, tmp_p
     assert metrics["mode"] == "ttt_lora" and metrics["audit"]["passed"] and metrics["audit"]["train_steps"] > 0
     assert (metrics["tokens"], metrics["bytes"]) == (flat["tokens"], flat["bytes"])
     assert math.isfinite(metrics["val_bpb"])
+
+
+def test_two_ranks_score_like_one_process(data_dirs, packed, tmp_path):
+    """nproc 2 (torchrun, gloo): each rank scores its share and the totals are summed; the numbers are
+    one process's for flat and sliding (bit for bit), LoRA TTT (each batch seeded by its place, whichever rank runs it)
+    and chunked SGD TTT (sequences dealt over ranks, gradients summed); phased TTT passes its audit."""
+    lora = eval_stage.TTTSettings(rank=2, alpha=2.0, lr=1e-3, chunk=16, context=64, batch_docs=4)
+    sgd = eval_stage.SGDTTTSettings(lr=0.01, epochs=1, chunk_tokens=256, batch_seqs=4)
+    phased = eval_stage.TTTSettings(**{**lora.__dict__, "phases": 2, "prefix_docs": 8, "global_chunk_tokens": 128,
+                                       "global_seq_len": 32, "global_batch_seqs": 2})
+    for name, cfg in {"flat": {}, "sliding": {"stride": 16}, "lora": {"ttt": "lora", "lora": lora},
+                      "sgd": {"ttt": "sgd", "stride": 32, "sgd": sgd}, "phased": {"ttt": "lora", "lora": phased}}.items():
+        one = run_eval(data_dirs, packed, tmp_path / f"{name}1", **cfg)
+        two = run_eval(data_dirs, packed, tmp_path / f"{name}2", nproc=2, **cfg)
+        assert two["ranks"] == 2 and one["ranks"] == 1
+        assert (two["tokens"], two["bytes"]) == (one["tokens"], one["bytes"]), name
+        if name == "phased":
+            assert two["audit"]["passed"] and len(two["audit"]["phases"]) == 2, two["audit"]
+            continue
+        if name in ("flat", "sliding"):
+            assert two["val_loss"] == one["val_loss"] and two["val_bpb"] == one["val_bpb"], name
+        assert two["val_bpb"] == pytest.approx(one["val_bpb"], rel=1e-6 if name == "sgd" else 1e-9), name
+        if two["audit"]:
+            assert two["audit"]["passed"] and two["audit"]["train_steps"] == one["audit"]["train_steps"] > 0

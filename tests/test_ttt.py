@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from pgolf.evaluate.bpb import evaluate_bpb
-from pgolf.evaluate.ttt import Audit, TTTSettings, evaluate_ttt, find_documents
+from pgolf.evaluate.audit import Audit
+from pgolf.evaluate.ttt import TTTSettings, evaluate_ttt, find_documents
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
 from tests.conftest import TINY_MODEL
@@ -133,3 +134,88 @@ def test_phased_global_sgd_trains_only_on_scored_documents():
         assert np.allclose(nll[s + 1:e], plain[s + 1:e])
     later = [d for d in range(len(docs)) if d not in first and docs[d][1] - docs[d][0] > 2]
     assert any(not np.allclose(nll[docs[d][0] + 1:docs[d][1]], plain[docs[d][0] + 1:docs[d][1]]) for d in later)
+
+
+# --- score-first chunked SGD TTT (R0409 full-weight, PR #1383 FiLM-only) and the time budget ---
+
+from pgolf.errors import PgolfError  # noqa: E402
+from pgolf.evaluate.budget import Budget  # noqa: E402
+from pgolf.evaluate.sgd_ttt import SGDTTTSettings, evaluate_sgd_ttt  # noqa: E402
+
+SGD = SGDTTTSettings(lr=0.05, epochs=2, chunk_tokens=64, batch_seqs=2)
+
+
+def film_model():
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(**{**TINY_MODEL, "num_layers": 3}, block_map=[0, 1, 1, 2], film=True))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m
+
+
+def test_sgd_ttt_with_lr_zero_is_the_sliding_eval_and_passes_its_audit():
+    tokens = stream(n=300)
+    byte_counts = np.arange(len(tokens)) % 4
+    sliding = evaluate_bpb(model(), tokens, byte_counts, 32, 8, 4, CPU)
+    frozen, audit, _ = evaluate_sgd_ttt(model(), tokens, byte_counts, 32, 8, 4,
+                                        SGDTTTSettings(**{**SGD.__dict__, "lr": 0.0}), CPU)
+    assert frozen.loss_sum == pytest.approx(sliding.loss_sum, rel=1e-12)
+    assert (frozen.tokens, frozen.bytes) == (sliding.tokens, sliding.bytes)
+    trained, audit, _ = evaluate_sgd_ttt(model(), tokens, byte_counts, 32, 8, 4, SGD, CPU)
+    assert audit["passed"], audit["violations"]
+    assert audit["chunks"] == 5 and audit["chunks_trained"] == 4 and audit["sgd_steps"] == 4 * 2
+    assert (trained.tokens, trained.bytes) == (sliding.tokens, sliding.bytes)
+    assert trained.loss_sum != pytest.approx(sliding.loss_sum, rel=1e-6)
+
+
+@pytest.mark.parametrize("cut", [40, 150])
+def test_sgd_ttt_is_causal(cut):
+    """Training on chunk c changes only the scores of later chunks, and only with scored tokens:
+    perturbing every token after `cut` leaves every score up to it unchanged."""
+    tokens = stream(seed=4, n=300)
+    changed = tokens.copy()
+    changed[cut + 1:] = (tokens[cut + 1:] + 11) % 396 + 4
+    ones = np.ones(len(tokens), dtype=np.int64)
+    _, _, a = evaluate_sgd_ttt(model(), tokens, ones, 32, 8, 4, SGD, CPU)
+    _, _, b = evaluate_sgd_ttt(model(), changed, ones, 32, 8, 4, SGD, CPU)
+    assert np.allclose(a[1:cut + 1], b[1:cut + 1], atol=1e-6)
+    assert not np.allclose(a[cut + 2:], b[cut + 2:])
+
+
+def test_film_only_sgd_ttt_trains_only_film_and_learns():
+    rng = np.random.default_rng(5)
+    repeated = np.concatenate([[1], np.tile(rng.integers(4, 400, 16), 24)])
+    ones = np.ones(len(repeated), dtype=np.int64)
+    m = film_model()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    film = SGDTTTSettings(**{**SGD.__dict__, "trainable": "film", "lr": 0.5, "epochs": 3})
+    adapted, audit, _ = evaluate_sgd_ttt(m, repeated, ones, 32, 16, 4, film, CPU)
+    changed = {k for k, v in m.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"film.film_gamma", "film.film_beta"}
+    assert audit["trainable_params"] == 2 * 2 * 32 and audit["passed"]
+    frozen, _, _ = evaluate_sgd_ttt(film_model(), repeated, ones, 32, 16, 4,
+                                    SGDTTTSettings(**{**film.__dict__, "lr": 0.0}), CPU)
+    assert adapted.val_loss < frozen.val_loss
+    with pytest.raises(PgolfError, match="no FiLM parameters"):
+        evaluate_sgd_ttt(model(), repeated, ones, 32, 16, 4, film, CPU)
+
+
+def test_budget_skips_training_but_never_scoring():
+    tokens = stream(seed=2, n=600)
+    tokens[[120, 160, 410, 470]] = 1
+    ones = np.ones(len(tokens), dtype=np.int64)
+    phased = TTTSettings(**{**SETTINGS.__dict__, "batch_docs": 2, "phases": 2, "prefix_docs": 4,
+                            "global_lr": 0.05, "global_chunk_tokens": 64, "global_seq_len": 16, "global_batch_seqs": 2})
+    no_phases = TTTSettings(**{**phased.__dict__, "phases": 0})
+    spent = Budget(1e-9)  # already over: every phase would overrun it
+    skipped, summary, _ = evaluate_ttt(model(), tokens, ones, phased, CPU, 1, spent)
+    plain, _, _ = evaluate_ttt(model(), tokens, ones, no_phases, CPU, 1)
+    assert summary["phases"] == [] and summary["phases_skipped_at"] == [2, 4] and summary["passed"]
+    assert skipped.loss_sum == pytest.approx(plain.loss_sum, rel=1e-12) and skipped.tokens == len(tokens) - 1
+    roomy, summary, _ = evaluate_ttt(model(), tokens, ones, phased, CPU, 1, Budget(3600.0))
+    assert [p["boundary"] for p in summary["phases"]] == [2, 4] and summary["phases_skipped_at"] == []
+    sgd_skipped, summary, _ = evaluate_sgd_ttt(model(), tokens, ones, 32, 8, 4, SGD, CPU, Budget(1e-9))
+    sliding = evaluate_bpb(model(), tokens, ones, 32, 8, 4, CPU)
+    assert summary["chunks_trained"] == 0 and summary["training_skipped_from_chunk"] == 0
+    assert sgd_skipped.loss_sum == pytest.approx(sliding.loss_sum, rel=1e-12)

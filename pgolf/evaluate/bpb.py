@@ -2,7 +2,9 @@
 
 val_loss = sum of CE (nats, full-vocabulary softmax, fp32) / targets; val_bpb = val_loss / ln 2 x
 targets / bytes. The val stream is truncated to a multiple of seq_len (+1) as the challenge does;
-every target of it is scored exactly once, in flat or sliding-window mode.
+every target of it is scored exactly once, in flat or sliding-window mode. Under torchrun each
+rank scores every world-th batch of windows; the losses are summed in window order, so the
+result does not depend on the number of ranks.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pgolf import dist
 from pgolf.tokenize.bytes import ByteLUTs, target_bytes
 
 
@@ -29,6 +32,10 @@ class BpbResult:
     @property
     def val_bpb(self) -> float:
         return self.val_loss / math.log(2) * self.tokens / max(self.bytes, 1)
+
+    def summed_over_ranks(self, device: torch.device) -> "BpbResult":
+        loss_sum, tokens, nbytes = dist.all_reduce_sums([self.loss_sum, self.tokens, self.bytes], device)
+        return BpbResult(loss_sum, int(tokens), int(nbytes))
 
 
 def truncate_val(tokens: np.ndarray, seq_len: int) -> np.ndarray:
@@ -74,21 +81,33 @@ def evaluate_bpb(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len: in
     num_targets = len(tokens) - 1
     stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     plan = windows(num_targets, seq_len, stride)
-    loss_sum, scored_tokens, scored_bytes = 0.0, 0, 0
+    batches = [plan[b:b + batch_seqs] for b in range(0, len(plan), batch_seqs)]
+    row_losses: list[tuple[int, list[float]]] = []
+    scored_tokens, scored_bytes = 0, 0
     model.eval()
-    for b in range(0, len(plan), batch_seqs):
-        batch = plan[b:b + batch_seqs]
+    for index in range(dist.rank(), len(batches), dist.world_size()):
+        batch = batches[index]
         x = torch.stack([stream[w:w + seq_len] for w, _ in batch]).to(device)
         y = torch.stack([stream[w + 1:w + seq_len + 1] for w, _ in batch]).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model.forward_logits(x)
         nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
         nll = nll.view(len(batch), seq_len).double().cpu()
+        losses = []
         for row, (w, first) in enumerate(batch):
             lo = first - (w + 1)
-            loss_sum += float(nll[row, lo:].sum())
+            losses.append(float(nll[row, lo:].sum()))
             scored_tokens += seq_len - lo
             scored_bytes += int(byte_counts[first:w + seq_len + 1].sum())
-    if scored_tokens != num_targets:
-        raise AssertionError(f"scored {scored_tokens} targets, expected each of {num_targets} exactly once")
-    return BpbResult(loss_sum, scored_tokens, scored_bytes)
+        row_losses.append((index, losses))
+    # Summed in window order whatever the rank count, so N ranks give one process's bits exactly.
+    ordered = sorted(item for part in dist.all_gather_objects(row_losses) for item in part)
+    loss_sum = 0.0
+    for _, losses in ordered:
+        for value in losses:
+            loss_sum += value
+    _, tokens, nbytes = dist.all_reduce_sums([0.0, scored_tokens, scored_bytes], device)
+    result = BpbResult(loss_sum, int(tokens), int(nbytes))
+    if result.tokens != num_targets:
+        raise AssertionError(f"scored {result.tokens} targets, expected each of {num_targets} exactly once")
+    return result

@@ -8,17 +8,27 @@ first (its loss and bytes added to the totals), then, unless it is the document'
 AdamW step trains the adapters on it. So no token is trained on before it is scored, every target
 is scored exactly once, rows never see another document, and every score is a full-vocabulary
 softmax.
+
+Across ranks (torchrun), batches are dealt round-robin in processing order: round r is batches
+r*W .. r*W+W-1, one per rank. Batches in processing order have nearly equal lengths (they are
+sorted), so a round is balanced without R1's work-stealing counter file, and which document is
+scored with which weights does not depend on timing: a run is reproducible for a given W. With
+W = 1 a round is one batch.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pgolf import dist
+from pgolf.evaluate.audit import GLOBAL, Audit
 from pgolf.evaluate.bpb import BpbResult
+from pgolf.evaluate.budget import Budget, unlimited
 from pgolf.model.lora import DocumentAdapters
 
 
@@ -47,6 +57,16 @@ class TTTSettings:
     global_batch_seqs: int = 32
     global_clip: float = 1.0
 
+    def validate(self) -> None:
+        if min(self.rank, self.chunk, self.context, self.batch_docs) < 1:
+            raise ValueError("lora rank, chunk, context and batch_docs must be >= 1")
+        if self.chunk > self.context:
+            raise ValueError(f"lora chunk {self.chunk} must fit in its context {self.context}")
+        if self.phases < 0 or (self.phases and self.prefix_docs < self.phases):
+            raise ValueError(f"phases {self.phases} needs prefix_docs >= phases (got {self.prefix_docs})")
+        if self.phases and min(self.global_chunk_tokens, self.global_seq_len, self.global_batch_seqs) < 1:
+            raise ValueError("global_chunk_tokens, global_seq_len and global_batch_seqs must be >= 1")
+
 
 def find_documents(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
     """(start, end) with end exclusive; a document includes the next document's BOS as its last
@@ -62,50 +82,20 @@ def find_documents(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
     return docs
 
 
-@dataclass
-class Audit:
-    """Every scored and trained span (global target positions, end exclusive), in order."""
-
-    num_targets: int
-    events: list[tuple[str, int, int, int]] = field(default_factory=list)  # (kind, doc, lo, hi)
-
-    def scored(self, doc: int, lo: int, hi: int) -> None:
-        self.events.append(("score", doc, lo, hi))
-
-    def trained(self, doc: int, lo: int, hi: int, kind: str = "train") -> None:
-        self.events.append((kind, doc, lo, hi))
-
-    def check(self, doc_ends: dict[int, int]) -> dict:
-        counts = np.zeros(self.num_targets + 1, dtype=np.int64)
-        violations = []
-        trains = 0
-        for kind, doc, lo, hi in self.events:
-            if kind == "score":
-                counts[lo:hi] += 1
-                continue
-            trains += 1
-            if (counts[lo:hi] == 0).any():
-                violations.append(f"doc {doc}: trained on targets {lo}..{hi} before scoring them")
-            if kind == "train" and hi >= doc_ends[doc]:
-                violations.append(f"doc {doc}: trained on its last chunk ({lo}..{hi})")
-        if counts[0] != 0 or (counts[1:] != 1).any():
-            bad = int(np.flatnonzero(counts[1:] != 1)[0]) + 1 if (counts[1:] != 1).any() else 0
-            violations.append(f"target {bad} scored {int(counts[bad])} times (every target must be scored once)")
-        return {"passed": not violations, "scored_targets": int(counts.sum()), "train_steps": trains,
-                "violations": violations[:10]}
-
-
 def phase_boundaries(prefix_docs: int, phases: int) -> list[int]:
     """R1: 2,500 docs in 3 phases -> [833, 1666, 2500]."""
     return [prefix_docs * (k + 1) // phases for k in range(phases)]
 
 
+
 def global_sgd(model, tokens: np.ndarray, settings: TTTSettings, device: torch.device) -> int:
     """One epoch of SGD over every base weight on `tokens`, in chunks with a cosine lr over chunks;
-    the last chunk is skipped. Returns the number of chunks trained on."""
-    params = [p for p in model.parameters()]
+    the last chunk is skipped. A chunk's sequences are dealt across ranks and the gradients summed,
+    so W ranks take the same steps as one process. Returns the number of chunks trained on."""
+    params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
+        p.grad = torch.zeros_like(p)  # every rank reduces every gradient, also with no sequence of its own
     optimizer = torch.optim.SGD(params, lr=settings.global_lr, momentum=settings.global_momentum)
     chunk = settings.global_chunk_tokens
     n_chunks = max(1, math.ceil((len(tokens) - 1) / chunk))
@@ -119,55 +109,86 @@ def global_sgd(model, tokens: np.ndarray, settings: TTTSettings, device: torch.d
         rows = (len(piece) - 1) // settings.global_seq_len
         if rows == 0:
             continue
-        x = piece[:rows * settings.global_seq_len].view(rows, -1)
-        y = piece[1:rows * settings.global_seq_len + 1].view(rows, -1)
-        optimizer.zero_grad(set_to_none=True)
-        for b in range(0, rows, settings.global_batch_seqs):
+        x = piece[:rows * settings.global_seq_len].view(rows, -1)[dist.rank()::dist.world_size()]
+        y = piece[1:rows * settings.global_seq_len + 1].view(rows, -1)[dist.rank()::dist.world_size()]
+        optimizer.zero_grad(set_to_none=False)
+        for b in range(0, len(x), settings.global_batch_seqs):
             xb, yb = x[b:b + settings.global_batch_seqs].to(device), y[b:b + settings.global_batch_seqs].to(device)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = model(xb, yb)
             (loss * len(xb) / rows).backward()
+        dist.average_gradients(params, mean=False)
         torch.nn.utils.clip_grad_norm_(params, settings.global_clip)
         optimizer.step()
         trained += 1
     for p in params:
         p.requires_grad_(False)
+        p.grad = None
     model.eval()
     return trained
 
 
 def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: TTTSettings, device: torch.device,
-                 bos_id: int) -> tuple[BpbResult, dict, np.ndarray]:
-    """Returns (totals, audit result, the NLL of every target position)."""
+                 bos_id: int, budget: Budget | None = None) -> tuple[BpbResult, dict, np.ndarray]:
+    """Returns (totals over all ranks, the audit and phase summary, the NLL of every target position
+    this rank scored, NaN elsewhere)."""
+    budget = budget or unlimited()
     num_targets = len(tokens) - 1
     stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     docs = find_documents(tokens, bos_id)
     order = sorted(range(len(docs)), key=lambda i: (docs[i][1] - docs[i][0], i))
-    batches = [order[i:i + settings.batch_docs] for i in range(0, len(order), settings.batch_docs)]
+    batches = [order[i:i + settings.batch_docs] for i in range(0, len(order), settings.batch_docs)][::-1]
+    # Longest first, as R1: the slowest batches start early.
+    world, rank = dist.world_size(), dist.rank()
+    batch_targets = [sum(docs[d][1] - docs[d][0] - 1 for d in batch) for batch in batches]
     audit = Audit(num_targets)
     nll_at = np.full(len(tokens), np.nan)
-    loss_sum, scored_bytes = 0.0, 0
+    loss_sum, scored_bytes, scored_tokens = 0.0, 0, 0
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    generator = torch.Generator().manual_seed(settings.seed)
     adapters = None
     boundaries = phase_boundaries(settings.prefix_docs, settings.phases) if settings.phases else []
-    scored_docs: list[int] = []
-    phase_chunks: list[int] = []
-    for batch in batches[::-1]:  # longest first, as R1 (the slowest batches start early)
-        while boundaries and len(scored_docs) >= boundaries[0]:
-            # Global SGD on the first `boundary` documents scored so far (cumulative over phases);
-            # each document without the next one's BOS, so documents are joined by their own BOS.
-            prefix = scored_docs[:boundaries.pop(0)]
+    phases: list[dict] = []
+    skipped: list[int] = []
+    scoring_started = time.perf_counter()
+    for round_index in range(math.ceil(len(batches) / world)):
+        done = batches[:round_index * world]
+        docs_done = sum(len(b) for b in done)
+        while boundaries and docs_done >= boundaries[0]:
+            # Global SGD on the first `boundary` documents scored (cumulative over phases), each
+            # without the next one's BOS, so documents are joined by their own BOS.
+            boundary = boundaries.pop(0)
+            prefix = [d for b in done for d in b][:boundary]
             text = np.concatenate([tokens[docs[d][0]:docs[d][1] - 1] for d in prefix])
-            phase_chunks.append(global_sgd(model, text, settings, device))
-            for d in prefix:
-                audit.trained(d, docs[d][0] + 1, docs[d][1], kind="global")
+            targets_done = sum(batch_targets[:round_index * world])
+            phase_time = sum(p["seconds"] for p in phases)
+            per_target = (time.perf_counter() - scoring_started - phase_time) / max(targets_done, 1)
+            # Before the first phase there is no SGD timing yet: one scored target (a LoRA forward and
+            # backward) stands in for one SGD token.
+            sgd_per_token = phases[-1]["seconds"] / phases[-1]["tokens"] if phases else per_target
+            if not budget.fits(sgd_per_token * len(text), per_target * (num_targets - targets_done), device):
+                skipped.extend([boundary] + boundaries)
+                boundaries.clear()
+                break
+            audit.tick += 1
+            started = time.perf_counter()
+            chunks = global_sgd(model, text, settings, device)
+            phases.append({"boundary": boundary, "docs": len(prefix), "tokens": len(text), "chunks": chunks,
+                           "seconds": round(time.perf_counter() - started, 3)})
+            if rank == 0:
+                for d in prefix:
+                    audit.trained(d, docs[d][0] + 1, docs[d][1], kind=GLOBAL)
             adapters = None  # rebuilt after every phase
+        audit.tick += 1
+        index = round_index * world + rank
+        if index >= len(batches):
+            continue
+        batch = batches[index]
         if adapters is None or len(batch) != adapters.head.A.size(0) or not settings.warm_start_a:
+            # Seeded by the batch's place in processing order: the same adapters whichever rank runs it.
             adapters = DocumentAdapters(model.cfg, model.virtual_depth(), len(batch), settings.rank, settings.alpha,
-                                        int(torch.randint(0, 2**31 - 1, (1,), generator=generator))).to(device)
+                                        settings.seed * 1_000_003 + index).to(device)
         else:
             adapters.reset(keep_a=True)
         optimizer = torch.optim.AdamW(adapters.parameters(), lr=settings.lr, betas=(settings.beta1, settings.beta2),
@@ -183,7 +204,7 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: T
                 lo, hi = c * settings.chunk, min((c + 1) * settings.chunk, lengths[j])
                 w0 = max(0, hi - settings.context)
                 rows.append((lo, hi, w0))
-            width = max(r[1] - r[2] for r in rows if r is not None)
+            width = max(row[1] - row[2] for row in rows if row is not None)
             x = torch.zeros(len(batch), width, dtype=torch.long)
             y = torch.zeros(len(batch), width, dtype=torch.long)
             mask = torch.zeros(len(batch), width, dtype=torch.bool)
@@ -209,6 +230,7 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: T
                 loss_sum += float(scored[j, lo - w0:hi - w0].sum())
                 nll_at[start + lo + 1:start + hi + 1] = scored[j, lo - w0:hi - w0].numpy()
                 scored_bytes += int(byte_counts[start + lo + 1:start + hi + 1].sum())
+                scored_tokens += hi - lo
                 audit.scored(batch[j], start + lo + 1, start + hi + 1)
             # Then train on the chunk, for the documents that have chunks left to score.
             train_rows = [j for j, row in enumerate(rows) if row is not None and c + 1 < chunks[j]]
@@ -224,8 +246,8 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: T
                 lo, hi, _ = rows[j]
                 start = docs[batch[j]][0]
                 audit.trained(batch[j], start + lo + 1, start + hi + 1)
-        scored_docs.extend(batch)
-    result = audit.check({i: end for i, (_, end) in enumerate(docs)})
-    result["global_sgd_chunks"] = phase_chunks
-    tokens_scored = int(np.count_nonzero(~np.isnan(nll_at)))
-    return BpbResult(loss_sum, tokens_scored, scored_bytes), result, nll_at
+    totals = BpbResult(loss_sum, scored_tokens, scored_bytes).summed_over_ranks(device)
+    summary = audit.merged().check({i: end for i, (_, end) in enumerate(docs)})
+    summary.update(phases=phases, phases_skipped_at=skipped, global_sgd_chunks=[p["chunks"] for p in phases],
+                   global_sgd_seconds=round(sum(p["seconds"] for p in phases), 3), ranks=world)
+    return totals, summary, nll_at

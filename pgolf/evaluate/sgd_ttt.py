@@ -1,0 +1,163 @@
+"""Score-first chunked SGD test-time training over sliding windows (PR #461's recipe): R0409's
+full-weight TTT and PR #1383's FiLM-only TTT (reference.md 7.1, 7.6).
+
+The val stream's targets are cut into chunks of `chunk_tokens`; each sliding window belongs to the
+chunk of its first scored target. Chunk by chunk: every window of the chunk is scored (no grad),
+then, unless it is the last chunk, the chunk's own tokens, as sequences of `seq_len` whose targets
+all lie inside the chunk, train the selected parameters for `epochs` epochs of SGD with momentum,
+at a cosine lr over chunks, with gradient clipping. A target is scored by a window whose first
+scored target is at or before it, so it is scored before its chunk is trained on; scores after
+chunk c use weights trained on chunks 0..c only, that is on scored targets.
+
+Across ranks: each chunk's windows are dealt round-robin by batch, each step's sequences are dealt
+round-robin and the gradients summed, so the weights stay identical on every rank.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from pgolf import dist
+from pgolf.errors import PgolfError
+from pgolf.evaluate.audit import GLOBAL, Audit
+from pgolf.evaluate.bpb import BpbResult, windows
+from pgolf.evaluate.budget import Budget, unlimited
+
+
+@dataclass
+class SGDTTTSettings:
+    # "all": every weight (R0409); "film": only the FiLM scales and shifts of the shared depths, as
+    # PR #1383 intends (its own code left the shared matrices trainable, reference.md 7.6).
+    trainable: Literal["all", "film"] = "all"
+    lr: float = 0.005  # R0409; PR #1383: 0.002
+    momentum: float = 0.9
+    epochs: int = 3
+    chunk_tokens: int = 32768
+    batch_seqs: int = 32
+    clip: float = 1.0
+
+    def validate(self) -> None:
+        if self.trainable not in ("all", "film"):
+            raise ValueError(f"sgd trainable {self.trainable!r} must be 'all' or 'film'")
+        if min(self.epochs, self.chunk_tokens, self.batch_seqs) < 1:
+            raise ValueError("sgd epochs, chunk_tokens and batch_seqs must be >= 1")
+        if self.lr < 0 or not 0 <= self.momentum < 1:
+            raise ValueError("sgd lr must be >= 0 and momentum in [0, 1)")
+
+
+def trainable_parameters(model, which: str) -> list[torch.nn.Parameter]:
+    named = list(model.named_parameters())
+    if which == "all":
+        return [p for _, p in named]
+    chosen = [p for name, p in named if name.split(".")[-1] in ("film_gamma", "film_beta")]
+    if not chosen:
+        raise PgolfError("eval.sgd.trainable is 'film' but the model has no FiLM parameters "
+                         "(train it with train.model.film: true and a block_map that reuses blocks)")
+    return chosen
+
+
+def evaluate_sgd_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len: int, stride: int, batch_seqs: int,
+                     settings: SGDTTTSettings, device: torch.device,
+                     budget: Budget | None = None) -> tuple[BpbResult, dict, np.ndarray]:
+    """Returns (totals over all ranks, the audit and training summary, the NLL of every target this
+    rank scored, NaN elsewhere)."""
+    budget = budget or unlimited()
+    num_targets = len(tokens) - 1
+    stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    size = settings.chunk_tokens
+    n_chunks = math.ceil(num_targets / size)
+    by_chunk: list[list[tuple[int, int]]] = [[] for _ in range(n_chunks)]
+    for w, first in windows(num_targets, seq_len, stride):
+        by_chunk[(first - 1) // size].append((w, first))
+    params = trainable_parameters(model, settings.trainable)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+        p.grad = torch.zeros_like(p)  # every rank reduces every gradient, also with no sequence of its own
+    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
+    world, rank = dist.world_size(), dist.rank()
+    audit = Audit(num_targets)
+    nll_at = np.full(len(tokens), np.nan)
+    loss_sum, scored_tokens, scored_bytes = 0.0, 0, 0
+    scoring_seconds, training_seconds, trained_targets = 0.0, 0.0, 0
+    chunks_trained, steps = 0, 0
+    skipped_from = -1
+    for c in range(n_chunks):
+        audit.tick += 1
+        started = time.perf_counter()
+        model.eval()
+        batches = [by_chunk[c][b:b + batch_seqs] for b in range(0, len(by_chunk[c]), batch_seqs)]
+        with torch.no_grad():
+            for batch in batches[rank::world]:
+                x = torch.stack([stream[w:w + seq_len] for w, _ in batch]).to(device)
+                y = torch.stack([stream[w + 1:w + seq_len + 1] for w, _ in batch]).to(device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    logits = model.forward_logits(x)
+                nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+                nll = nll.view(len(batch), seq_len).double().cpu()
+                for row, (w, first) in enumerate(batch):
+                    lo = first - (w + 1)
+                    loss_sum += float(nll[row, lo:].sum())
+                    nll_at[first:w + seq_len + 1] = nll[row, lo:].numpy()
+                    scored_tokens += seq_len - lo
+                    scored_bytes += int(byte_counts[first:w + seq_len + 1].sum())
+                    audit.scored(c, first, w + seq_len + 1)
+        scoring_seconds += time.perf_counter() - started
+        if c == n_chunks - 1 or skipped_from >= 0:
+            continue  # the last chunk: nothing is left to score with what it would teach
+        # Training sequences: inputs from the chunk's start, every target inside the chunk.
+        lo = c * size
+        n_seqs = (min(lo + size, num_targets) - lo) // seq_len
+        if n_seqs == 0:
+            continue
+        targets_left = num_targets - (c + 1) * size
+        per_target = scoring_seconds / ((c + 1) * size)
+        per_train_token = training_seconds / trained_targets if trained_targets else 3 * per_target
+        if not budget.fits(per_train_token * n_seqs * seq_len * settings.epochs, per_target * targets_left, device):
+            skipped_from = c
+            continue
+        audit.tick += 1
+        started = time.perf_counter()
+        model.train()
+        for group in optimizer.param_groups:
+            group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
+        seqs = torch.arange(n_seqs)
+        for _ in range(settings.epochs):
+            for b in range(0, n_seqs, settings.batch_seqs):
+                step_seqs = seqs[b:b + settings.batch_seqs]
+                mine = step_seqs[rank::world]
+                optimizer.zero_grad(set_to_none=False)
+                if len(mine):
+                    starts = lo + mine * seq_len
+                    x = torch.stack([stream[s:s + seq_len] for s in starts.tolist()]).to(device)
+                    y = torch.stack([stream[s + 1:s + seq_len + 1] for s in starts.tolist()]).to(device)
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                        loss = model(x, y)
+                    (loss * len(mine) / len(step_seqs)).backward()
+                dist.average_gradients(params, mean=False)
+                torch.nn.utils.clip_grad_norm_(params, settings.clip)
+                optimizer.step()
+                steps += 1
+        if rank == 0:
+            audit.trained(c, lo + 1, lo + n_seqs * seq_len + 1, kind=GLOBAL)
+        chunks_trained += 1
+        trained_targets += n_seqs * seq_len * settings.epochs
+        training_seconds += time.perf_counter() - started
+    for p in params:
+        p.requires_grad_(False)
+        p.grad = None
+    model.eval()
+    totals = BpbResult(loss_sum, scored_tokens, scored_bytes).summed_over_ranks(device)
+    summary = audit.merged().check({})
+    summary.update(chunks=n_chunks, chunks_trained=chunks_trained, sgd_steps=steps,
+                   training_skipped_from_chunk=skipped_from, trainable=settings.trainable,
+                   trainable_params=sum(p.numel() for p in params), training_seconds=round(training_seconds, 3),
+                   ranks=world)
+    return totals, summary, nll_at
