@@ -23,6 +23,7 @@ from pgolf.evaluate.bpb import bytes_per_position, evaluate_bpb, truncate_val
 from pgolf.evaluate.budget import Budget
 from pgolf.evaluate.sgd_ttt import SGDTTTSettings, evaluate_sgd_ttt
 from pgolf.evaluate.ttt import TTTSettings, evaluate_ttt
+from pgolf.evaluate.warmup import compile_forward, warm_up
 from pgolf.model.gpt import GPT
 from pgolf.model.io import load_state_dict_into, model_config_from_dict
 from pgolf.pack.serialize import load_artifact
@@ -48,6 +49,9 @@ class Config:
     # > 0: TTT training (global SGD phases, SGD chunks) is skipped where the projection says the eval
     # would not finish within this many seconds; scoring always completes (reference.md 7.7).
     budget_s: float = 0.0
+    # torch.compile the forward path; compilation runs on random tokens before the clock starts and is
+    # reported as warmup_seconds, outside eval_seconds and the budget, as R1 reports it.
+    compile: bool = False
 
     def validate(self) -> None:
         if self.seq_len < 1 or self.batch_seqs < 1 or self.stride < 0 or self.nproc < 1:
@@ -94,6 +98,8 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     sidecar = load_val_byte_sidecar(inputs["shards"])
     byte_counts = bytes_per_position(tokens, None if sidecar is not None else build_byte_luts(sp, vocab), sidecar)
     load_seconds = budget.elapsed()
+    warmup_seconds = compile_and_warm_up(cfg, model, device) if cfg.compile else 0.0
+    budget.started += warmup_seconds
     summary = None
     if cfg.ttt == "lora":
         result, summary, _ = evaluate_ttt(model, tokens, byte_counts, cfg.lora, device, model.cfg.bos_id, budget)
@@ -117,9 +123,10 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         "ranks": dist.world_size(),
         "byte_source": "sidecar" if sidecar is not None else "lut",
         # What the seconds include: load = artifact read, decompression, dequantization, model build,
-        # val tokens and bytes; scoring = everything after (TTT training included); eager, no compile
-        # warm-up. eval_seconds = load + scoring, the figure to hold against the 600 s budget.
+        # val tokens and bytes; scoring = everything after (TTT training included). eval_seconds =
+        # load + scoring, the figure held against the budget; the compile warm-up is apart.
         "load_seconds": round(load_seconds, 3),
+        "warmup_seconds": round(warmup_seconds, 3),
         "scoring_seconds": round(eval_seconds - load_seconds, 3),
         "eval_seconds": round(eval_seconds, 3),
         "budget_s": cfg.budget_s,
@@ -130,6 +137,22 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         write_json(out / "metrics.json", metrics)
     dist.shutdown()
     return metrics
+
+
+def compile_and_warm_up(cfg: Config, model, device: torch.device) -> float:
+    """Compile, then run every shape this mode will run (R1 warms up at chunk and context width)."""
+    compile_forward(model)
+    if cfg.ttt == "lora":
+        lora = cfg.lora
+        seconds = warm_up(model, device, [(lora.batch_docs, lora.chunk), (lora.batch_docs, lora.context)],
+                          lora=(lora.batch_docs, lora.rank, lora.alpha))
+        if lora.phases:
+            seconds += warm_up(model, device, [(lora.global_batch_seqs, lora.global_seq_len)], train=True)
+        return seconds
+    seconds = warm_up(model, device, [(cfg.batch_seqs, cfg.seq_len)])
+    if cfg.ttt == "sgd":
+        seconds += warm_up(model, device, [(cfg.sgd.batch_seqs, cfg.seq_len)], train=True)
+    return seconds
 
 
 def worker_main(argv: list[str]) -> int:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -171,3 +172,17 @@ def test_two_ranks_score_like_one_process(data_dirs, packed, tmp_path):
         assert two["val_bpb"] == pytest.approx(one["val_bpb"], rel=1e-6 if name == "sgd" else 1e-9), name
         if two["audit"]:
             assert two["audit"]["passed"] and two["audit"]["train_steps"] == one["audit"]["train_steps"] > 0
+
+
+def test_compiled_eval_matches_eager_and_keeps_the_warm_up_apart(data_dirs, packed, tmp_path):
+    """eval.compile: the same scores through torch.compile (one dynamic-shape graph), its warm-up on
+    random tokens reported apart from eval_seconds. LoRA TTT compiled: forward, backward and AdamW."""
+    lora = eval_stage.TTTSettings(rank=2, alpha=2.0, lr=1e-3, chunk=16, context=64, batch_docs=4)
+    for cfg in ({}, {"ttt": "lora", "lora": lora}):
+        eager = run_eval(data_dirs, packed, tmp_path / "eager", **cfg)
+        compiled = run_eval(data_dirs, packed, tmp_path / "compiled", compile=True, **cfg)
+        assert compiled["val_bpb"] == pytest.approx(eager["val_bpb"], rel=1e-5)
+        assert (compiled["tokens"], compiled["bytes"]) == (eager["tokens"], eager["bytes"])
+        assert compiled["warmup_seconds"] > 0 and eager["warmup_seconds"] == 0
+        assert compiled["eval_seconds"] == pytest.approx(compiled["load_seconds"] + compiled["scoring_seconds"], abs=2e-3)
+        shutil.rmtree(tmp_path / "eager"), shutil.rmtree(tmp_path / "compiled")
