@@ -75,6 +75,19 @@ def windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]
 
 
 @torch.no_grad()
+def score_windows(model, stream: torch.Tensor, batch: list[tuple[int, int]], seq_len: int,
+                  device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
+    """One forward over a batch of windows (start, first scored target): for each window, the span
+    of targets it scores [first, end) and their NLLs (float64, CPU)."""
+    x = torch.stack([stream[w:w + seq_len] for w, _ in batch]).to(device)
+    y = torch.stack([stream[w + 1:w + seq_len + 1] for w, _ in batch]).to(device)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        logits = model.forward_logits(x)
+    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+    nll = nll.view(len(batch), seq_len).double().cpu()
+    return [(first, w + seq_len + 1, nll[row, first - (w + 1):]) for row, (w, first) in enumerate(batch)]
+
+
 def evaluate_bpb(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len: int, stride: int, batch_seqs: int,
                  device: torch.device) -> BpbResult:
     """Score every target of `tokens` (already truncated) once; `byte_counts[t]` is the bytes of target t."""
@@ -86,19 +99,11 @@ def evaluate_bpb(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len: in
     scored_tokens, scored_bytes = 0, 0
     model.eval()
     for index in range(dist.rank(), len(batches), dist.world_size()):
-        batch = batches[index]
-        x = torch.stack([stream[w:w + seq_len] for w, _ in batch]).to(device)
-        y = torch.stack([stream[w + 1:w + seq_len + 1] for w, _ in batch]).to(device)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model.forward_logits(x)
-        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-        nll = nll.view(len(batch), seq_len).double().cpu()
         losses = []
-        for row, (w, first) in enumerate(batch):
-            lo = first - (w + 1)
-            losses.append(float(nll[row, lo:].sum()))
-            scored_tokens += seq_len - lo
-            scored_bytes += int(byte_counts[first:w + seq_len + 1].sum())
+        for first, end, nll in score_windows(model, stream, batches[index], seq_len, device):
+            losses.append(float(nll.sum()))
+            scored_tokens += end - first
+            scored_bytes += int(byte_counts[first:end].sum())
         row_losses.append((index, losses))
     # Summed in window order whatever the rank count, so N ranks give one process's bits exactly.
     ordered = sorted(item for part in dist.all_gather_objects(row_losses) for item in part)

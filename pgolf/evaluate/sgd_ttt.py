@@ -21,12 +21,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from pgolf import dist
 from pgolf.errors import PgolfError
 from pgolf.evaluate.audit import GLOBAL, Audit
-from pgolf.evaluate.bpb import BpbResult, windows
+from pgolf.evaluate.bpb import BpbResult, score_windows, windows
 from pgolf.evaluate.budget import Budget, unlimited
 
 
@@ -94,21 +93,13 @@ def evaluate_sgd_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len
         started = time.perf_counter()
         model.eval()
         batches = [by_chunk[c][b:b + batch_seqs] for b in range(0, len(by_chunk[c]), batch_seqs)]
-        with torch.no_grad():
-            for batch in batches[rank::world]:
-                x = torch.stack([stream[w:w + seq_len] for w, _ in batch]).to(device)
-                y = torch.stack([stream[w + 1:w + seq_len + 1] for w, _ in batch]).to(device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    logits = model.forward_logits(x)
-                nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-                nll = nll.view(len(batch), seq_len).double().cpu()
-                for row, (w, first) in enumerate(batch):
-                    lo = first - (w + 1)
-                    loss_sum += float(nll[row, lo:].sum())
-                    nll_at[first:w + seq_len + 1] = nll[row, lo:].numpy()
-                    scored_tokens += seq_len - lo
-                    scored_bytes += int(byte_counts[first:w + seq_len + 1].sum())
-                    audit.scored(c, first, w + seq_len + 1)
+        for batch in batches[rank::world]:
+            for first, end, nll in score_windows(model, stream, batch, seq_len, device):
+                loss_sum += float(nll.sum())
+                nll_at[first:end] = nll.numpy()
+                scored_tokens += end - first
+                scored_bytes += int(byte_counts[first:end].sum())
+                audit.scored(c, first, end)
         scoring_seconds += time.perf_counter() - started
         if c == n_chunks - 1 or skipped_from >= 0:
             continue  # the last chunk: nothing is left to score with what it would teach
