@@ -6,6 +6,8 @@ baseline script on the same shards, in one run.
     python bench/train_throughput.py --preset all --steps 100        # every preset, 100 steps each
     python bench/train_throughput.py --reference bench/reference/train_gpt.py --corpus ../shared/corpus/mixed_large.jsonl.gz --steps 200
                                                                      # parity + speed against the challenge's script
+    python bench/train_throughput.py --preset record --per-gpu --set train.model.doc_attention_kernel=flex
+                                                                     # R1's document attention through FlexAttention
     python bench/train_throughput.py --device cpu --tiny             # a seconds-long check that the bench itself works
 
 Reference figure: the challenge's baseline script ran 358.7 ms/step, 1.46 M tokens/s, 10.3 GiB peak
@@ -65,7 +67,7 @@ def corpus_shards(corpus: Path, vocab: int, folder: Path) -> tuple[Path, Path]:
 
 
 def preset_config(preset: str, args) -> train_stage.Config:
-    section = P.render(preset)["train"]
+    section = P.render(preset, args.overrides)["train"]
     nproc = section["nproc"]
     if args.per_gpu and nproc > 1:
         section["train_batch_tokens"] //= nproc  # one GPU's share of the multi-GPU step
@@ -123,6 +125,8 @@ def main() -> int:
     parser.add_argument("--corpus", type=Path, help="jsonl(.gz) text to build real shards from (baseline vocab)")
     parser.add_argument("--reference", type=Path, help="the challenge's train_gpt.py, timed on the same shards")
     parser.add_argument("--reference-timeout", type=int, default=1200)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE",
+                        help="override the preset, e.g. train.model.doc_attention_kernel=flex")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
 

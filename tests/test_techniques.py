@@ -172,3 +172,24 @@ def test_document_attention_isolates_documents():
     assert torch.allclose(a[:, 5:], b[:, 5:], atol=1e-5)
     plain = randomized(ModelConfig(**BASE))
     assert not torch.allclose(plain.forward_logits(ids)[:, 5:], plain.forward_logits(changed)[:, 5:])
+
+
+def test_flex_document_attention_is_the_dense_mask():
+    """doc_attention_kernel flex (FlexAttention block mask) computes what the dense mask does, with
+    documents of several lengths in each row and GQA. On CPU only the forward can run flex (no
+    backward there: training falls back to the dense mask); the backward is the GPU bench's."""
+    dense = randomized(ModelConfig(**BASE, doc_attention=True))
+    flex = GPT(ModelConfig(**BASE, doc_attention=True, doc_attention_kernel="flex"))
+    flex.load_state_dict(dense.state_dict())
+    ids = torch.randint(2, 64, (2, 40))
+    ids[0, [0, 7, 30]] = 1
+    ids[1, [12, 13]] = 1
+    with torch.no_grad():
+        assert torch.allclose(dense.forward_logits(ids), flex.forward_logits(ids), atol=1e-5)
+        changed = ids.clone()
+        changed[0, 8:30] = torch.randint(2, 64, (22,))  # the middle document of row 0
+        a, b = flex.forward_logits(ids), flex.forward_logits(changed)
+        assert torch.allclose(a[0, 30:], b[0, 30:], atol=1e-5) and torch.allclose(a[1], b[1])
+        assert not torch.allclose(a[0, 8:30], b[0, 8:30])
+    y = torch.randint(0, 64, (2, 40))
+    assert torch.allclose(dense(ids, y), flex(ids, y))  # with grad on CPU: the dense fallback

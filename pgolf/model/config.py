@@ -49,6 +49,10 @@ class ModelConfig:
     sparse_attn_gate_scale: float = 0.5
     bos_id: int = 1
     doc_attention: bool = False  # attend only within the document (R1's varlen attention at BOS)
+    # How: "mask": a dense [T, T] boolean mask through SDPA (any device, no compile); "flex":
+    # FlexAttention with a block mask, which skips whole blocks of other documents and is fused into
+    # one kernel when the model is compiled (the CUDA training path). Same function, same parameters.
+    doc_attention_kernel: Literal["mask", "flex"] = "mask"
     bigram_vocab: int = 0  # BigramHash table rows; 0: off
     bigram_dim: int = 128
     ve_layers: list[int] = field(default_factory=list)  # physical layers whose V gets value embeddings

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.model.config import ModelConfig
-from pgolf.model.docmask import document_causal_mask
+from pgolf.model.docmask import Mask, document_block_mask, document_causal_mask, masked_attention
 from pgolf.model.embeddings import BigramHashEmbedding, ValueEmbedding
 from pgolf.model.film import FiLM
 from pgolf.model.gates import AttnOutputGate
@@ -46,7 +46,7 @@ class CausalSelfAttention(nn.Module):
         self.gate = AttnOutputGate(cfg) if cfg.attn_gate != "off" else None
 
     def forward(self, n: Tensor, prenorm: Tensor, value_embed: Tensor | None = None,
-                mask: Tensor | None = None, lora: SlotAdapters | None = None) -> Tensor:
+                mask: Mask | None = None, lora: SlotAdapters | None = None) -> Tensor:
         bsz, seqlen, dim = n.shape
         q_flat, k_flat, v = self.c_q(n), self.c_k(n), self.c_v(n)
         if lora is not None:
@@ -64,7 +64,7 @@ class CausalSelfAttention(nn.Module):
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+            y = masked_attention(q, k, v, mask, gqa)
         if self.xsa:
             y = exclusive(y, v)
         if self.gate is not None:
@@ -95,7 +95,7 @@ class Block(nn.Module):
         else:
             self.attn_inhibitor = self.mlp_inhibitor = None
 
-    def _attn(self, x_in: Tensor, value_embed: Tensor | None, mask: Tensor | None,
+    def _attn(self, x_in: Tensor, value_embed: Tensor | None, mask: Mask | None,
               lora: SlotAdapters | None = None) -> Tensor:
         n = rms_norm(x_in) * self.norm_scale
         ve = value_embed * self.ve_scale.to(n.dtype) if self.ve_scale is not None and value_embed is not None else None
@@ -117,13 +117,13 @@ class Block(nn.Module):
         return m[0] * x + m[1] * x0
 
     def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None,
-                mask: Tensor | None = None, lora: SlotAdapters | None = None) -> Tensor:
+                mask: Mask | None = None, lora: SlotAdapters | None = None) -> Tensor:
         x = self.mix(x, x0)
         x = x + self._attn(x, value_embed, mask, lora)
         return x + self._mlp(x, lora)
 
     def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, value_embed: Tensor | None = None,
-                      mask: Tensor | None = None, lora: SlotAdapters | None = None) -> tuple[Tensor, Tensor]:
+                      mask: Mask | None = None, lora: SlotAdapters | None = None) -> tuple[Tensor, Tensor]:
         """Attention reads the mixed lane 0, the MLP reads lane 1, both lanes take both outputs."""
         a = self._attn(self.mix(lane0, x0), value_embed, mask, lora)
         m = self._mlp(lane1, lora)
@@ -200,7 +200,11 @@ class GPT(nn.Module):
         x = self.embed(input_ids)
         x0 = x
         ve = self.value_embed(input_ids).to(x.dtype) if self.value_embed is not None else None
-        mask = document_causal_mask(input_ids, self.cfg.bos_id) if self.cfg.doc_attention else None
+        mask = None
+        if self.cfg.doc_attention:
+            # FlexAttention has no backward on CPU: there, training falls back to the dense mask.
+            flex = self.cfg.doc_attention_kernel == "flex" and (input_ids.is_cuda or not torch.is_grad_enabled())
+            mask = (document_block_mask if flex else document_causal_mask)(input_ids, self.cfg.bos_id)
         plan = self.plan
         skips: list[Tensor] = []
         def lora(step):
