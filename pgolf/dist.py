@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from datetime import timedelta
 
 import torch
@@ -16,13 +17,36 @@ class LaunchError(PgolfError):
     """A torchrun worker failed; the message carries the tail of the workers' output."""
 
 
+_solo = False  # inside solo(): this process acts alone, whatever group it is in
+
+
 def rank() -> int:
     """This process's rank: the process group's once one is joined, torchrun's before."""
+    if _solo:
+        return 0
     return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
+    if _solo:
+        return 1
     return dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@contextmanager
+def solo():
+    """Run the block as a single process although this one is in a torchrun group (the stages an
+    exported script runs on rank 0 alone): no sharding, no collectives."""
+    global _solo
+    previous, _solo = _solo, True
+    try:
+        yield
+    finally:
+        _solo = previous
+
+
+def _collective() -> bool:
+    return dist.is_initialized() and world_size() > 1
 
 
 def local_rank() -> int:
@@ -55,8 +79,24 @@ def init(device: torch.device) -> None:
         dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), **kwargs)
 
 
+@contextmanager
+def process_group(device: torch.device):
+    """In torchrun's process group for the block: joined here and left at the end, or, when the
+    caller is already in one (stages run one after another in the same processes), left as it is."""
+    owned = not dist.is_initialized()
+    init(device)
+    try:
+        yield
+    except BaseException:
+        if owned and dist.is_initialized():
+            dist.destroy_process_group()  # no barrier: the other ranks may never reach it
+        raise
+    if owned:
+        shutdown()
+
+
 def barrier() -> None:
-    if dist.is_initialized():
+    if _collective():
         dist.barrier()
 
 
@@ -68,7 +108,7 @@ def shutdown() -> None:
 
 def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on any: all ranks stop on the same step."""
-    if not dist.is_initialized():
+    if not _collective():
         return flag
     t = torch.tensor(1 if flag else 0, device=device, dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -77,7 +117,7 @@ def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
 
 def all_gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order (pickled; for logs and small results, not tensors)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _collective():
         return [obj]
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
@@ -86,7 +126,7 @@ def all_gather_objects(obj) -> list:
 
 def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     """Elementwise sums over ranks in float64 (loss, token and byte totals stay exact integers)."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _collective():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -96,7 +136,7 @@ def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
 def average_gradients(params, mean: bool = True) -> None:
     """Mean (or sum) of every gradient across ranks, one flat buffer per dtype (no DDP wrapper
     needed). Parameters without a gradient are skipped, so every rank must have the same ones."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
+    if not _collective():
         return
     grads = [p.grad for p in params if p.grad is not None]
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}

@@ -75,6 +75,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         return evaluate(cfg, inputs, out)
     write_json(out / "config.json", asdict(cfg))
     dist.launch("tasks.eval", ["--worker", "--out", str(out), *[f"--{k}={v}" for k, v in inputs.items()]], cfg.nproc)
+    out.joinpath("config.json").unlink()  # the workers' copy; metrics.json is the output
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -82,7 +83,11 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     """This process's share of the eval (all of it without torchrun); rank 0 writes metrics.json."""
     budget = Budget(cfg.budget_s)
     device = dist.resolve_device(cfg.device)
-    dist.init(device)
+    with dist.process_group(device):
+        return _evaluate(cfg, inputs, out, device, budget)
+
+
+def _evaluate(cfg: Config, inputs: dict[str, Path], out: Path, device: torch.device, budget: Budget) -> dict:
     artifact = Path(inputs["pack"]) / "artifact.bin"
     model = model_from_artifact(artifact, device)
     sp, tok = load_tokenizer(inputs["tokenizer"])
@@ -135,7 +140,6 @@ def evaluate(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     }
     if dist.is_main():
         write_json(out / "metrics.json", metrics)
-    dist.shutdown()
     return metrics
 
 

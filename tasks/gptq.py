@@ -6,6 +6,8 @@ non-float tensors pass through as fp16. report.json compares each tensor's outpu
 round-to-nearest's."""
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -16,6 +18,7 @@ import torch
 from pgolf import dist
 from pgolf.data.shards import check_vocab
 from pgolf.model.io import load_model
+from pgolf.params import from_dict
 from pgolf.quant.format import QuantizedModel, save_quantized
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
 from pgolf.quant.lqer import correction, low_rank_factors, pack_factors
@@ -46,6 +49,7 @@ class Config:
     passthrough_max_numel: int = 65536
     device: str = "auto"
     seed: int = 1337
+    nproc: int = 1  # > 1: torchrun processes, each calibrating on its share of the batches
 
     def validate(self) -> None:
         for name in ("bits", "embed_bits"):
@@ -58,6 +62,8 @@ class Config:
             raise ValueError("damp must be in (0, 1)")
         if self.calib_source not in ("train", "self"):
             raise ValueError(f"calib_source {self.calib_source!r} must be 'train' or 'self'")
+        if self.nproc < 1:
+            raise ValueError("nproc must be >= 1")
         if self.lqer_rank < 0 or self.lqer_top_k < 0 or self.lqer_group < 1:
             raise ValueError("lqer_rank and lqer_top_k must be >= 0, lqer_group >= 1")
 
@@ -142,7 +148,22 @@ def apply_lqer(state, tensors, entries, report, hessians, cfg: Config) -> None:
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    if cfg.nproc == 1:
+        return calibrate_and_quantize(cfg, inputs, out)
+    write_json(out / "config.json", asdict(cfg))
+    dist.launch("tasks.gptq", ["--worker", "--out", str(out), *[f"--{k}={v}" for k, v in inputs.items()]], cfg.nproc)
+    out.joinpath("config.json").unlink()  # the workers' copy; report.json records the config
+    return json.loads((out / "report.json").read_text())["summary"]
+
+
+def calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    """This process's share of calibration (all of it without torchrun); rank 0 quantizes and writes."""
     device = dist.resolve_device(cfg.device)
+    with dist.process_group(device):
+        return _calibrate_and_quantize(cfg, inputs, out, device)
+
+
+def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, device: torch.device) -> dict:
     model, model_cfg = load_model(inputs["train"], device)
     check_vocab(inputs["shards"], model_cfg.vocab_size)
     started = time.perf_counter()
@@ -155,6 +176,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         hessians, tokens = collect_hessians(model, batches, device)
     hessian_seconds = time.perf_counter() - started
+    if not dist.is_main():
+        return {}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     qm, report = quantize_state(state, hessians, cfg, asdict(model_cfg))
     save_quantized(qm, out / "quantized.safetensors")
@@ -162,6 +185,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     summary = {
         "calib_tokens": tokens,
         "calib_source": cfg.calib_source,
+        "calib_ranks": dist.world_size(),
         "hessian_seconds": round(hessian_seconds, 3),
         "quantize_seconds": round(time.perf_counter() - started - hessian_seconds, 3),
         "tensors_gptq": sum(r["kind"] == "gptq" for r in report.values()),
@@ -176,9 +200,24 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     return summary
 
 
+def worker_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tasks.gptq --worker")
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--out", required=True)
+    for name in SPEC.inputs:
+        parser.add_argument(f"--{name}", required=True)
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    cfg = from_dict(Config, json.loads((out / "config.json").read_text()), f"{out / 'config.json'}")
+    calibrate_and_quantize(cfg, {name: Path(getattr(args, name)) for name in SPEC.inputs}, out)
+    return 0
+
+
 SPEC = StageSpec(name="gptq", config_cls=Config, run=run, out="artifacts/gptq",
                  inputs={"train": "artifacts/train", "shards": "artifacts/shards"},
                  producers={"train": "train", "shards": "shards"})
 
 if __name__ == "__main__":
+    if "--worker" in sys.argv[1:]:
+        sys.exit(worker_main(sys.argv[1:]))
     sys.exit(stage_main(SPEC))

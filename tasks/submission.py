@@ -3,15 +3,16 @@ code, under torchrun inside a records folder.
 
     torchrun --standalone --nproc_per_node=8 train_gpt.py --shards DIR --tokenizer DIR [--out DIR]
 
-Every rank trains (the training loop's collectives need them all); rank 0 then runs gptq and pack
-(counting this script the records' way) while the others wait; every rank evaluates its share, and
-rank 0 prints one `pgolf_final {...}` JSON line.
+Every rank trains and calibrates GPTQ on its share; rank 0 quantizes and packs (counting this
+script the records' way) while the others wait; every rank evaluates its share, and rank 0 prints
+one `pgolf_final {...}` JSON line.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from contextlib import nullcontext
 from dataclasses import replace
 from pathlib import Path
 
@@ -19,6 +20,10 @@ from pgolf import dist
 from pgolf.params import from_dict
 from tasks import eval as eval_stage, gptq, pack, train
 from tasks.common import execute, write_json
+
+
+def spread_or_solo(nproc: int):
+    return nullcontext() if nproc > 1 else dist.solo()
 
 
 def main(params: dict, script: str, argv: list[str] | None = None) -> int:
@@ -35,20 +40,27 @@ def main(params: dict, script: str, argv: list[str] | None = None) -> int:
     resolved = {"model": params["train"]["model"], "train": params["train"], "code_version": "exported"}
     write_json(train_dir / "config.json", resolved)
     train.train_in_process(train_cfg, Path(args.shards), train_dir, resolved, keep_group=True)
+    # Already under torchrun: gptq and eval run in this process group, on every rank when their
+    # nproc asks for more than one process (calibration and scoring spread), else on rank 0 alone,
+    # as the pipeline's stages would. Only rank 0 writes.
+    gptq_cfg = from_dict(gptq.Config, params["gptq"], "gptq")
+    gptq_inputs = {"train": train_dir, "shards": Path(args.shards)}
     if dist.is_main():
-        execute(gptq.SPEC, from_dict(gptq.Config, params["gptq"], "gptq"),
-                {"train": train_dir, "shards": Path(args.shards)}, out / "gptq")
+        with spread_or_solo(gptq_cfg.nproc):
+            execute(replace(gptq.SPEC, run=gptq.calibrate_and_quantize), gptq_cfg, gptq_inputs, out / "gptq")
         pack_cfg = from_dict(pack.Config, {**params["pack"], "code_file": str(Path(script).resolve())}, "pack")
         execute(pack.SPEC, pack_cfg, {"gptq": out / "gptq"}, out / "pack")
+    elif gptq_cfg.nproc > 1:
+        gptq.calibrate_and_quantize(gptq_cfg, gptq_inputs, out / "gptq")
     dist.barrier()
-    # Already under torchrun: every rank evaluates its share in this process group (nproc 1: the
-    # stage launches no processes of its own); only rank 0 writes.
-    eval_cfg = replace(from_dict(eval_stage.Config, params["eval"], "eval"), nproc=1)
+    eval_cfg = from_dict(eval_stage.Config, params["eval"], "eval")
     eval_inputs = {"pack": out / "pack", "shards": Path(args.shards), "tokenizer": Path(args.tokenizer)}
     if not dist.is_main():
-        eval_stage.evaluate(eval_cfg, eval_inputs, out / "eval")
+        if eval_cfg.nproc > 1:
+            eval_stage.evaluate(eval_cfg, eval_inputs, out / "eval")
         return 0
-    metrics = execute(eval_stage.SPEC, eval_cfg, eval_inputs, out / "eval")
+    with spread_or_solo(eval_cfg.nproc):
+        metrics = execute(replace(eval_stage.SPEC, run=eval_stage.evaluate), eval_cfg, eval_inputs, out / "eval")
     size = json.loads((out / "pack" / "size.json").read_text())
     final = {"val_loss": metrics["val_loss"], "val_bpb": metrics["val_bpb"], "artifact_bytes": size["total_bytes"],
              "code_bytes": size["code_bytes"], "model_bytes": size["model_bytes"]}

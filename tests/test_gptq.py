@@ -189,3 +189,21 @@ def test_self_generated_calibration_is_deterministic_and_starts_at_bos(data_dirs
     summary = run_gptq(data_dirs, trained, tmp_path / "q", calib_source="self", calib_seq_len=16)
     assert summary["calib_source"] == "self" and summary["calib_tokens"] == 2 * 4 * 16
     assert summary["mean_error"] < summary["mean_rtn_error"]
+
+
+@pytest.mark.parametrize("source,batches", [("train", 3), ("self", 1)])
+def test_calibration_spread_over_two_ranks_is_one_process_calibration(data_dirs, trained, tmp_path, source, batches):
+    """nproc 2 (torchrun, gloo): batch i calibrates on rank i mod 2 and the Hessians are summed over
+    ranks (with 1 batch, rank 1 has none and adds zeros). Same tokens, the same Hessians up to float32
+    sum order, so the same codes but for the odd one at a rounding boundary."""
+    one = run_gptq(data_dirs, trained, tmp_path / "one", calib_source=source, calib_batches=batches)
+    two = run_gptq(data_dirs, trained, tmp_path / "two", calib_source=source, calib_batches=batches, nproc=2)
+    assert two["calib_ranks"] == 2 and one["calib_ranks"] == 1
+    assert two["calib_tokens"] == one["calib_tokens"] == batches * 4 * 32
+    assert two["mean_error"] == pytest.approx(one["mean_error"], rel=1e-4)
+    a, b = (load_quantized(tmp_path / f"{n}/quantized.safetensors") for n in ("one", "two"))
+    codes = [n for n in a.tensors if n.endswith(".q")]
+    same = sum(int((a.tensors[n] == b.tensors[n]).sum()) for n in codes)
+    total = sum(a.tensors[n].numel() for n in codes)
+    assert same >= 0.999 * total
+    assert not (tmp_path / "two/config.json").exists()

@@ -1,4 +1,8 @@
-"""Calibration: H = sum of x x^T over the inputs of every quantized matrix (reference.md 5.2)."""
+"""Calibration: H = sum of x x^T over the inputs of every quantized matrix (reference.md 5.2).
+
+Under torchrun the calibration batches are dealt round-robin over ranks (batch i on rank i mod W)
+and the sums and token counts are all-reduced, so every rank ends with the Hessians of all batches
+(equal to one process's up to the order of float32 sums)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pgolf import dist
 from pgolf.data.shards import list_shards, read_shard
 from pgolf.errors import InputError
 from pgolf.model.gpt import GPT, CastedLinear
@@ -32,10 +37,19 @@ def calibration_batches(shards: str | Path, batches: int, batch_seqs: int, seq_l
         yield torch.from_numpy(np.stack(rows))
 
 
+def this_ranks_share(batches):
+    """Batch i of a calibration stream goes to rank i mod world size."""
+    rank, world = dist.rank(), dist.world_size()
+    for i, batch in enumerate(batches):
+        if i % world == rank:
+            yield batch
+
+
 @torch.no_grad()
 def collect_hessians(model: GPT, batches, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
     """Hessians keyed by weight name (`blocks.0.attn.c_q.weight`, ...; the tied embedding's from the
-    final-norm output that feeds the LM head). Returns (hessians / token count, token count)."""
+    final-norm output that feeds the LM head), over this rank's share of `batches`, summed over
+    ranks. Returns (hessians / token count, token count)."""
     hessians: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -53,7 +67,7 @@ def collect_hessians(model: GPT, batches, device: torch.device) -> tuple[dict[st
     model.eval()
     tokens = 0
     try:
-        for batch in batches:
+        for batch in this_ranks_share(batches):
             h = model.hidden(batch.to(device))
             x = h.reshape(-1, h.size(-1)).float()
             hessians[head_name] = x.T @ x if head_name not in hessians else hessians[head_name].add_(x.T @ x)
@@ -61,6 +75,14 @@ def collect_hessians(model: GPT, batches, device: torch.device) -> tuple[dict[st
     finally:
         for handle in hooks:
             handle.remove()
+    if dist.world_size() > 1:
+        # A rank with no batch still takes part: its hooks never ran, so its sums are zeros of the same shapes.
+        shapes = dist.all_gather_objects({k: tuple(v.shape) for k, v in hessians.items()})
+        for name, shape in sorted({k: v for part in shapes for k, v in part.items()}.items()):
+            hessians.setdefault(name, torch.zeros(shape, device=device))
+        for name in sorted(hessians):
+            torch.distributed.all_reduce(hessians[name])
+        tokens = int(dist.all_reduce_sums([tokens], device)[0])
     return {k: (v / max(tokens, 1)).cpu() for k, v in sorted(hessians.items())}, tokens
 
 
@@ -69,9 +91,14 @@ def self_generated_batches(model: GPT, batches: int, batch_seqs: int, seq_len: i
                            bos_id: int, device: torch.device):
     """Calibration text the model writes itself, starting from BOS (R0325, PR #1019): no training
     data is touched after the training wallclock, which the challenge rules out."""
-    generator = torch.Generator(device=device).manual_seed(seed)
     model.eval()
-    for _ in range(batches):
+    for index in range(batches):
+        # One generator per batch: a rank writes only its own share, and each batch is the same
+        # whichever rank writes it.
+        generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + index)
+        if index % dist.world_size() != dist.rank():
+            yield None
+            continue
         seqs = torch.full((batch_seqs, 1), bos_id, dtype=torch.long, device=device)
         while seqs.size(1) < seq_len:
             logits = model.forward_logits(seqs)[:, -1].float()
