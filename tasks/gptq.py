@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -19,6 +20,7 @@ from pgolf import dist
 from pgolf.data.shards import check_vocab
 from pgolf.model.io import load_model
 from pgolf.params import from_dict
+from pgolf.quant.baseline_int8 import quantize_baseline_int8
 from pgolf.quant.format import QuantizedModel, save_quantized
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
 from pgolf.quant.lqer import correction, low_rank_factors, pack_factors
@@ -28,6 +30,9 @@ from tasks.common import StageSpec, stage_main, write_json
 
 @dataclass
 class Config:
+    # gptq: Hessian calibration + GPTQ with the settings below; int8_baseline: the challenge
+    # baseline's int8 per-row format (no calibration; every setting below but nproc unused).
+    method: Literal["gptq", "int8_baseline"] = "gptq"
     calib_batches: int = 16
     calib_seq_len: int = 1024
     calib_batch_seqs: int = 8
@@ -167,6 +172,17 @@ def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, dev
     model, model_cfg = load_model(inputs["train"], device)
     check_vocab(inputs["shards"], model_cfg.vocab_size)
     started = time.perf_counter()
+    if cfg.method == "int8_baseline":
+        if not dist.is_main():
+            return {}
+        qm, report = quantize_baseline_int8({k: v.detach().cpu() for k, v in model.state_dict().items()},
+                                            asdict(model_cfg))
+        save_quantized(qm, out / "quantized.safetensors")
+        summary = {"method": cfg.method, "quantize_seconds": round(time.perf_counter() - started, 3),
+                   "tensors_int8": sum(e["kind"].startswith("int8") for e in qm.entries.values()),
+                   "tensors_passthrough": sum(e["kind"] == "passthrough" for e in qm.entries.values())}
+        write_json(out / "report.json", {"summary": summary, "config": asdict(cfg), "tensors": report})
+        return summary
     if cfg.calib_source == "self":
         batches = self_generated_batches(model, cfg.calib_batches, cfg.calib_batch_seqs, cfg.calib_seq_len,
                                          cfg.calib_temperature, cfg.seed, model_cfg.bos_id, device)
@@ -183,6 +199,7 @@ def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, dev
     save_quantized(qm, out / "quantized.safetensors")
     gptq_errors = [r for r in report.values() if "error" in r]
     summary = {
+        "method": cfg.method,
         "calib_tokens": tokens,
         "calib_source": cfg.calib_source,
         "calib_ranks": dist.world_size(),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -207,3 +208,61 @@ def test_calibration_spread_over_two_ranks_is_one_process_calibration(data_dirs,
     total = sum(a.tensors[n].numel() for n in codes)
     assert same >= 0.999 * total
     assert not (tmp_path / "two/config.json").exists()
+
+
+def test_baseline_int8_is_the_baseline_rule():
+    """Against an independent numpy computation of int8_clean_per_row_v1 (reference.md 6.3)."""
+    from pgolf.quant.baseline_int8 import quantize_baseline_int8
+
+    g = torch.Generator().manual_seed(0)
+    matrix = torch.randn(300, 400, generator=g) * 0.02
+    matrix[3, 7] = 5.0  # an outlier that the 99.99984th percentile clips
+    matrix[5] = 0.0  # a dead row: scale floors at 1/127
+    state = {"blocks.0.mlp.fc.weight": matrix, "long_vector": torch.randn(70_000, generator=g),
+             "blocks.0.attn_scale": torch.randn(400, generator=g), "blocks.0.norm_gain": torch.randn(400, generator=g),
+             "step": torch.tensor(7)}
+    qm, report = quantize_baseline_int8(state, {})
+    w = matrix.double().numpy()
+    clip = np.quantile(np.abs(w), 0.9999984, axis=1)
+    scale = np.maximum(clip / 127.0, 1.0 / 127.0)
+    codes = np.clip(np.round(np.clip(w, -clip[:, None], clip[:, None]) / scale[:, None]), -127, 127)
+    assert np.abs(qm.tensors["blocks.0.mlp.fc.weight.q"].numpy() - codes).max() <= 1  # fp32 vs fp64 ties
+    assert (qm.tensors["blocks.0.mlp.fc.weight.q"].numpy() != codes).mean() < 1e-3
+    assert np.allclose(qm.tensors["blocks.0.mlp.fc.weight.scale"].float().numpy(), scale, rtol=1e-3)
+    assert qm.tensors["blocks.0.mlp.fc.weight.scale"].dtype == torch.float16
+    assert qm.tensors["blocks.0.mlp.fc.weight.q"][3, 7] == 127 and qm.tensors["blocks.0.mlp.fc.weight.scale"][5] == torch.tensor(1 / 127).half()
+    v = state["long_vector"].double().numpy()
+    vclip = np.quantile(np.abs(v), 0.9999984)
+    assert qm.entries["long_vector"]["kind"] == "int8_tensor"
+    # rel 1e-3: like the baseline, torch.quantile interpolates at a float32 position (69,998.89)
+    assert float(qm.tensors["long_vector.scale"]) == pytest.approx(vclip / 127, rel=1e-3)
+    # control tensors stay fp32 exactly, other small floats go through fp16, integers stay
+    assert qm.tensors["blocks.0.attn_scale"].dtype == torch.float32
+    assert torch.equal(qm.tensors["blocks.0.attn_scale"], state["blocks.0.attn_scale"])
+    assert qm.tensors["blocks.0.norm_gain"].dtype == torch.float16 and torch.equal(qm.tensors["step"], state["step"])
+    deq = qm.dequantize()
+    expected = qm.tensors["blocks.0.mlp.fc.weight.q"].float() * qm.tensors["blocks.0.mlp.fc.weight.scale"].float()[:, None]
+    assert torch.equal(deq["blocks.0.mlp.fc.weight"], expected)
+    assert report["blocks.0.mlp.fc.weight"]["kind"] == "int8_row"
+
+
+def test_stage_writes_the_baseline_int8_format_and_eval_runs_on_it(data_dirs, tmp_path):
+    from pgolf.model.config import ModelConfig
+    from pgolf.model.gpt import GPT
+    from pgolf.model.io import save_model
+    from tasks import eval as eval_stage, pack as pack_stage
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(0)
+    wide = GPT(ModelConfig(**{**TINY_MODEL, "model_dim": 192, "num_heads": 4}))  # embedding and MLP > 65,536
+    (tmp_path / "train").mkdir()
+    save_model(wide, wide.cfg, tmp_path / "train")
+    summary = run_gptq(data_dirs, tmp_path / "train", tmp_path / "q", method="int8_baseline")
+    assert summary["method"] == "int8_baseline" and summary["tensors_int8"] == 1 + 2 * 2
+    qm = load_quantized(tmp_path / "q/quantized.safetensors")
+    assert {e["kind"] for e in qm.entries.values()} <= {"int8_row", "int8_tensor", "passthrough"}
+    execute(pack_stage.SPEC, pack_stage.Config(compressor="zlib", level=9), {"gptq": tmp_path / "q"}, tmp_path / "p")
+    metrics = execute(eval_stage.SPEC, eval_stage.Config(seq_len=32, device="cpu"),
+                      {"pack": tmp_path / "p", "shards": data_dirs["shards"], "tokenizer": data_dirs["tokenizer"]},
+                      tmp_path / "e")
+    assert np.isfinite(metrics["val_bpb"]) and metrics["tokens"] > 0

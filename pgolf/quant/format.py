@@ -15,7 +15,7 @@ from pgolf.errors import FormatError, InputError
 from pgolf.quant.lqer import correction
 
 QUANT_FORMAT = "pgolf-quant-v1"
-KINDS = ("gptq", "rtn", "int8_row", "passthrough")
+KINDS = ("gptq", "rtn", "int8_row", "int8_tensor", "passthrough")
 
 
 @dataclass
@@ -29,6 +29,8 @@ class QuantizedModel:
         for name, entry in sorted(self.entries.items()):
             if entry["kind"] == "passthrough":
                 out[name] = self.tensors[name].float()
+            elif entry["kind"] == "int8_tensor":  # one scale for the whole tensor (the baseline's non-matrices)
+                out[name] = self.tensors[f"{name}.q"].float() * self.tensors[f"{name}.scale"].float()
             else:
                 codes, scale = self.tensors[f"{name}.q"], self.tensors[f"{name}.scale"]
                 out[name] = codes.float() * scale.float()[:, None]

@@ -1,0 +1,93 @@
+"""Score a model trained by the challenge's baseline script the way that script scores itself:
+its final_model.pt -> train stage import -> gptq `int8_baseline` (int8_clean_per_row_v1) -> pack
+(zlib 9) -> flat eval at 1,024 tokens; printed beside the value the script printed for the same
+model (its `final_int8_zlib_roundtrip val_bpb` line).
+
+    python bench/reference_int8.py --checkpoint final_model.pt --shards data/datasets/fineweb10B_sp1024 \
+        --tokenizer-model data/tokenizers/fineweb_1024_bpe.model --expect 1.22436570
+    python bench/reference_int8.py --tiny          # CPU: a smoke-sized model saved as a final_model.pt
+
+The shards must be the ones the script evaluated (the published sp1024 folder, adopted without
+copying); the tokenizer model is the one it used.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pgolf.model.gpt import GPT  # noqa: E402
+from pgolf.params import from_dict  # noqa: E402
+from tasks import eval as eval_stage, gptq, pack, train  # noqa: E402
+from tasks import params as P  # noqa: E402
+from tasks.common import execute  # noqa: E402
+
+
+def tiny_inputs(work: Path) -> tuple[Path, Path, Path]:
+    """The smoke preset's corpus, tokenizer and shards, and a random smoke-sized model saved the way
+    the baseline saves its own (torch.save of the state dict, bf16 embedding)."""
+    from tasks import corpus, shards, tokenizer
+
+    params = P.render("smoke")
+    execute(corpus.SPEC, from_dict(corpus.Config, params["corpus"], "corpus"), {}, work / "corpus")
+    execute(tokenizer.SPEC, from_dict(tokenizer.Config, params["tokenizer"], "tokenizer"),
+            {"corpus": work / "corpus"}, work / "tokenizer")
+    execute(shards.SPEC, from_dict(shards.Config, params["shards"], "shards"),
+            {"corpus": work / "corpus", "tokenizer": work / "tokenizer"}, work / "shards")
+    torch.manual_seed(0)
+    model = GPT(from_dict(train.Config, params["train"], "train").model)
+    state = {k: (v.bfloat16() if k == "tok_emb.weight" else v) for k, v in model.state_dict().items()}
+    torch.save(state, work / "final_model.pt")
+    return work / "final_model.pt", work / "shards", work / "tokenizer"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, help="final_model.pt written by the baseline script")
+    parser.add_argument("--shards", type=Path, help="a shards stage output or a published shard folder")
+    parser.add_argument("--tokenizer", type=Path, help="a tokenizer stage output (tokenizer.model + tokenizer.json)")
+    parser.add_argument("--expect", type=float, help="the val_bpb the baseline script printed after its int8+zlib round trip")
+    parser.add_argument("--preset", default="baseline", help="the preset whose model config matches the checkpoint")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--tiny", action="store_true")
+    args = parser.parse_args(argv)
+    work = Path(tempfile.mkdtemp(prefix="pgolf-ref-int8-"))
+    try:
+        if args.tiny:
+            args.checkpoint, args.shards, args.tokenizer = tiny_inputs(work)
+            args.preset, args.device = "smoke", "cpu"
+        if not (args.checkpoint and args.shards and args.tokenizer):
+            parser.error("--checkpoint, --shards and --tokenizer are needed (or --tiny)")
+        params = P.render(args.preset)
+        train_cfg = from_dict(train.Config, {**params["train"], "import_checkpoint": str(args.checkpoint.resolve())}, "train")
+        execute(train.SPEC, train_cfg, {"shards": args.shards}, work / "train")
+        q = execute(gptq.SPEC, gptq.Config(method="int8_baseline", device=args.device),
+                    {"train": work / "train", "shards": args.shards}, work / "gptq")
+        size = execute(pack.SPEC, pack.Config(compressor="zlib", level=9, layout="flat"), {"gptq": work / "gptq"},
+                       work / "pack")
+        metrics = execute(eval_stage.SPEC, eval_stage.Config(seq_len=params["eval"]["seq_len"] if args.tiny else 1024,
+                                                             device=args.device),
+                          {"pack": work / "pack", "shards": args.shards, "tokenizer": args.tokenizer}, work / "eval")
+        report = {"val_loss": metrics["val_loss"], "val_bpb": metrics["val_bpb"], "tokens": metrics["tokens"],
+                  "model_bytes": size["model_bytes"], "quantize_seconds": q["quantize_seconds"],
+                  "eval_seconds": metrics["eval_seconds"]}
+        if args.expect is not None:
+            report.update(expected_val_bpb=args.expect, difference=metrics["val_bpb"] - args.expect)
+        print(f"val_bpb {metrics['val_bpb']:.8f}" + (f"  (baseline script: {args.expect:.8f}, "
+                                                     f"difference {report['difference']:+.2e})" if args.expect else ""))
+        print("BENCH_JSON " + json.dumps(report))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
