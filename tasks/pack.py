@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -9,8 +10,7 @@ from typing import Literal
 from pgolf.errors import CapExceededError
 from pgolf.pack.chart import bytes_chart
 from pgolf.pack.codesize import code_bytes, import_closure, wrapped_size
-from pgolf.pack.compress import compress
-from pgolf.pack.serialize import pack, tensor_bytes, unpack
+from pgolf.pack.serialize import pack, store_stream, stream_choices, tensor_bytes, unpack
 from pgolf.quant.format import load_quantized
 from tasks.common import StageSpec, stage_main, write_json
 
@@ -21,7 +21,8 @@ CHALLENGE_CAP_BYTES = 16_000_000
 
 @dataclass
 class Config:
-    compressor: Literal["lzma", "brotli", "zlib", "zstd", "lrzip"] = "brotli"
+    # best: each stream with whichever installed compressor (lrzip, lzma, brotli, zstd) is smallest
+    compressor: Literal["lzma", "brotli", "zlib", "zstd", "lrzip", "best"] = "brotli"
     level: int = -1  # -1: the compressor's strongest (lzma 9e, brotli 11, zlib 9, zstd 22, lrzip 9)
     layout: Literal["flat", "pergroup"] = "flat"  # pergroup: R1's per-family streams, transposed
     sort_rows: bool = False  # pergroup: greedy L1 row order for tok_emb, c_q, mlp.fc (R1)
@@ -51,14 +52,18 @@ def group_sizes(qm, raw_sizes: dict[str, int], compressor: str, level: int) -> d
     for name in sorted(raw_sizes):
         groups.setdefault(tensor_group(name), []).append(name)
     return {g: {"raw_bytes": sum(raw_sizes[n] for n in names),
-                "compressed_bytes": len(compress(b"".join(tensor_bytes(qm.tensors[n]) for n in names), compressor, level))}
+                "compressed_bytes": len(store_stream(b"".join(tensor_bytes(qm.tensors[n]) for n in names), compressor,
+                                                     level, try_shuffle=True)[0])}
             for g, names in sorted(groups.items())}
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     qm = load_quantized(Path(inputs["gptq"]) / "quantized.safetensors")
+    started = time.perf_counter()
     blob, raw_sizes = pack(qm, cfg.compressor, cfg.level, cfg.layout, cfg.sort_rows)
+    pack_seconds = time.perf_counter() - started
     restored = unpack(blob, "packed artifact")
+    unpack_seconds = time.perf_counter() - started - pack_seconds
     for name, tensor in qm.tensors.items():
         if not tensor.equal(restored.tensors[name]):
             raise AssertionError(f"pack round trip changed tensor {name}")
@@ -80,7 +85,10 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         "margin_bytes": cfg.cap_bytes - total,
         "compressor": cfg.compressor,
         "layout": cfg.layout,
+        "pack_seconds": round(pack_seconds, 3),
+        "unpack_seconds": round(unpack_seconds, 3),
         "payload_bytes": sum(raw_sizes.values()),
+        "streams": stream_choices(blob),
         "groups": group_sizes(qm, raw_sizes, cfg.compressor, cfg.level),
     }
     if total > cfg.cap_bytes:
@@ -92,7 +100,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     write_json(out / "size.json", size)
     (out / "bytes_by_group.svg").write_text(
         bytes_chart(size["groups"], f"artifact {total:,} bytes ({cfg.compressor}, {cfg.layout})"), encoding="utf-8")
-    return {k: v for k, v in size.items() if isinstance(v, (int, str))}
+    return {k: v for k, v in size.items() if isinstance(v, (int, float, str))}
 
 
 SPEC = StageSpec(name="pack", config_cls=Config, run=run, out="artifacts/pack",

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import struct
 
+import numpy as np
 import pytest
 import torch
 
@@ -153,3 +154,32 @@ def test_wrapped_code_size_follows_the_records_rule():
     with contextlib.redirect_stdout(out):
         exec(text, {})
     assert out.getvalue() == "3\n"
+
+
+@pytest.mark.parametrize("layout", ["flat", "pergroup"])
+def test_best_is_never_larger_than_any_single_compressor_and_round_trips(layout):
+    """compressor best: each stream with its smallest candidate (and the payload stream possibly
+    byte-shuffled), so for the same layout no single compressor beats it; decoding is exact."""
+    from pgolf.pack.compress import best_candidates
+    from pgolf.pack.serialize import stream_choices
+
+    qm = quantized_model()
+    best, _ = pack(qm, "best", layout=layout, sort_rows=True)
+    for name in best_candidates():
+        single, _ = pack(qm, name, layout=layout, sort_rows=True)
+        assert len(best) <= len(single), name
+    restored = unpack(best)
+    assert all(torch.equal(restored.tensors[n], t) for n, t in qm.tensors.items())
+    choices = stream_choices(best)
+    assert len(choices) == (1 if layout == "flat" else 9)
+    assert {c["compressor"] for c in choices if c["stored_bytes"]} <= set(best_candidates())
+    assert pack(qm, "best", layout=layout, sort_rows=True)[0] == best  # deterministic
+
+
+def test_byte_shuffle_inverts_and_groups_high_bytes():
+    from pgolf.pack.compress import byte_shuffle, byte_unshuffle
+
+    data = np.arange(1001, dtype=np.uint8).tobytes()
+    assert byte_unshuffle(byte_shuffle(data)) == data
+    halves = np.array([1.0, 2.0, 3.0], dtype=np.float16).tobytes()
+    assert byte_shuffle(halves) == halves[0::2] + halves[1::2]

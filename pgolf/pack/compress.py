@@ -13,6 +13,7 @@ import zlib
 from pathlib import Path
 
 import brotli
+import numpy as np
 import zstandard
 
 from pgolf.errors import PgolfError
@@ -64,3 +65,25 @@ def decompress(data: bytes, name: str) -> bytes:
 
 def available(name: str) -> bool:
     return name != "lrzip" or shutil.which("lrzip") is not None
+
+
+# compressor "best": every stream is stored with whichever of these (that is installed) makes it smallest
+BEST_CANDIDATES = ("lrzip", "lzma", "brotli", "zstd")
+
+
+def best_candidates() -> tuple[str, ...]:
+    return tuple(name for name in BEST_CANDIDATES if available(name))
+
+
+def byte_shuffle(data: bytes, stride: int = 2) -> bytes:
+    """Byte k of every stride-byte word together (R0409's BSHF): the high bytes of fp16 values repeat
+    far more than the low ones, and the coder sees them as one run."""
+    usable = len(data) - len(data) % stride
+    words = np.frombuffer(data, dtype=np.uint8, count=usable).reshape(-1, stride)
+    return words.T.tobytes() + data[usable:]
+
+
+def byte_unshuffle(data: bytes, stride: int = 2) -> bytes:
+    usable = len(data) - len(data) % stride
+    planes = np.frombuffer(data, dtype=np.uint8, count=usable).reshape(stride, -1)
+    return planes.T.tobytes() + data[usable:]

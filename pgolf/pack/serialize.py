@@ -1,7 +1,8 @@
 """artifact.bin: the quantized model in one self-describing, compressed, checksummed binary.
 
-    container: b"PGLF" | u16 format version | u8 layout | u8 compressor id | u32 stream count
-               | per stream: u64 raw length, u64 stored length, sha256(raw) | the stored streams
+    container: b"PGLF" | u16 format version | u8 layout | u8 compressor id (0: best) | u32 stream count
+               | per stream: u64 raw length, u64 stored length, sha256(raw), u8 compressor id,
+                 u8 transform (0: none, 1: 2-byte shuffle) | the stored streams
     payload:   u32 header length | header JSON | tensor bytes, in the header's order (sorted names)
 
 Layout `flat` compresses one payload stream. Layout `pergroup` (R1, reference.md 6.3) gives each
@@ -9,6 +10,11 @@ family of int codes its own stream, layers in order, each matrix optionally row-
 L1 nearest neighbour and stored transposed (column-major), so the coder sees long runs of
 similar bytes; the payload stream keeps everything else and the row orders go in a last stream.
 No pickle anywhere: the artifact alone is enough to rebuild the model for evaluation.
+
+Compressor `best` stores each stream with whichever candidate compressor (lrzip when installed,
+lzma, brotli, zstd), and for the payload stream with or without a 2-byte shuffle, makes it
+smallest: for the same quantized model and layout it is never larger than any single compressor,
+R1's pergroup + lrzip included.
 """
 from __future__ import annotations
 
@@ -21,13 +27,15 @@ import numpy as np
 import torch
 
 from pgolf.errors import FormatError, InputError, PgolfError
-from pgolf.pack.compress import COMPRESSOR_IDS, compress, decompress
+from pgolf.pack.compress import COMPRESSOR_IDS, best_candidates, byte_shuffle, byte_unshuffle, compress, decompress
 from pgolf.quant.format import QUANT_FORMAT, QuantizedModel
 
 MAGIC = b"PGLF"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 CONTAINER = struct.Struct("<4sHBBI")
-STREAM = struct.Struct("<QQ32s")
+STREAM = struct.Struct("<QQ32sBB")
+BEST = 0  # the container's compressor id when each stream picked its own
+TRANSFORMS = ("none", "shuffle2")
 LAYOUTS = ("flat", "pergroup")
 # R1's _GROUP_ORDER, by the suffix of the code tensors' names
 GROUP_ORDER = ("tok_emb.weight.q", "attn.c_k.weight.q", "attn.c_q.weight.q", "attn.c_v.weight.q",
@@ -166,6 +174,20 @@ def _unpack_pergroup(streams: list[bytes], source) -> QuantizedModel:
     return qm
 
 
+def store_stream(raw: bytes, compressor: str, level: int, try_shuffle: bool) -> tuple[bytes, str, str]:
+    """(stored bytes, compressor, transform) of one stream; with `best`, the smallest of the candidates."""
+    if not raw:
+        return b"", compressor if compressor != "best" else "zlib", "none"
+    if compressor != "best":
+        return compress(raw, compressor, level), compressor, "none"
+    options = []
+    for name in best_candidates():
+        options.append((compress(raw, name, level), name, "none"))
+        if try_shuffle:
+            options.append((compress(byte_shuffle(raw), name, level), name, "shuffle2"))
+    return min(options, key=lambda o: (len(o[0]), o[1], o[2]))
+
+
 def pack(qm: QuantizedModel, compressor: str, level: int = -1, layout: str = "flat",
          sort_rows: bool = False) -> tuple[bytes, dict[str, int]]:
     """Return (artifact bytes, raw bytes per stored tensor)."""
@@ -173,10 +195,26 @@ def pack(qm: QuantizedModel, compressor: str, level: int = -1, layout: str = "fl
         raise ValueError(f"unknown layout {layout!r}; choose one of {LAYOUTS}")
     payload, sizes = serialize_payload(qm)
     raw_streams = [payload] if layout == "flat" else _streams_pergroup(qm, sort_rows)
-    stored = [compress(s, compressor, level) if s else b"" for s in raw_streams]
-    head = CONTAINER.pack(MAGIC, FORMAT_VERSION, LAYOUTS.index(layout), COMPRESSOR_IDS[compressor], len(stored))
-    table = b"".join(STREAM.pack(len(r), len(c), hashlib.sha256(r).digest()) for r, c in zip(raw_streams, stored))
-    return head + table + b"".join(stored), sizes
+    # Only the payload stream holds fp16 scales and passthrough tensors; the others are int8 codes.
+    stored = [store_stream(s, compressor, level, try_shuffle=i == 0) for i, s in enumerate(raw_streams)]
+    head = CONTAINER.pack(MAGIC, FORMAT_VERSION, LAYOUTS.index(layout),
+                          BEST if compressor == "best" else COMPRESSOR_IDS[compressor], len(stored))
+    table = b"".join(STREAM.pack(len(r), len(c), hashlib.sha256(r).digest(), COMPRESSOR_IDS[name],
+                                 TRANSFORMS.index(transform))
+                     for r, (c, name, transform) in zip(raw_streams, stored))
+    return head + table + b"".join(c for c, _, _ in stored), sizes
+
+
+def stream_choices(blob: bytes) -> list[dict]:
+    """What each stream of an artifact was stored with (for size.json)."""
+    _, _, _, _, count = CONTAINER.unpack_from(blob, 0)
+    names = {v: k for k, v in COMPRESSOR_IDS.items()}
+    rows = []
+    for i in range(count):
+        raw_len, stored_len, _, comp_id, transform = STREAM.unpack_from(blob, CONTAINER.size + i * STREAM.size)
+        rows.append({"raw_bytes": raw_len, "stored_bytes": stored_len, "compressor": names[comp_id],
+                     "transform": TRANSFORMS[transform]})
+    return rows
 
 
 def unpack(blob: bytes, source: str | Path = "artifact") -> QuantizedModel:
@@ -189,25 +227,29 @@ def unpack(blob: bytes, source: str | Path = "artifact") -> QuantizedModel:
         raise FormatError(f"unsupported artifact format version {version} (this pgolf reads {FORMAT_VERSION}); "
                           "repack it with this version's pack stage", source)
     names = {v: k for k, v in COMPRESSOR_IDS.items()}
-    if comp_id not in names or layout >= len(LAYOUTS):
+    if (comp_id not in names and comp_id != BEST) or layout >= len(LAYOUTS):
         raise FormatError(f"unknown compressor id {comp_id} or layout {layout}", source)
     offset = CONTAINER.size + count * STREAM.size
     if len(blob) < offset:
         raise FormatError("truncated artifact: the stream table is cut off", source)
     streams = []
     for i in range(count):
-        raw_len, stored_len, digest = STREAM.unpack_from(blob, CONTAINER.size + i * STREAM.size)
+        raw_len, stored_len, digest, stream_comp, transform = STREAM.unpack_from(blob, CONTAINER.size + i * STREAM.size)
+        if stream_comp not in names or transform >= len(TRANSFORMS):
+            raise FormatError(f"stream {i}: unknown compressor id {stream_comp} or transform {transform}", source)
         stored = blob[offset:offset + stored_len]
         offset += stored_len
         if len(stored) != stored_len:
             raise FormatError(f"truncated artifact: stream {i} is cut off", source)
         try:
-            raw = decompress(stored, names[comp_id]) if stored_len else b""
+            raw = decompress(stored, names[stream_comp]) if stored_len else b""
         except PgolfError:
             raise
         except Exception as err:  # noqa: BLE001 - each codec raises its own error type on corrupt input
-            raise FormatError(f"cannot decompress stream {i} ({names[comp_id]}): the artifact is truncated or "
+            raise FormatError(f"cannot decompress stream {i} ({names[stream_comp]}): the artifact is truncated or "
                               f"corrupt ({err})", source) from err
+        if TRANSFORMS[transform] == "shuffle2":
+            raw = byte_unshuffle(raw)
         if len(raw) != raw_len or hashlib.sha256(raw).digest() != digest:
             raise FormatError(f"stream {i}: checksum mismatch, the artifact is corrupt", source)
         streams.append(raw)

@@ -1,0 +1,95 @@
+"""Artifact size of one quantized model in R1's format (per-group streams + lrzip, reference.md 6.3)
+and in pgolf's `best` (each stream with its smallest compressor, payload byte-shuffled when that
+helps), with pack and unpack seconds; the ratio is best / R1.
+
+    python bench/pack_ratio.py --gptq artifacts/gptq                    # a run's quantized model
+    python bench/pack_ratio.py --corpus ../shared/corpus/brown_small.jsonl.gz --steps 30
+                                                                        # train one first (baseline shape, CPU ok)
+Without the lrzip program R1's format cannot be written; the bench then says so and compares with
+per-group lzma instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pgolf.pack.compress import available  # noqa: E402
+from pgolf.pack.serialize import pack, stream_choices, unpack  # noqa: E402
+from pgolf.params import from_dict  # noqa: E402
+from pgolf.quant.format import load_quantized  # noqa: E402
+from tasks import params as P  # noqa: E402
+from tasks.common import execute  # noqa: E402
+
+R1_GPTQ = ["gptq.bits=6", "gptq.embed_bits=7", "gptq.attn_clip_sigmas=13.0", "gptq.mlp_clip_sigmas=11.5",
+           "gptq.embed_clip_sigmas=14.0"]
+
+
+def train_and_quantize(corpus: Path, steps: int, work: Path, device: str) -> Path:
+    """The baseline's model shape, trained briefly on real text, then GPTQ'd with R1's bits and clips."""
+    overrides = [f"corpus.source={corpus.resolve()}", "tokenizer.max_sentence_length=1048576", "shards.val_docs=50",
+                 "train.nproc=1",
+                 f"train.iterations={steps}", "train.max_wallclock_seconds=0", "train.train_batch_tokens=8192",
+                 "train.train_seq_len=512", "train.grad_accum_steps=1", "train.warmup_steps=0",
+                 "train.checkpoint_every=0", f"train.device={device}", f"gptq.device={device}",
+                 "gptq.calib_batches=4", "gptq.calib_seq_len=512", "gptq.calib_batch_seqs=8", *R1_GPTQ]
+    params = P.render("baseline", overrides)
+    for module in P.STAGE_MODULES[:5]:  # corpus .. gptq
+        spec = module.SPEC
+        print(f"[bench] stage {spec.name}", flush=True)
+        execute(spec, from_dict(spec.config_cls, params[spec.name], spec.name),
+                {name: work / spec.producers[name] for name in spec.inputs}, work / spec.name)
+    return work / "gptq"
+
+
+def measure(qm, compressor: str, layout: str) -> dict:
+    started = time.perf_counter()
+    blob, _ = pack(qm, compressor, layout=layout, sort_rows=layout == "pergroup")
+    packed = time.perf_counter()
+    restored = unpack(blob)
+    unpacked = time.perf_counter()
+    assert all(restored.tensors[n].equal(t) for n, t in qm.tensors.items())
+    return {"bytes": len(blob), "pack_seconds": round(packed - started, 2), "unpack_seconds": round(unpacked - packed, 2),
+            "streams": [f"{s['compressor']}{'+shuffle' if s['transform'] != 'none' else ''}"
+                        for s in stream_choices(blob) if s["stored_bytes"]]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gptq", type=Path, help="a gptq stage output (quantized.safetensors)")
+    parser.add_argument("--corpus", type=Path, help="train a baseline-shaped model on this jsonl(.gz) first")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.gptq is None:
+            if args.corpus is None:
+                parser.error("give --gptq (a quantized model) or --corpus (to train one)")
+            args.gptq = train_and_quantize(args.corpus, args.steps, Path(tmp), args.device)
+        qm = load_quantized(args.gptq / "quantized.safetensors")
+        r1_compressor = "lrzip" if available("lrzip") else "lzma"
+        results = {f"r1_pergroup_{r1_compressor}": measure(qm, r1_compressor, "pergroup"),
+                   "best_pergroup": measure(qm, "best", "pergroup"),
+                   "best_flat": measure(qm, "best", "flat"),
+                   "brotli_flat": measure(qm, "brotli", "flat")}
+    reference = results[f"r1_pergroup_{r1_compressor}"]["bytes"]
+    print(f"\n{'format':<22} {'bytes':>12} {'vs R1':>8} {'pack s':>8} {'unpack s':>9}  streams")
+    for name, r in results.items():
+        r["ratio_vs_r1"] = round(r["bytes"] / reference, 5)
+        print(f"{name:<22} {r['bytes']:>12,} {r['ratio_vs_r1']:>8.4f} {r['pack_seconds']:>8.2f} {r['unpack_seconds']:>9.2f}"
+              f"  {' '.join(r['streams'])}")
+    if r1_compressor != "lrzip":
+        print("lrzip is not installed: R1's own format (per-group lrzip) was not measured; per-group lzma stands in")
+    weights = sum(t.numel() for n, t in qm.tensors.items() if n.endswith(".q"))
+    print("BENCH_JSON " + json.dumps({"quantized_weights": weights, "lrzip": r1_compressor == "lrzip", **results}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
