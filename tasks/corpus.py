@@ -8,13 +8,17 @@ from pathlib import Path
 
 from pgolf.data.corpus import read_documents
 from pgolf.data.docs import DOCS_NAME, encode_doc
+from pgolf.data.hub import HUB_PREFIX, download, verify
 from pgolf.errors import InputError
 from tasks.common import StageSpec, stage_main, write_json
 
 
 @dataclass
 class Config:
-    source: str = "builtin"  # 'builtin' or a jsonl / jsonl.gz / parquet / txt file or folder
+    # 'builtin'; a jsonl / jsonl.gz / parquet / txt file or folder; or hf://owner/dataset/path.jsonl, e.g.
+    # the challenge's hf://willdepueoai/parameter-golf/datasets/docs_selected.jsonl. A .jsonl with a
+    # .source_manifest.json beside it is checked against the manifest's docs_sha256 first.
+    source: str = "builtin"
     text_field: str = "text"
     max_docs: int = 0  # 0: every document
 
@@ -24,10 +28,12 @@ class Config:
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    source = str(download(cfg.source)) if cfg.source.startswith(HUB_PREFIX) else cfg.source
+    manifest = verify(Path(source)) if source.endswith((".jsonl", ".jsonl.gz")) else None
     digest = hashlib.sha256()
     num_docs = text_bytes = 0
     with open(out / DOCS_NAME, "wb") as f:
-        for text in read_documents(cfg.source, cfg.text_field):
+        for text in read_documents(source, cfg.text_field):
             if not text.strip():
                 continue
             line = encode_doc(text)
@@ -39,7 +45,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
                 break
     if num_docs == 0:
         raise InputError("the corpus has no non-empty documents", cfg.source)
-    meta = {"source": cfg.source, "num_docs": num_docs, "text_bytes": text_bytes, "sha256": digest.hexdigest()}
+    meta = {"source": cfg.source, "num_docs": num_docs, "text_bytes": text_bytes, "sha256": digest.hexdigest(),
+            "source_manifest": manifest}
     write_json(out / "meta.json", meta)
     return {"num_docs": num_docs, "text_bytes": text_bytes}
 

@@ -18,6 +18,9 @@ class Config:
     val_docs: int = 50000  # the challenge's val split: the first 50,000 documents
     shard_tokens: int = 100_000_000
     workers: int = 0  # tokenizer processes; 0: one per core
+    # "": those processes here; "local": a Dask LocalCluster of them; "tcp://host:8786": an existing
+    # Dask cluster across machines (its workers need this pgolf installed). The bytes out are the same.
+    dask_address: str = ""
     adopt: str = ""  # a published shard folder (e.g. data/datasets/fineweb10B_sp1024) to validate and use
 
     def validate(self) -> None:
@@ -35,7 +38,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     else:
         model_bytes = (Path(inputs["tokenizer"]) / "tokenizer.model").read_bytes()
         stats = build_shards(iter_docs(inputs["corpus"]), model_bytes, tok["variant"], tok["bos_id"], cfg.val_docs,
-                             cfg.shard_tokens, resolve_workers(cfg.workers), out)
+                             cfg.shard_tokens, resolve_workers(cfg.workers), out, cfg.dask_address)
         source = {"corpus_sha256": sha256_file(Path(inputs["corpus"]) / "docs.jsonl")}
     files = file_entries(out)
     manifest = {

@@ -95,3 +95,59 @@ def test_empty_corpus_is_an_error_and_leaves_no_output(tmp_path):
         execute(corpus_stage.SPEC, corpus_stage.Config(source=str(src)), {}, out)
     assert str(src) in str(err.value)
     assert not out.exists()
+
+
+def published(folder, docs=DOCS, tamper=False):
+    """A docs_selected.jsonl with its source manifest, as the challenge publishes them."""
+    import hashlib
+
+    folder.mkdir(parents=True, exist_ok=True)
+    path = write_jsonl(folder / "docs_selected.jsonl", docs)
+    manifest = {"num_docs": len(docs), "docs_val": 1, "shuffle_seed": 1337,
+                "docs_sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    (folder / "docs_selected.source_manifest.json").write_text(json.dumps(manifest))
+    if tamper:
+        path.write_text(path.read_text().replace("third", "THIRD"))
+    return path
+
+
+def test_published_docs_are_verified_against_their_manifest(tmp_path):
+    path = published(tmp_path / "ok")
+    execute(corpus_stage.SPEC, corpus_stage.Config(source=str(path)), {}, tmp_path / "c")
+    meta = json.loads((tmp_path / "c/meta.json").read_text())
+    assert meta["source_manifest"]["docs_val"] == 1 and list(iter_docs(tmp_path / "c")) == DOCS
+    bad = published(tmp_path / "bad", tamper=True)
+    with pytest.raises(FormatError, match="does not match docs_sha256") as err:
+        execute(corpus_stage.SPEC, corpus_stage.Config(source=str(bad)), {}, tmp_path / "c2")
+    assert str(bad) in str(err.value) and not (tmp_path / "c2").exists()
+
+
+def test_hub_source_downloads_then_verifies_and_offline_is_a_clear_error(tmp_path, monkeypatch):
+    """hf://owner/dataset/path: both files through huggingface_hub (a local stand-in for the Hub here:
+    tests have no network), then the same verification as a local copy."""
+    import huggingface_hub
+
+    hub = tmp_path / "hub"
+    published(hub / "datasets")
+    calls = []
+
+    def fake_download(repo_id, filename, repo_type):
+        calls.append((repo_id, filename, repo_type))
+        return str(hub / filename)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    source = "hf://willdepueoai/parameter-golf/datasets/docs_selected.jsonl"
+    metrics = execute(corpus_stage.SPEC, corpus_stage.Config(source=source), {}, tmp_path / "c")
+    assert metrics["num_docs"] == 3 and calls == [
+        ("willdepueoai/parameter-golf", "datasets/docs_selected.jsonl", "dataset"),
+        ("willdepueoai/parameter-golf", "datasets/docs_selected.source_manifest.json", "dataset")]
+    assert json.loads((tmp_path / "c/meta.json").read_text())["source"] == source
+
+    def offline(repo_id, filename, repo_type):
+        raise huggingface_hub.errors.LocalEntryNotFoundError("no connection and not in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", offline)
+    with pytest.raises(InputError, match="Offline\\? Download it on a connected machine"):
+        execute(corpus_stage.SPEC, corpus_stage.Config(source=source), {}, tmp_path / "c3")
+    with pytest.raises(InputError, match="expected hf://<owner>/<dataset>/<path"):
+        execute(corpus_stage.SPEC, corpus_stage.Config(source="hf://just-a-name"), {}, tmp_path / "c4")

@@ -53,6 +53,20 @@ def test_same_bytes_for_one_or_two_workers(data_dirs, tmp_path, monkeypatch):
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
 
 
+def test_a_dask_cluster_writes_the_same_bytes(data_dirs, tmp_path, monkeypatch):
+    """shards.dask_address: chunks encoded on the workers of a Dask cluster (here a LocalCluster of
+    two processes) come back in order: the same files as one local process."""
+    from pgolf.data import export
+
+    monkeypatch.setattr(export, "DOCS_PER_CHUNK", 16)
+    build(data_dirs, tmp_path / "w1", workers=1)
+    stats = build(data_dirs, tmp_path / "dask", workers=2, dask_address="local")
+    files = sorted(p.name for p in (tmp_path / "w1").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "dask").iterdir()) and stats["docs_train"] > 16
+    for name in files:
+        assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes(), name
+
+
 def test_casefold_shards_carry_original_byte_sidecar(tmp_path):
     docs = make_docs(80, seed=5)
     corpus = write_corpus(tmp_path / "corpus", docs)

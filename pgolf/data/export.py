@@ -3,7 +3,8 @@
 Each document becomes [BOS] + tokens (no EOS); the first `val_docs` documents are val, the rest
 train; shards of `shard_tokens` tokens, a document may straddle two, val and train never share
 one. Workers tokenize chunks of documents; results come back in order, so the bytes out do not
-depend on the number of workers.
+depend on the number of workers, nor on where they run: local processes, or the workers of a Dask
+cluster (`dask_address`), which may span machines.
 """
 from __future__ import annotations
 
@@ -61,8 +62,11 @@ def encode_chunk(docs: list[str], variant: str, bos_id: int, with_bytes: bool) -
     return EncodedChunk(tokens, sidecar)
 
 
-def _ordered_map(fn: Callable, items: Iterable, workers: int, init_args: tuple) -> Iterator:
+def _ordered_map(fn: Callable, items: Iterable, workers: int, init_args: tuple, dask_address: str = "") -> Iterator:
     """Like Executor.map, but keeps at most 2 x workers chunks in flight (constant memory)."""
+    if dask_address:
+        yield from _ordered_map_dask(fn, items, workers, init_args[0], dask_address)
+        return
     if workers <= 1:
         _init_worker(*init_args)
         for item in items:
@@ -76,6 +80,45 @@ def _ordered_map(fn: Callable, items: Iterable, workers: int, init_args: tuple) 
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+_dask_models: dict[str, spm.SentencePieceProcessor] = {}
+
+
+def _on_dask_worker(fn: Callable, model_bytes: bytes, *args):
+    """A Dask task: the worker keeps one SentencePiece processor per model (Dask has no initializer)."""
+    global _worker_sp
+    key = hashlib.sha256(model_bytes).hexdigest()
+    if key not in _dask_models:
+        _dask_models[key] = spm.SentencePieceProcessor(model_proto=model_bytes)
+    _worker_sp = _dask_models[key]
+    return fn(*args)
+
+
+def _ordered_map_dask(fn: Callable, items: Iterable, workers: int, model_bytes: bytes, address: str) -> Iterator:
+    """The same bounded, in-order map over a Dask cluster: `address` of a running scheduler
+    (tcp://host:8786; its workers need this pgolf installed), or "local" for a LocalCluster of
+    `workers` processes here. The model is sent to every worker once."""
+    from distributed import Client, LocalCluster
+
+    cluster = None
+    if address == "local":
+        cluster = LocalCluster(n_workers=max(workers, 1), threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+    try:
+        with Client(cluster or address) as client:
+            model = client.scatter(model_bytes, broadcast=True)
+            window = 2 * max(1, sum(client.nthreads().values()))
+            pending: deque = deque()
+            for item in items:
+                pending.append(client.submit(_on_dask_worker, fn, model, *item, pure=False))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+    finally:
+        if cluster is not None:
+            cluster.close()
 
 
 def _chunks(docs: Iterable[str], val_docs: int) -> Iterator[tuple[str, list[str]]]:
@@ -133,7 +176,7 @@ class _ShardWriter:
 
 
 def build_shards(docs: Iterable[str], model_bytes: bytes, variant: str, bos_id: int, val_docs: int,
-                 shard_tokens: int, workers: int, out: Path) -> dict:
+                 shard_tokens: int, workers: int, out: Path, dask_address: str = "") -> dict:
     """Tokenize and write every shard into `out`; return stats (docs, files, tokens per split)."""
     with_bytes = variant != "plain"  # transformed text: bytes come from the original, not the LUT
     writers = {
@@ -143,7 +186,7 @@ def build_shards(docs: Iterable[str], model_bytes: bytes, variant: str, bos_id: 
     doc_counts = {"val": 0, "train": 0}
     items = ((chunk, variant, bos_id, with_bytes and split == "val", split) for split, chunk in _chunks(docs, val_docs))
 
-    for split, n_docs, encoded in _ordered_map(_encode_with_split, items, workers, (model_bytes,)):
+    for split, n_docs, encoded in _ordered_map(_encode_with_split, items, workers, (model_bytes,), dask_address):
         doc_counts[split] += n_docs
         writers[split].add(encoded.tokens, encoded.byte_counts)
     for writer in writers.values():
