@@ -1,4 +1,5 @@
-"""Stage tokenizer: SentencePiece BPE with the challenge's settings, plain or casefold."""
+"""Stage tokenizer: SentencePiece BPE with the challenge's settings (plain, casefold or CaseOps), or
+a published SentencePiece model adopted as it is (to go with adopted published shards)."""
 from __future__ import annotations
 
 import hashlib
@@ -10,7 +11,7 @@ from typing import Literal
 import sentencepiece as spm
 
 from pgolf.data.docs import iter_docs
-from pgolf.errors import InputError
+from pgolf.errors import FormatError, InputError
 from pgolf.tokenize.variants import VARIANTS
 from pgolf.tokenize.trainer import (BOS_ID, CHALLENGE_MAX_SENTENCE_LENGTH, CHALLENGE_TRAINER_SETTINGS, train_bpe,
                                     training_sentences)
@@ -27,6 +28,9 @@ class Config:
     # Documents longer than this many bytes are skipped by the trainer (SentencePiece's default,
     # kept by the challenge); raise it for corpora of long documents.
     max_sentence_length: int = CHALLENGE_MAX_SENTENCE_LENGTH
+    # A published .model (e.g. the challenge's fineweb_1024_bpe.model) to validate against variant and
+    # vocab_size and use instead of training one.
+    adopt: str = ""
 
     def validate(self) -> None:
         # 4 specials + 256 byte-fallback pieces come first; shards store ids as uint16.
@@ -34,16 +38,40 @@ class Config:
             raise ValueError(f"vocab_size {self.vocab_size} must be in (260, 65536]")
 
 
+def adopt_model(path: Path, cfg: Config) -> bytes:
+    """A published model, checked to be what the config says: the vocab size, BOS at the challenge's
+    id, and for CaseOps its operator pieces as single pieces."""
+    if not path.is_file():
+        raise InputError("tokenizer.adopt model not found", path)
+    model = path.read_bytes()
+    try:
+        sp = spm.SentencePieceProcessor(model_proto=model)
+    except Exception as err:  # noqa: BLE001 - SentencePiece raises RuntimeError/OSError variants
+        raise FormatError(f"not a SentencePiece model ({err})", path) from err
+    if sp.vocab_size() != cfg.vocab_size:
+        raise FormatError(f"{sp.vocab_size()} pieces, but tokenizer.vocab_size is {cfg.vocab_size}", path)
+    if sp.bos_id() != BOS_ID:
+        raise FormatError(f"BOS is id {sp.bos_id()}, the challenge's shards use {BOS_ID}", path)
+    missing = [s for s in VARIANTS[cfg.variant].user_defined_symbols if sp.piece_to_id(s) == sp.unk_id()]
+    if missing:
+        raise FormatError(f"variant {cfg.variant} needs the pieces {[hex(ord(s)) for s in missing]}, which this "
+                          "model does not have", path)
+    return model
+
+
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     variant = VARIANTS[cfg.variant]
-    docs = iter_docs(inputs["corpus"])
-    if variant.transform:
-        docs = (variant.transform(d) for d in docs)
-    try:
-        model = train_bpe(training_sentences(docs, cfg.train_docs), cfg.vocab_size, cfg.num_threads, cfg.seed,
-                          variant.user_defined_symbols, cfg.max_sentence_length)
-    except InputError as err:
-        raise InputError(str(err), Path(inputs["corpus"]) / "docs.jsonl") from err
+    if cfg.adopt:
+        model = adopt_model(Path(cfg.adopt), cfg)
+    else:
+        docs = iter_docs(inputs["corpus"])
+        if variant.transform:
+            docs = (variant.transform(d) for d in docs)
+        try:
+            model = train_bpe(training_sentences(docs, cfg.train_docs), cfg.vocab_size, cfg.num_threads, cfg.seed,
+                              variant.user_defined_symbols, cfg.max_sentence_length)
+        except InputError as err:
+            raise InputError(str(err), Path(inputs["corpus"]) / "docs.jsonl") from err
     (out / "tokenizer.model").write_bytes(model)
     sp = spm.SentencePieceProcessor(model_proto=model)
     with open(out / "tokenizer.vocab", "w", encoding="utf-8") as f:
@@ -54,7 +82,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         "vocab_size": sp.vocab_size(),
         "bos_id": BOS_ID,
         "sha256": hashlib.sha256(model).hexdigest(),
-        "trainer": {**CHALLENGE_TRAINER_SETTINGS, **asdict(cfg)},
+        "trainer": None if cfg.adopt else {**CHALLENGE_TRAINER_SETTINGS, **asdict(cfg)},
+        "adopted_from": str(Path(cfg.adopt).resolve()) if cfg.adopt else None,
     }
     write_json(out / "tokenizer.json", meta)
     return {"vocab_size": sp.vocab_size(), "variant": cfg.variant}

@@ -66,3 +66,29 @@ def test_corpus_of_only_long_documents_is_a_clear_error(tmp_path):
         train(corpus, tmp_path / "tok")
     assert "docs.jsonl" in str(err.value) and not (tmp_path / "tok").exists()
     assert len(train(corpus, tmp_path / "tok", max_sentence_length=1 << 20)) > 0
+
+
+def test_adopting_a_published_model_checks_it_and_keeps_its_bytes(corpus, tmp_path):
+    from pgolf.errors import FormatError, InputError
+
+    published = tmp_path / "fineweb_360_bpe.model"
+    published.write_bytes(train(corpus, tmp_path / "trained"))
+
+    def adopt(out, path=published, **cfg):
+        config = tok_stage.Config(**{"vocab_size": 360, "num_threads": 1, "adopt": str(path), **cfg})
+        return execute(tok_stage.SPEC, config, {"corpus": corpus}, tmp_path / out)
+
+    assert adopt("adopted")["vocab_size"] == 360
+    assert (tmp_path / "adopted/tokenizer.model").read_bytes() == published.read_bytes()
+    info = json.loads((tmp_path / "adopted/tokenizer.json").read_text())
+    assert info["adopted_from"] == str(published) and info["trainer"] is None
+    with pytest.raises(FormatError, match="360 pieces, but tokenizer.vocab_size is 512"):
+        adopt("a2", vocab_size=512)
+    with pytest.raises(FormatError, match="variant caseops needs the pieces"):
+        adopt("a3", variant="caseops")
+    (tmp_path / "junk.model").write_bytes(b"not a model")
+    with pytest.raises(FormatError, match="not a SentencePiece model") as err:
+        adopt("a4", path=tmp_path / "junk.model")
+    assert "junk.model" in str(err.value) and not (tmp_path / "a4").exists()
+    with pytest.raises(InputError, match="not found"):
+        adopt("a5", path=tmp_path / "missing.model")
