@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -196,7 +198,9 @@ def pack(qm: QuantizedModel, compressor: str, level: int = -1, layout: str = "fl
     payload, sizes = serialize_payload(qm)
     raw_streams = [payload] if layout == "flat" else _streams_pergroup(qm, sort_rows)
     # Only the payload stream holds fp16 scales and passthrough tensors; the others are int8 codes.
-    stored = [store_stream(s, compressor, level, try_shuffle=i == 0) for i, s in enumerate(raw_streams)]
+    with ThreadPoolExecutor(max_workers=max(1, min(len(raw_streams), os.cpu_count() or 1))) as pool:
+        stored = list(pool.map(lambda i: store_stream(raw_streams[i], compressor, level, try_shuffle=i == 0),
+                               range(len(raw_streams))))
     head = CONTAINER.pack(MAGIC, FORMAT_VERSION, LAYOUTS.index(layout),
                           BEST if compressor == "best" else COMPRESSOR_IDS[compressor], len(stored))
     table = b"".join(STREAM.pack(len(r), len(c), hashlib.sha256(r).digest(), COMPRESSOR_IDS[name],
@@ -232,7 +236,7 @@ def unpack(blob: bytes, source: str | Path = "artifact") -> QuantizedModel:
     offset = CONTAINER.size + count * STREAM.size
     if len(blob) < offset:
         raise FormatError("truncated artifact: the stream table is cut off", source)
-    streams = []
+    table = []
     for i in range(count):
         raw_len, stored_len, digest, stream_comp, transform = STREAM.unpack_from(blob, CONTAINER.size + i * STREAM.size)
         if stream_comp not in names or transform >= len(TRANSFORMS):
@@ -241,21 +245,29 @@ def unpack(blob: bytes, source: str | Path = "artifact") -> QuantizedModel:
         offset += stored_len
         if len(stored) != stored_len:
             raise FormatError(f"truncated artifact: stream {i} is cut off", source)
-        try:
-            raw = decompress(stored, names[stream_comp]) if stored_len else b""
-        except PgolfError:
-            raise
-        except Exception as err:  # noqa: BLE001 - each codec raises its own error type on corrupt input
-            raise FormatError(f"cannot decompress stream {i} ({names[stream_comp]}): the artifact is truncated or "
-                              f"corrupt ({err})", source) from err
-        if TRANSFORMS[transform] == "shuffle2":
-            raw = byte_unshuffle(raw)
-        if len(raw) != raw_len or hashlib.sha256(raw).digest() != digest:
-            raise FormatError(f"stream {i}: checksum mismatch, the artifact is corrupt", source)
-        streams.append(raw)
+        table.append((i, stored, raw_len, digest, names[stream_comp], TRANSFORMS[transform]))
+    # Streams decode in parallel, as R1 runs one lrzip per group: the slow coders dominate loading.
+    with ThreadPoolExecutor(max_workers=max(1, min(len(table), os.cpu_count() or 1))) as pool:
+        streams = list(pool.map(lambda entry: _decode_stream(*entry, source), table))
     if LAYOUTS[layout] == "flat":
         return deserialize_payload(streams[0], source)
     return _unpack_pergroup(streams, source)
+
+
+def _decode_stream(index: int, stored: bytes, raw_len: int, digest: bytes, compressor: str, transform: str,
+                   source) -> bytes:
+    try:
+        raw = decompress(stored, compressor) if stored else b""
+    except PgolfError:
+        raise
+    except Exception as err:  # noqa: BLE001 - each codec raises its own error type on corrupt input
+        raise FormatError(f"cannot decompress stream {index} ({compressor}): the artifact is truncated or "
+                          f"corrupt ({err})", source) from err
+    if transform == "shuffle2":
+        raw = byte_unshuffle(raw)
+    if len(raw) != raw_len or hashlib.sha256(raw).digest() != digest:
+        raise FormatError(f"stream {index}: checksum mismatch, the artifact is corrupt", source)
+    return raw
 
 
 def load_artifact(path: str | Path) -> QuantizedModel:
