@@ -63,3 +63,19 @@ def test_tokenizer_reserves_operators_and_shards_carry_original_bytes(tmp_path):
     for i, (a, b) in enumerate(zip(starts[:-1], starts[1:])):
         assert sidecar[a:b].sum() == len(docs[i].encode("utf-8"))
     assert sidecar[(val >= 4) & (val <= 7)].sum() == 0
+
+
+def test_fast_transforms_equal_the_provenance_paths():
+    """encode / casefold take shortcuts (regular expressions, ASCII runs lowercased whole); their
+    text must be exactly what the character-by-character provenance paths produce."""
+    from pgolf.tokenize.casefold import casefold, casefold_with_provenance
+
+    rng = random.Random(7)
+    alphabet = list("abcXYZ Q\n\t.,'-09") + ["\u0301", "\u0308", "\u0130", "\u1100", "\u1161", "\ufb01", "\u00c5",
+                                           "\u212b", "\u2460", "\ue001", "\ue004", "\U0001f600", "\u00df", "\u03a3"]
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 40)))
+        assert encode(text) == encode_with_provenance(text)[0], repr(text)
+        assert casefold(text) == casefold_with_provenance(text)[0], repr(text)
+    long_lower = "a" * 200_000 + "B"
+    assert encode(long_lower) == encode_with_provenance(long_lower)[0]

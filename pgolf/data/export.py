@@ -9,6 +9,7 @@ cluster (`dask_address`), which may span machines.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -51,8 +52,9 @@ def encode_chunk(docs: list[str], variant: str, bos_id: int, with_bytes: bool) -
             counts.append([0] + byte_counts)
     else:
         texts = [spec.transform(t) for t in docs] if spec.transform else docs
-        parts = [[bos_id] + ids for ids in sp.encode(texts)]
-    tokens = np.fromiter((t for p in parts for t in p), dtype=np.uint16)
+        # One thread per worker: parallelism comes from the workers (processes, Dask), one core each.
+        parts = [[bos_id] + ids for ids in sp.encode(texts, num_threads=1)]
+    tokens = np.fromiter(itertools.chain.from_iterable(parts), dtype=np.uint16, count=sum(map(len, parts)))
     sidecar = None
     if with_bytes:
         flat = [c for cs in counts for c in cs]

@@ -8,7 +8,10 @@ val token the UTF-8 bytes of the ORIGINAL text it stands for, instead of the cas
 """
 from __future__ import annotations
 
+import re
 import unicodedata
+
+_ASCII_RUN = re.compile(r"[\x00-\x7f]+")
 
 
 def segments(text: str) -> list[str]:
@@ -26,8 +29,27 @@ def casefold_segment(segment: str) -> str:
     return unicodedata.normalize("NFKC", segment).lower()
 
 
-def casefold(text: str) -> str:
+def _casefold_segments(text: str) -> str:
     return "".join(casefold_segment(s) for s in segments(text))
+
+
+def casefold(text: str) -> str:
+    """casefold_with_provenance's text, fast: an ASCII character is a segment of its own whose NFKC is
+    itself, so ASCII runs are lowercased whole; only the rest goes segment by segment. A run's last
+    character stays with the rest when a combining mark follows it (it starts that segment)."""
+    if text.isascii():
+        return text.lower()
+    out, pos = [], 0
+    for match in _ASCII_RUN.finditer(text):
+        start, end = match.start(), match.end()
+        if end < len(text) and unicodedata.combining(text[end]):
+            end -= 1
+        if start < end:
+            out.append(_casefold_segments(text[pos:start]))
+            out.append(text[start:end].lower())
+            pos = end
+    out.append(_casefold_segments(text[pos:]))
+    return "".join(out)
 
 
 def casefold_with_provenance(text: str) -> tuple[str, list[int], list[int]]:

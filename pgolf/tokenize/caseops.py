@@ -9,10 +9,15 @@ A literal operator character in the text is escaped with ESC. decode(encode(x)) 
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 TITLE, ALLCAPS, CAPNEXT, ESC = "\ue001", "\ue002", "\ue003", "\ue004"
 OPERATORS = (TITLE, ALLCAPS, CAPNEXT, ESC)
 _RUN = re.compile(r"[A-Za-z]+")
+_OPERATOR = re.compile("[\ue001-\ue004]")
+# A whole letter run holding a capital (all-lowercase runs stay as they are); the lookbehind starts a
+# match only at a run's first letter, so even a very long lowercase run costs linear time.
+_CASED_RUN = re.compile(r"(?<![A-Za-z])[a-z]*[A-Z][A-Za-z]*")
 
 
 def _encode_run(run: str) -> list[tuple[str, int]]:
@@ -59,8 +64,17 @@ def _encode_other(chunk: str) -> list[tuple[str, int]]:
     return pieces
 
 
+@lru_cache(maxsize=1 << 16)
+def _encoded_run(run: str) -> str:
+    return "".join(piece for piece, _ in _encode_run(run))
+
+
 def encode(text: str) -> str:
-    return encode_with_provenance(text)[0]
+    """encode_with_provenance's text without a Python loop over characters: escape the operators (not
+    letters, so no run changes), then rewrite each run that holds a capital; cased words repeat, so
+    their rewrites are cached."""
+    text = _OPERATOR.sub(ESC + r"\g<0>", text)
+    return _CASED_RUN.sub(lambda m: _encoded_run(m.group()), text)
 
 
 def decode(text: str) -> str:
