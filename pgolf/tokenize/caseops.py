@@ -73,7 +73,8 @@ def encode(text: str) -> str:
     """encode_with_provenance's text without a Python loop over characters: escape the operators (not
     letters, so no run changes), then rewrite each run that holds a capital; cased words repeat, so
     their rewrites are cached."""
-    text = _OPERATOR.sub(ESC + r"\g<0>", text)
+    if any(op in text for op in OPERATORS):  # substring tests are far cheaper than a regex pass
+        text = _OPERATOR.sub(ESC + r"\g<0>", text)
     return _CASED_RUN.sub(lambda m: _encoded_run(m.group()), text)
 
 
