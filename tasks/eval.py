@@ -6,11 +6,10 @@ the totals are summed over ranks and rank 0 writes metrics.json (the same number
 up to the order of float64 sums, except where a TTT mode's schedule depends on the rank count)."""
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 from pathlib import Path
 
@@ -27,9 +26,9 @@ from pgolf.evaluate.warmup import compile_forward, warm_up
 from pgolf.model.gpt import GPT
 from pgolf.model.io import load_state_dict_into, model_config_from_dict
 from pgolf.pack.serialize import load_artifact
-from pgolf.params import from_dict
 from pgolf.tokenize.bytes import build_byte_luts, load_tokenizer, load_val_byte_sidecar
 from tasks.common import StageSpec, stage_main, write_json
+from tasks.ranks import run_on_ranks, worker_main
 
 MODES = {"off": "flat", "lora": "ttt_lora", "sgd": "ttt_sgd"}
 
@@ -73,9 +72,7 @@ def model_from_artifact(artifact: Path, device: torch.device) -> GPT:
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     if cfg.nproc == 1:
         return evaluate(cfg, inputs, out)
-    write_json(out / "config.json", asdict(cfg))
-    dist.launch("tasks.eval", ["--worker", "--out", str(out), *[f"--{k}={v}" for k, v in inputs.items()]], cfg.nproc)
-    out.joinpath("config.json").unlink()  # the workers' copy; metrics.json is the output
+    run_on_ranks(SPEC, cfg, inputs, out, cfg.nproc)
     return json.loads((out / "metrics.json").read_text())
 
 
@@ -159,24 +156,11 @@ def compile_and_warm_up(cfg: Config, model, device: torch.device) -> float:
     return seconds
 
 
-def worker_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.eval --worker")
-    parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--out", required=True)
-    for name in SPEC.inputs:
-        parser.add_argument(f"--{name}", required=True)
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    cfg = from_dict(Config, json.loads((out / "config.json").read_text()), f"{out / 'config.json'}")
-    evaluate(cfg, {name: Path(getattr(args, name)) for name in SPEC.inputs}, out)
-    return 0
-
-
 SPEC = StageSpec(name="eval", config_cls=Config, run=run, out="artifacts/eval",
                  inputs={"pack": "artifacts/pack", "shards": "artifacts/shards", "tokenizer": "artifacts/tokenizer"},
                  producers={"pack": "pack", "shards": "shards", "tokenizer": "tokenizer"})
 
 if __name__ == "__main__":
     if "--worker" in sys.argv[1:]:
-        sys.exit(worker_main(sys.argv[1:]))
+        sys.exit(worker_main(SPEC, evaluate, sys.argv[1:]))
     sys.exit(stage_main(SPEC))

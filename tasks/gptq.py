@@ -6,7 +6,6 @@ non-float tensors pass through as fp16. report.json compares each tensor's outpu
 round-to-nearest's."""
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -19,13 +18,13 @@ import torch
 from pgolf import dist
 from pgolf.data.shards import check_vocab
 from pgolf.model.io import load_model
-from pgolf.params import from_dict
 from pgolf.quant.baseline_int8 import quantize_baseline_int8
 from pgolf.quant.format import QuantizedModel, save_quantized
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
 from pgolf.quant.lqer import correction, low_rank_factors, pack_factors
 from pgolf.quant.hessian import calibration_batches, collect_hessians, self_generated_batches
 from tasks.common import StageSpec, stage_main, write_json
+from tasks.ranks import run_on_ranks, worker_main
 
 
 @dataclass
@@ -155,9 +154,7 @@ def apply_lqer(state, tensors, entries, report, hessians, cfg: Config) -> None:
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     if cfg.nproc == 1:
         return calibrate_and_quantize(cfg, inputs, out)
-    write_json(out / "config.json", asdict(cfg))
-    dist.launch("tasks.gptq", ["--worker", "--out", str(out), *[f"--{k}={v}" for k, v in inputs.items()]], cfg.nproc)
-    out.joinpath("config.json").unlink()  # the workers' copy; report.json records the config
+    run_on_ranks(SPEC, cfg, inputs, out, cfg.nproc)
     return json.loads((out / "report.json").read_text())["summary"]
 
 
@@ -217,24 +214,11 @@ def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, dev
     return summary
 
 
-def worker_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.gptq --worker")
-    parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--out", required=True)
-    for name in SPEC.inputs:
-        parser.add_argument(f"--{name}", required=True)
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    cfg = from_dict(Config, json.loads((out / "config.json").read_text()), f"{out / 'config.json'}")
-    calibrate_and_quantize(cfg, {name: Path(getattr(args, name)) for name in SPEC.inputs}, out)
-    return 0
-
-
 SPEC = StageSpec(name="gptq", config_cls=Config, run=run, out="artifacts/gptq",
                  inputs={"train": "artifacts/train", "shards": "artifacts/shards"},
                  producers={"train": "train", "shards": "shards"})
 
 if __name__ == "__main__":
     if "--worker" in sys.argv[1:]:
-        sys.exit(worker_main(sys.argv[1:]))
+        sys.exit(worker_main(SPEC, calibrate_and_quantize, sys.argv[1:]))
     sys.exit(stage_main(SPEC))

@@ -47,14 +47,6 @@ def download(source: str) -> Path:
     return files[path]
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(docs: Path) -> dict | None:
     """Check `docs` against its sidecar manifest when it has one; returns the manifest (None when
     there is no sidecar). A mismatch is an error naming both files: the documents are not the ones
@@ -69,7 +61,8 @@ def verify(docs: Path) -> dict | None:
     expected = manifest.get("docs_sha256")
     if not isinstance(expected, str):
         raise FormatError("the source manifest has no docs_sha256 to verify the documents against", sidecar)
-    actual = sha256_file(docs)
+    with open(docs, "rb") as f:
+        actual = hashlib.file_digest(f, "sha256").hexdigest()
     if actual != expected:
         raise FormatError(f"sha256 {actual} does not match docs_sha256 {expected} in {sidecar.name}: the file is "
                           "incomplete or not the published one; download it again", docs)
