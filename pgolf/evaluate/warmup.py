@@ -32,12 +32,18 @@ def warm_up(model, device: torch.device, shapes: list[tuple[int, int]], lora: tu
         y = torch.randint(0, vocab, (rows, width), generator=g).to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             if lora is not None:
+                # Base weights frozen, as TTT runs them: the graph is compiled for what will run.
+                requires = [p.requires_grad for p in model.parameters()]
+                for p in model.parameters():
+                    p.requires_grad_(False)
                 docs, rank, alpha = lora
                 adapters = DocumentAdapters(model.cfg, model.virtual_depth(), docs, rank, alpha, seed).to(device)
                 optimizer = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
                 logits = model.forward_logits(x[:docs], adapters)
                 torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y[:docs].flatten()).backward()
                 optimizer.step()
+                for p, flag in zip(model.parameters(), requires):
+                    p.requires_grad_(flag)
             elif train:
                 requires = [p.requires_grad for p in model.parameters()]
                 for p in model.parameters():
