@@ -20,6 +20,8 @@ class Config:
     workers: int = 0  # tokenizer processes; 0: one per core
     # "": those processes here; "local": a Dask LocalCluster of them; "tcp://host:8786": an existing
     # Dask cluster across machines (its workers need this pgolf installed). The bytes out are the same.
+    # The stage is the Dask client itself, so `dvc repro` and the Prefect flow both use the cluster
+    # (why not Prefect's DaskTaskRunner: pgolf.data.export._ordered_map_dask).
     dask_address: str = ""
     adopt: str = ""  # a published shard folder (e.g. data/datasets/fineweb10B_sp1024) to validate and use
 
@@ -28,6 +30,9 @@ class Config:
             raise ValueError("val_docs must be >= 1")
         if not 0 < self.shard_tokens < 2**31:
             raise ValueError("shard_tokens must be in (0, 2^31)")
+        if self.dask_address not in ("", "local") and ":" not in self.dask_address:
+            raise ValueError(f"dask_address {self.dask_address!r}: expected '' (local processes), 'local' "
+                             "(a Dask LocalCluster) or a scheduler address such as tcp://host:8786")
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:

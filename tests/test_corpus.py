@@ -143,6 +143,11 @@ def test_hub_source_downloads_then_verifies_and_offline_is_a_clear_error(tmp_pat
         ("willdepueoai/parameter-golf", "datasets/docs_selected.source_manifest.json", "dataset")]
     assert json.loads((tmp_path / "c/meta.json").read_text())["source"] == source
 
+    tampered = published(tmp_path / "hub" / "datasets", tamper=True)
+    with pytest.raises(FormatError, match="does not match docs_sha256") as err:
+        execute(corpus_stage.SPEC, corpus_stage.Config(source=source), {}, tmp_path / "c2")
+    assert str(tampered) in str(err.value) and not (tmp_path / "c2").exists()
+
     def offline(repo_id, filename, repo_type):
         raise huggingface_hub.errors.LocalEntryNotFoundError("no connection and not in the cache")
 

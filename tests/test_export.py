@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from pgolf.data.shards import list_shards, load_split, read_manifest, read_shard, write_shard
-from pgolf.errors import FormatError, InputError
+from pgolf.errors import ConfigError, FormatError, InputError
+from pgolf.params import from_dict
 from pgolf.tokenize.bytes import load_val_byte_sidecar
 from tasks import shards as shards_stage, tokenizer as tok_stage
 from tasks.common import execute
@@ -65,6 +66,29 @@ def test_a_dask_cluster_writes_the_same_bytes(data_dirs, tmp_path, monkeypatch):
     assert files == sorted(p.name for p in (tmp_path / "dask").iterdir()) and stats["docs_train"] > 16
     for name in files:
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes(), name
+
+
+def test_an_unreachable_dask_scheduler_is_a_clear_error(data_dirs, tmp_path, monkeypatch):
+    from pgolf.data import export
+
+    monkeypatch.setattr(export, "DASK_CONNECT_TIMEOUT_S", 1)
+    with pytest.raises(InputError, match="cannot reach the Dask scheduler at shards.dask_address='tcp://127.0.0.1:9'"):
+        build(data_dirs, tmp_path / "s", dask_address="tcp://127.0.0.1:9")
+    assert not (tmp_path / "s").exists()
+    with pytest.raises(ConfigError, match="dask_address 'my-cluster': expected"):
+        from_dict(shards_stage.Config, {"dask_address": "my-cluster"}, "shards")
+
+
+def test_a_dask_worker_with_other_encoding_code_refuses(data_dirs):
+    """A worker on another machine with another pgolf or SentencePiece would write other bytes."""
+    from pgolf.data import export
+
+    model = (data_dirs["tokenizer"] / "tokenizer.model").read_bytes()
+    item = (["some text"], "plain", 1, False, "val")
+    split, n_docs, chunk = export._on_dask_worker(export._encode_with_split, model, export.encoding_code_digest(), *item)
+    assert (split, n_docs) == ("val", 1) and chunk.tokens[0] == 1 and len(chunk.tokens) > 1
+    with pytest.raises(InputError, match="differs from the machine that started the shards stage"):
+        export._on_dask_worker(export._encode_with_split, model, "0" * 64, *item)
 
 
 def test_casefold_shards_carry_original_byte_sidecar(tmp_path):
