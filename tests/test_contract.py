@@ -49,6 +49,20 @@ def test_deps_cover_every_imported_module():
     assert not any(missing.values()), f"dvc.yaml stages run code they do not list as deps: {missing}"
 
 
+def test_deps_list_only_code_the_stage_runs():
+    """A stray dep reruns a stage for nothing (editing shard building must not retrain). pack also
+    lists the eval code it counts as the artifact's code."""
+    stages = dvc_stages()
+    stray = {}
+    for name, stage in stages.items():
+        files = imported_files(ROOT / "tasks" / f"{name}.py")
+        if name == "pack":
+            files |= imported_files(ROOT / "tasks" / "eval.py")
+        code = [d for d in stage["deps"] if d.startswith(("pgolf", "tasks"))]
+        stray[name] = [d for d in code if not any(covered(f, [d]) for f in files)]
+    assert not any(stray.values()), f"dvc.yaml deps that the stage never imports: {stray}"
+
+
 def test_deps_exist_and_are_not_too_broad():
     for name, stage in dvc_stages().items():
         for dep in stage["deps"]:
