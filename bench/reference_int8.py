@@ -24,16 +24,46 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pgolf.model.gpt import GPT  # noqa: E402
 from pgolf.params import from_dict  # noqa: E402
 from tasks import eval as eval_stage, gptq, pack, train  # noqa: E402
 from tasks import params as P  # noqa: E402
 from tasks.common import execute  # noqa: E402
 
 
+def baseline_state_dict(vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,
+                        mlp_mult: int = 2, tie_embeddings: bool = True, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A random state dict named, shaped and typed as the baseline script's `torch.save(base_model.state_dict())`
+    writes it, from that script's modules (GPT, Block, CausalSelfAttention, MLP), not from pgolf's:
+    the model runs `.bfloat16()` and then puts CastedLinear weights and low-dim/control parameters back in
+    fp32, so only the embedding stays bf16; Rotary's inv_freq is not persistent."""
+    g = torch.Generator().manual_seed(seed)
+    head_dim = model_dim // num_heads
+    kv_dim, hidden = num_kv_heads * head_dim, int(mlp_mult * model_dim)
+    skips = min(num_layers // 2, num_layers - num_layers // 2)
+
+    def randn(*shape, std=0.02):
+        return torch.randn(*shape, generator=g) * std
+
+    state = {"tok_emb.weight": randn(vocab_size, model_dim, std=0.05).bfloat16(),
+             "skip_weights": 1.0 + randn(skips, model_dim, std=0.1)}
+    for i in range(num_layers):
+        p = f"blocks.{i}."
+        state.update({
+            p + "attn.c_q.weight": randn(model_dim, model_dim), p + "attn.c_k.weight": randn(kv_dim, model_dim),
+            p + "attn.c_v.weight": randn(kv_dim, model_dim), p + "attn.proj.weight": randn(model_dim, model_dim),
+            p + "attn.q_gain": 1.5 + randn(num_heads, std=0.1),
+            p + "mlp.fc.weight": randn(hidden, model_dim), p + "mlp.proj.weight": randn(model_dim, hidden),
+            p + "attn_scale": 1.0 + randn(model_dim, std=0.1), p + "mlp_scale": 1.0 + randn(model_dim, std=0.1),
+            p + "resid_mix": torch.stack((torch.ones(model_dim), torch.zeros(model_dim))) + randn(2, model_dim, std=0.1),
+        })
+    if not tie_embeddings:
+        state["lm_head.weight"] = randn(vocab_size, model_dim)
+    return state
+
+
 def tiny_inputs(work: Path) -> tuple[Path, Path, Path]:
-    """The smoke preset's corpus, tokenizer and shards, and a random smoke-sized model saved the way
-    the baseline saves its own (torch.save of the state dict, bf16 embedding)."""
+    """The smoke preset's corpus, tokenizer and shards, and a random smoke-sized model saved as the
+    baseline saves its own (torch.save of the state dict, bf16 embedding, the baseline's names)."""
     from tasks import corpus, shards, tokenizer
 
     params = P.render("smoke")
@@ -42,10 +72,9 @@ def tiny_inputs(work: Path) -> tuple[Path, Path, Path]:
             {"corpus": work / "corpus"}, work / "tokenizer")
     execute(shards.SPEC, from_dict(shards.Config, params["shards"], "shards"),
             {"corpus": work / "corpus", "tokenizer": work / "tokenizer"}, work / "shards")
-    torch.manual_seed(0)
-    model = GPT(from_dict(train.Config, params["train"], "train").model)
-    state = {k: (v.bfloat16() if k == "tok_emb.weight" else v) for k, v in model.state_dict().items()}
-    torch.save(state, work / "final_model.pt")
+    m = params["train"]["model"]
+    torch.save(baseline_state_dict(m["vocab_size"], m["num_layers"], m["model_dim"], m["num_heads"], m["num_kv_heads"],
+                                   m["mlp_mult"], m["tie_embeddings"]), work / "final_model.pt")
     return work / "final_model.pt", work / "shards", work / "tokenizer"
 
 

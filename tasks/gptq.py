@@ -17,7 +17,7 @@ import torch
 
 from pgolf import dist
 from pgolf.data.shards import check_vocab
-from pgolf.model.io import load_model
+from pgolf.model.io import load_model, source_dtypes
 from pgolf.quant.baseline_int8 import quantize_baseline_int8
 from pgolf.quant.format import QuantizedModel, save_quantized
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
@@ -173,7 +173,7 @@ def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, dev
         if not dist.is_main():
             return {}
         qm, report = quantize_baseline_int8({k: v.detach().cpu() for k, v in model.state_dict().items()},
-                                            asdict(model_cfg))
+                                            asdict(model_cfg), source_dtypes(inputs["train"]))
         save_quantized(qm, out / "quantized.safetensors")
         summary = {"method": cfg.method, "quantize_seconds": round(time.perf_counter() - started, 3),
                    "tensors_int8": sum(e["kind"].startswith("int8") for e in qm.entries.values()),

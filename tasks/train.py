@@ -107,8 +107,9 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     check_vocab(inputs["shards"], cfg.model.vocab_size)
     resolved = {"model": asdict(cfg.model), "train": asdict(cfg), "code_version": code_version(), "torch": torch.__version__}
     if cfg.import_checkpoint:
-        model = import_state_dict(cfg.import_checkpoint, cfg.model)
-        save_model(model, cfg.model, out, extra_config={k: v for k, v in resolved.items() if k != "model"})
+        model, dtypes = import_state_dict(cfg.import_checkpoint, cfg.model)
+        save_model(model, cfg.model, out,
+                   extra_config={**{k: v for k, v in resolved.items() if k != "model"}, "source_dtypes": dtypes})
         metrics = {"steps": 0, "imported_from": str(Path(cfg.import_checkpoint).resolve())}
         write_json(out / "metrics.json", metrics)
         return metrics

@@ -75,9 +75,11 @@ def load_model(folder: str | Path, device: str | torch.device = "cpu") -> tuple[
 WRAPPER_PREFIXES = ("_orig_mod.", "module.")
 
 
-def import_state_dict(path: str | Path, cfg: ModelConfig) -> GPT:
+def import_state_dict(path: str | Path, cfg: ModelConfig) -> tuple[GPT, dict[str, str]]:
     """A model saved elsewhere with torch.save (e.g. the challenge baseline's final_model.pt):
-    a plain state dict or {"model": state_dict}, names possibly prefixed by compile/DDP wrappers."""
+    a plain state dict or {"model": state_dict}, names possibly prefixed by compile/DDP wrappers.
+    Returns the model (fp32) and the checkpoint's dtype of every tensor that was not fp32 (the
+    baseline keeps its embedding in bf16), which its own int8 format restores on dequantization."""
     path = Path(path)
     if not path.is_file():
         raise InputError("checkpoint to import not found", path)
@@ -89,11 +91,23 @@ def import_state_dict(path: str | Path, cfg: ModelConfig) -> GPT:
         data = data["model"]
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise FormatError("expected a state dict (name -> tensor)", path)
-    tensors = {}
+    tensors, dtypes = {}, {}
     for name, tensor in data.items():
         for prefix in WRAPPER_PREFIXES:
             name = name.removeprefix(prefix)
         tensors[name] = tensor.float()
+        if tensor.dtype != torch.float32:
+            dtypes[name] = str(tensor.dtype).removeprefix("torch.")
     model = GPT(cfg)
     load_state_dict_into(model, tensors, path)
-    return model
+    return model, dict(sorted(dtypes.items()))
+
+
+def source_dtypes(folder: str | Path) -> dict[str, str]:
+    """The non-fp32 dtypes an imported checkpoint had (config.json `source_dtypes`); empty for a
+    model the train stage trained itself."""
+    path = Path(folder) / "config.json"
+    try:
+        return dict(json.loads(path.read_text()).get("source_dtypes", {}))
+    except (OSError, json.JSONDecodeError) as err:
+        raise FormatError(f"cannot read config.json ({err})", path) from err

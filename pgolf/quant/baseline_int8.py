@@ -7,7 +7,9 @@ reference.md 6.3), so a model trained anywhere can be scored the way the baselin
 - matrices: int8 per row, clipped at the 99.99984th percentile of |w| in the row,
   scale = max(clip / 127, 1 / 127) (codes from the fp32 scale, the scale stored fp16);
 - other float tensors: int8 with one fp32 scale, clip at the same percentile of the whole tensor.
-No calibration: no Hessian, no GPTQ.
+No calibration: no Hessian, no GPTQ. Dequantization gives each tensor back in the dtype the
+checkpoint held it in (`dequantize_state_dict_int8` casts to it): the baseline trains its embedding
+in bf16, so its dequantized embedding is rounded to bf16; entries record that dtype.
 """
 from __future__ import annotations
 
@@ -38,10 +40,14 @@ def quantize_tensor(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes, scale
 
 
-def quantize_baseline_int8(state: dict[str, torch.Tensor], model_config: dict) -> tuple[QuantizedModel, dict]:
+def quantize_baseline_int8(state: dict[str, torch.Tensor], model_config: dict,
+                           source_dtypes: dict[str, str] | None = None) -> tuple[QuantizedModel, dict]:
+    """`source_dtypes`: the checkpoint's dtype of tensors that `state` holds in another one (an
+    imported bf16 embedding now fp32); the rest keep their own."""
     tensors, entries, report = {}, {}, {}
     for name, tensor in sorted(state.items()):
-        entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
+        dtype = (source_dtypes or {}).get(name, str(tensor.dtype).removeprefix("torch."))
+        entry = {"shape": list(tensor.shape), "dtype": dtype}
         if not tensor.is_floating_point() or tensor.numel() <= KEEP_FLOAT_MAX_NUMEL:
             control = any(p in name for p in CONTROL_PATTERNS)
             kept = tensor.float() if control else tensor.to(torch.float16) if tensor.is_floating_point() else tensor
@@ -56,7 +62,10 @@ def quantize_baseline_int8(state: dict[str, torch.Tensor], model_config: dict) -
             kind = "int8_tensor"
         tensors[f"{name}.q"], tensors[f"{name}.scale"] = codes.contiguous(), scale
         entries[name] = {**entry, "kind": kind, "bits": 8}
-        dequantized = codes.float() * (scale.float()[:, None] if kind == "int8_row" else scale)
-        report[name] = {"kind": kind, "bits": 8,
-                        "error_fro": float(torch.linalg.vector_norm(tensor.float() - dequantized))}
-    return QuantizedModel(model_config, tensors, entries), report
+    qm = QuantizedModel(model_config, tensors, entries)
+    dequantized = qm.dequantize()
+    for name, entry in entries.items():
+        if entry["kind"] != "passthrough":
+            report[name] = {"kind": entry["kind"], "bits": 8,
+                            "error_fro": float(torch.linalg.vector_norm(state[name].float() - dequantized[name]))}
+    return qm, report

@@ -16,6 +16,8 @@ from pgolf.quant.lqer import correction
 
 QUANT_FORMAT = "pgolf-quant-v1"
 KINDS = ("gptq", "rtn", "int8_row", "int8_tensor", "passthrough")
+# Dequantized tensors are rounded to the dtype their entry records when it is one of these.
+ROUNDED_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -38,6 +40,9 @@ class QuantizedModel:
                     out[name] = out[name] + correction(self.tensors, name, entry["lqer"]["group"])
             if list(out[name].shape) != list(entry["shape"]):
                 raise FormatError(f"tensor {name}: stored shape {list(out[name].shape)} != recorded {entry['shape']}")
+            if entry.get("dtype") in ROUNDED_DTYPES:
+                # The value the source model held (the baseline's bf16 embedding), carried in fp32.
+                out[name] = out[name].to(ROUNDED_DTYPES[entry["dtype"]]).float()
         return out
 
 

@@ -1,8 +1,8 @@
 """Calibration: H = sum of x x^T over the inputs of every quantized matrix (reference.md 5.2).
 
 Under torchrun the calibration batches are dealt round-robin over ranks (batch i on rank i mod W)
-and the sums and token counts are all-reduced, so every rank ends with the Hessians of all batches
-(equal to one process's up to the order of float32 sums)."""
+and the sums and token counts are all-reduced, so every rank ends with the Hessians of all batches,
+the same as one process's (see collect_hessians)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -49,16 +49,22 @@ def this_ranks_share(batches):
 def collect_hessians(model: GPT, batches, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
     """Hessians keyed by weight name (`blocks.0.attn.c_q.weight`, ...; the tied embedding's from the
     final-norm output that feeds the LM head), over this rank's share of `batches`, summed over
-    ranks. Returns (hessians / token count, token count)."""
-    hessians: dict[str, torch.Tensor] = {}
+    ranks. Returns (hessians / token count, token count).
+
+    Each batch's sum is taken in float32 (the same on whichever rank runs it) and added into float64
+    totals: how ranks group the batches changes at most the last float64 bits, which the float32
+    result drops (barring a float32 rounding tie), so N ranks give one process's Hessians bit for bit."""
+    totals: dict[str, torch.Tensor] = {}
+    batch_sums: dict[str, torch.Tensor] = {}
     hooks = []
 
+    def add(name: str, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.size(-1)).float()
+        h = batch_sums.get(name)
+        batch_sums[name] = x.T @ x if h is None else h.add_(x.T @ x)
+
     def hook_for(name: str):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].size(-1)).float()
-            h = hessians.get(name)
-            hessians[name] = x.T @ x if h is None else h.add_(x.T @ x)
-        return hook
+        return lambda module, inputs, output: add(name, inputs[0])
 
     for name, module in model.named_modules():
         if isinstance(module, CastedLinear) and name != "lm_head":
@@ -68,22 +74,23 @@ def collect_hessians(model: GPT, batches, device: torch.device) -> tuple[dict[st
     tokens = 0
     try:
         for batch in this_ranks_share(batches):
-            h = model.hidden(batch.to(device))
-            x = h.reshape(-1, h.size(-1)).float()
-            hessians[head_name] = x.T @ x if head_name not in hessians else hessians[head_name].add_(x.T @ x)
+            add(head_name, model.hidden(batch.to(device)))
+            for name, h in batch_sums.items():
+                totals[name] = h.double() if name not in totals else totals[name].add_(h)
+            batch_sums.clear()
             tokens += batch.numel()
     finally:
         for handle in hooks:
             handle.remove()
     if dist.world_size() > 1:
         # A rank with no batch still takes part: its hooks never ran, so its sums are zeros of the same shapes.
-        shapes = dist.all_gather_objects({k: tuple(v.shape) for k, v in hessians.items()})
+        shapes = dist.all_gather_objects({k: tuple(v.shape) for k, v in totals.items()})
         for name, shape in sorted({k: v for part in shapes for k, v in part.items()}.items()):
-            hessians.setdefault(name, torch.zeros(shape, device=device))
-        for name in sorted(hessians):
-            torch.distributed.all_reduce(hessians[name])
+            totals.setdefault(name, torch.zeros(shape, dtype=torch.float64, device=device))
+        for name in sorted(totals):
+            torch.distributed.all_reduce(totals[name])
         tokens = int(dist.all_reduce_sums([tokens], device)[0])
-    return {k: (v / max(tokens, 1)).cpu() for k, v in sorted(hessians.items())}, tokens
+    return {k: (v / max(tokens, 1)).float().cpu() for k, v in sorted(totals.items())}, tokens
 
 
 @torch.no_grad()
