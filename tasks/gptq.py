@@ -114,9 +114,9 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
         if hessian is None:
             codes, kind = rtn.to(torch.int8), "rtn"
         else:
-            codes, scale16 = gptq_quantize(weight, hessian, bits, clip, cfg.damp, cfg.block_size, cfg.act_order, name)
-            assert torch.equal(scale16.float(), scale)
-            kind = "gptq"
+            result = gptq_quantize(weight, hessian, bits, clip, cfg.damp, cfg.block_size, cfg.act_order, name)
+            assert torch.equal(result.scale.float(), scale)
+            codes, kind = result.codes, "gptq"
         tensors[f"{name}.q"], tensors[f"{name}.scale"] = codes, scale.to(torch.float16)
         entries[name] = {**entry, "kind": kind, "bits": bits, "clip_sigmas": clip}
         report[name] = {"kind": kind, "bits": bits, "clip_sigmas": clip,
@@ -124,7 +124,8 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
         if hessian is not None:
             err = output_error(weight, codes.float() * scale[:, None], hessian)
             err_rtn = output_error(weight, rtn * scale[:, None], hessian)
-            report[name].update(error=err, rtn_error=err_rtn, ratio=err / err_rtn if err_rtn > 0 else 1.0)
+            report[name].update(error=err, rtn_error=err_rtn, ratio=err / err_rtn if err_rtn > 0 else 1.0,
+                                damp=result.damp, dead_columns=result.dead_columns)
     if cfg.lqer_rank > 0:
         apply_lqer(state, tensors, entries, report, hessians, cfg)
     return QuantizedModel(model_config, tensors, entries), report
@@ -207,6 +208,9 @@ def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, dev
         "tensors_passthrough": sum(e["kind"] == "passthrough" for e in qm.entries.values()),
         "tensors_int8_row": sum(e["kind"] == "int8_row" for e in qm.entries.values()),
         "tensors_lqer": sum("lqer" in e for e in qm.entries.values()),
+        # Recoveries (reference.md 5.3): Hessians that needed more than gptq.damp to factor, and inputs never active.
+        "tensors_damped_more": sum(r.get("damp", cfg.damp) > cfg.damp for r in report.values()),
+        "dead_columns": sum(r.get("dead_columns", 0) for r in report.values()),
         "mean_error": sum(r["error"] for r in gptq_errors) / max(len(gptq_errors), 1),
         "mean_rtn_error": sum(r["rtn_error"] for r in gptq_errors) / max(len(gptq_errors), 1),
     }

@@ -22,7 +22,7 @@ def correlated_layer(rows=48, cols=96, tokens=4096, seed=0):
 
 
 def errors(w, h, bits, clip=12.85, **kw):
-    codes, scale = gptq_quantize(w, h, bits, clip, **kw)
+    codes, scale, _, _ = gptq_quantize(w, h, bits, clip, **kw)
     s = sdclip_scales(w, bits, clip)
     assert torch.equal(scale.float(), s) and codes.dtype == torch.int8
     assert codes.abs().max() <= 2 ** (bits - 1) - 1
@@ -49,16 +49,19 @@ def test_dead_columns_get_zero_codes():
     w, h = correlated_layer(rows=8, cols=32)
     h[5, :] = 0
     h[:, 5] = 0
-    codes, _ = gptq_quantize(w, h, 6, 12.85)
-    assert not codes[:, 5].any()
+    result = gptq_quantize(w, h, 6, 12.85)
+    assert not result.codes[:, 5].any() and result.codes[:, 4].any()
+    assert result.dead_columns == 1 and result.damp == 0.01
 
 
 def test_singular_hessian_is_rescued_by_damping_and_bad_ones_are_errors():
     w, _ = correlated_layer(rows=8, cols=16)
-    x = torch.randn(4, 16)
+    x = torch.randn(4, 16, generator=torch.Generator().manual_seed(2))
     rank_deficient = x.T @ x  # rank 4 of 16: needs the damping
-    codes, _ = gptq_quantize(w, rank_deficient, 6, 12.85, damp=1e-10)
-    assert codes.shape == w.shape
+    with pytest.raises(torch.linalg.LinAlgError):  # as asked, the damping is too small to factor it
+        torch.linalg.cholesky(rank_deficient + 1e-10 * rank_deficient.diagonal().mean() * torch.eye(16))
+    result = gptq_quantize(w, rank_deficient, 6, 12.85, damp=1e-10)
+    assert result.codes.shape == w.shape and result.damp > 1e-10  # recovered by a retry with 10x the damping
     with pytest.raises(QuantError, match="not positive definite"):
         gptq_quantize(w, -torch.eye(16), 6, 12.85)
     with pytest.raises(QuantError, match="non-finite"):
@@ -113,6 +116,30 @@ def test_stage_quantizes_matrices_and_passes_small_tensors(data_dirs, trained, t
     assert report["tensors"]["blocks.1.mlp.proj.weight"]["ratio"] < 1.0
     deq = qm.dequantize()
     assert set(deq) == set(kinds) and all(v.dtype == torch.float32 for v in deq.values())
+
+
+def test_stage_reports_dead_inputs_and_zeroes_their_weights(data_dirs, tmp_path):
+    """A hidden unit that never fires (its fc row is zero, relu^2 keeps it at 0) is a dead column of
+    mlp.proj's Hessian: GPTQ zeroes that column and report.json counts it."""
+    from pgolf.model.config import ModelConfig
+    from pgolf.model.gpt import GPT
+    from pgolf.model.io import save_model
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY_MODEL))
+    with torch.no_grad():
+        for block in model.blocks:
+            torch.nn.init.normal_(block.mlp.proj.weight, std=0.05)
+        model.blocks[0].mlp.fc.weight[3] = 0.0
+    (tmp_path / "train").mkdir()
+    save_model(model, model.cfg, tmp_path / "train")
+    summary = run_gptq(data_dirs, tmp_path / "train", tmp_path / "q")
+    report = json.loads((tmp_path / "q/report.json").read_text())["tensors"]
+    assert report["blocks.0.mlp.proj.weight"]["dead_columns"] == 1 and summary["dead_columns"] == 1
+    assert report["blocks.1.mlp.proj.weight"]["dead_columns"] == 0 and summary["tensors_damped_more"] == 0
+    codes = load_quantized(tmp_path / "q/quantized.safetensors").tensors["blocks.0.mlp.proj.weight.q"]
+    assert not codes[:, 3].any() and codes[:, 2].any()
 
 
 def test_same_inputs_same_quantized_bytes(data_dirs, trained, tmp_path):

@@ -14,7 +14,7 @@ from pgolf.pack.compress import COMPRESSORS, available, compress, decompress
 from pgolf.pack.serialize import CONTAINER, FORMAT_VERSION, load_artifact, pack, similarity_order, unpack
 
 HERE = [c for c in COMPRESSORS if available(c)]
-from pgolf.quant.format import QuantizedModel, save_quantized
+from pgolf.quant.format import QuantizedModel, load_quantized, save_quantized
 from tasks import pack as pack_stage
 from tasks.common import execute
 
@@ -183,3 +183,54 @@ def test_byte_shuffle_inverts_and_groups_high_bytes():
     assert byte_unshuffle(byte_shuffle(data)) == data
     halves = np.array([1.0, 2.0, 3.0], dtype=np.float16).tobytes()
     assert byte_shuffle(halves) == halves[0::2] + halves[1::2]
+
+
+def test_bad_quantized_models_are_clear_errors(tmp_path):
+    """gptq's output truncated or of another format, and a manifest that names what is not stored."""
+    from safetensors.torch import save_file
+
+    from pgolf.quant.format import load_quantized
+
+    path = tmp_path / "quantized.safetensors"
+    save_quantized(quantized_model(), path)
+    path.write_bytes(path.read_bytes()[:-30])
+    with pytest.raises(FormatError, match="corrupt or truncated") as err:
+        load_quantized(path)
+    assert str(path) in str(err.value)
+    save_file({"w": torch.zeros(2)}, str(path), metadata={"pgolf": json.dumps({"format": "pgolf-quant-v0"})})
+    with pytest.raises(FormatError, match="'pgolf-quant-v0' is not 'pgolf-quant-v1'"):
+        load_quantized(path)
+    with pytest.raises(InputError, match="gptq stage output"):
+        load_quantized(tmp_path / "missing.safetensors")
+    qm = quantized_model()
+    del qm.tensors["blocks.0.mlp.fc.weight.scale"]
+    with pytest.raises(FormatError, match="blocks.0.mlp.fc.weight: kind 'gptq' needs stored tensors"):
+        unpack(pack(qm, "zlib")[0]).dequantize()
+    qm = quantized_model()
+    qm.entries["blocks.0.attn_scale"]["kind"] = "int3"
+    with pytest.raises(FormatError, match="kind 'int3' is not one of"):
+        qm.dequantize()
+
+
+def test_eval_of_an_artifact_with_a_tensor_the_model_lacks_names_it(data_dirs, tmp_path):
+    from pgolf.model.config import ModelConfig
+    from pgolf.model.gpt import GPT
+    from pgolf.model.io import save_model
+    from tasks import eval as eval_stage, gptq as gptq_stage
+    from tests.conftest import TINY_MODEL
+
+    model = GPT(ModelConfig(**TINY_MODEL))
+    (tmp_path / "train").mkdir()
+    save_model(model, model.cfg, tmp_path / "train")
+    execute(gptq_stage.SPEC, gptq_stage.Config(method="int8_baseline", device="cpu"),
+            {"train": tmp_path / "train", "shards": data_dirs["shards"]}, tmp_path / "gptq")
+    qm = load_quantized(tmp_path / "gptq/quantized.safetensors")
+    qm.tensors["blocks.0.attn.c_z.weight"] = qm.tensors.pop("blocks.0.attn_scale")
+    qm.entries["blocks.0.attn.c_z.weight"] = qm.entries.pop("blocks.0.attn_scale")
+    (tmp_path / "pack").mkdir()
+    (tmp_path / "pack/artifact.bin").write_bytes(pack(qm, "zlib")[0])
+    with pytest.raises(FormatError, match=r"missing \['blocks.0.attn_scale'\], unexpected \['blocks.0.attn.c_z.weight'\]") as err:
+        execute(eval_stage.SPEC, eval_stage.Config(seq_len=32, device="cpu"),
+                {"pack": tmp_path / "pack", "shards": data_dirs["shards"], "tokenizer": data_dirs["tokenizer"]},
+                tmp_path / "eval")
+    assert "artifact.bin" in str(err.value)

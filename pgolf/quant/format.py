@@ -29,6 +29,11 @@ class QuantizedModel:
     def dequantize(self) -> dict[str, torch.Tensor]:
         out = {}
         for name, entry in sorted(self.entries.items()):
+            kind = entry.get("kind")
+            stored = [name] if kind == "passthrough" else [f"{name}.q", f"{name}.scale"]
+            if kind not in KINDS or any(key not in self.tensors for key in stored):
+                raise FormatError(f"tensor {name}: kind {kind!r} " + (f"is not one of {KINDS}" if kind not in KINDS else
+                                  f"needs stored tensors {stored}, which are not all there"))
             if entry["kind"] == "passthrough":
                 out[name] = self.tensors[name].float()
             elif entry["kind"] == "int8_tensor":  # one scale for the whole tensor (the baseline's non-matrices)

@@ -3,6 +3,8 @@
 Cholesky factor of H^-1, 128-column blocks with lazy cross-block error updates."""
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
@@ -43,7 +45,16 @@ def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
     return torch.einsum("ij,jk,ik->", e, h, e).item() / max(denom, 1e-30)
 
 
-def _inverse_cholesky_upper(hessian: Tensor, damp: float, name: str, retries: int = 6) -> Tensor:
+class GPTQResult(NamedTuple):
+    codes: Tensor  # int8 in [-R, R]
+    scale: Tensor  # fp16 per row
+    damp: float  # the damping that made H positive definite (x mean diag H): `damp`, or 10^k times it
+    dead_columns: int  # inputs that were always zero: their weights quantize to 0
+
+
+def _inverse_cholesky_upper(hessian: Tensor, damp: float, name: str, retries: int = 6) -> tuple[Tensor, float]:
+    """Upper Cholesky factor of (H + d mean(diag H) I)^-1, retrying with d ten times larger while
+    the factorization fails (a Hessian of too few tokens is singular in float32)."""
     mean_diag = hessian.diagonal().mean().item()
     eye = torch.eye(hessian.size(0), dtype=hessian.dtype)
     damping = damp
@@ -51,7 +62,7 @@ def _inverse_cholesky_upper(hessian: Tensor, damp: float, name: str, retries: in
         try:
             chol = torch.linalg.cholesky(hessian + damping * mean_diag * eye)
             hinv = torch.cholesky_inverse(chol)
-            return torch.linalg.cholesky(hinv, upper=True)
+            return torch.linalg.cholesky(hinv, upper=True), damping
         except torch.linalg.LinAlgError:
             damping *= 10.0
     raise QuantError(f"tensor {name}: Hessian is not positive definite even with damping {damping / 10:g} x mean(diag); "
@@ -59,9 +70,9 @@ def _inverse_cholesky_upper(hessian: Tensor, damp: float, name: str, retries: in
 
 
 def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, clip_sigmas: float, damp: float = 0.01,
-                  block_size: int = 128, act_order: bool = True, name: str = "tensor") -> tuple[Tensor, Tensor]:
-    """Return (int8 codes in [-R, R], fp16 per-row scales) for `weight` [rows, cols] given the
-    Hessian [cols, cols] of its inputs."""
+                  block_size: int = 128, act_order: bool = True, name: str = "tensor") -> GPTQResult:
+    """Codes and fp16 per-row scales for `weight` [rows, cols] given the Hessian [cols, cols] of its
+    inputs, with the recoveries it needed (more damping, dead columns) for the report."""
     w = weight.detach().float().clone()
     h = hessian.detach().float().clone()
     if h.shape != (w.size(1), w.size(1)):
@@ -75,7 +86,7 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, clip_sigmas: float
     w[:, dead] = 0.0
     perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(w.size(1))
     w, h = w[:, perm], h[perm][:, perm]
-    u = _inverse_cholesky_upper(h, damp, name)
+    u, damp_used = _inverse_cholesky_upper(h, damp, name)
     codes = torch.zeros_like(w)
     s = scale[:, None]
     for i1 in range(0, w.size(1), block_size):
@@ -92,4 +103,4 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, clip_sigmas: float
             errors[:, j:j + 1] = err
         w[:, i2:] -= errors @ u[i1:i2, i2:]
     codes = codes[:, torch.argsort(perm)]
-    return codes.to(torch.int8), scale.to(torch.float16)
+    return GPTQResult(codes.to(torch.int8), scale.to(torch.float16), damp_used, int(dead.sum()))
