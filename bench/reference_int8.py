@@ -4,11 +4,16 @@ its final_model.pt -> train stage import -> gptq `int8_baseline` (int8_clean_per
 model (its `final_int8_zlib_roundtrip val_bpb` line).
 
     python bench/reference_int8.py --checkpoint final_model.pt --shards data/datasets/fineweb10B_sp1024 \
-        --tokenizer-model data/tokenizers/fineweb_1024_bpe.model --expect 1.22436570
+        --tokenizer data/tokenizers/fineweb_1024_bpe.model --expect 1.22436570
     python bench/reference_int8.py --tiny          # CPU: a smoke-sized model saved as a final_model.pt
 
-The shards must be the ones the script evaluated (the published sp1024 folder, adopted without
-copying); the tokenizer model is the one it used.
+The shards must be the ones the script evaluated: the published sp1024 folder (adopted through the
+shards stage, linked, not copied) or a shards stage output; the tokenizer the one it used: its
+.model (adopted through the tokenizer stage) or a tokenizer stage output.
+
+What can still differ from the script's number is arithmetic, not the format: the script runs its
+embedding and the residual stream in bf16 under autocast, pgolf's model keeps them in fp32 (the
+weights themselves are the script's, its bf16 embedding included).
 """
 from __future__ import annotations
 
@@ -25,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pgolf.params import from_dict  # noqa: E402
-from tasks import eval as eval_stage, gptq, pack, train  # noqa: E402
+from tasks import eval as eval_stage, gptq, pack, shards, tokenizer, train  # noqa: E402
 from tasks import params as P  # noqa: E402
 from tasks.common import execute  # noqa: E402
 
@@ -64,7 +69,7 @@ def baseline_state_dict(vocab_size: int, num_layers: int, model_dim: int, num_he
 def tiny_inputs(work: Path) -> tuple[Path, Path, Path]:
     """The smoke preset's corpus, tokenizer and shards, and a random smoke-sized model saved as the
     baseline saves its own (torch.save of the state dict, bf16 embedding, the baseline's names)."""
-    from tasks import corpus, shards, tokenizer
+    from tasks import corpus
 
     params = P.render("smoke")
     execute(corpus.SPEC, from_dict(corpus.Config, params["corpus"], "corpus"), {}, work / "corpus")
@@ -75,14 +80,20 @@ def tiny_inputs(work: Path) -> tuple[Path, Path, Path]:
     m = params["train"]["model"]
     torch.save(baseline_state_dict(m["vocab_size"], m["num_layers"], m["model_dim"], m["num_heads"], m["num_kv_heads"],
                                    m["mlp_mult"], m["tie_embeddings"]), work / "final_model.pt")
-    return work / "final_model.pt", work / "shards", work / "tokenizer"
+    # Handed over as the script's inputs are: a bare folder of shards and a bare .model, both adopted.
+    published = work / "published"
+    published.mkdir()
+    for shard in sorted((work / "shards").glob("fineweb_*.bin")):
+        shutil.copyfile(shard, published / shard.name)
+    shutil.copyfile(work / "tokenizer/tokenizer.model", published / "tokenizer.model")
+    return work / "final_model.pt", published, published / "tokenizer.model"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, help="final_model.pt written by the baseline script")
     parser.add_argument("--shards", type=Path, help="a shards stage output or a published shard folder")
-    parser.add_argument("--tokenizer", type=Path, help="a tokenizer stage output (tokenizer.model + tokenizer.json)")
+    parser.add_argument("--tokenizer", type=Path, help="the script's SentencePiece .model, or a tokenizer stage output")
     parser.add_argument("--expect", type=float, help="the val_bpb the baseline script printed after its int8+zlib round trip")
     parser.add_argument("--preset", default="baseline", help="the preset whose model config matches the checkpoint")
     parser.add_argument("--device", default="auto")
@@ -96,6 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         if not (args.checkpoint and args.shards and args.tokenizer):
             parser.error("--checkpoint, --shards and --tokenizer are needed (or --tiny)")
         params = P.render(args.preset)
+        if args.tokenizer.is_file():  # a published .model; adoption reads no corpus
+            execute(tokenizer.SPEC, from_dict(tokenizer.Config, {**params["tokenizer"], "adopt": str(args.tokenizer)},
+                                              "tokenizer"), {"corpus": args.tokenizer.parent}, work / "tokenizer")
+            args.tokenizer = work / "tokenizer"
+        if not (args.shards / "manifest.json").is_file():  # a published shard folder
+            execute(shards.SPEC, from_dict(shards.Config, {**params["shards"], "adopt": str(args.shards)}, "shards"),
+                    {"corpus": args.shards, "tokenizer": args.tokenizer}, work / "shards")
+            args.shards = work / "shards"
         train_cfg = from_dict(train.Config, {**params["train"], "import_checkpoint": str(args.checkpoint.resolve())}, "train")
         execute(train.SPEC, train_cfg, {"shards": args.shards}, work / "train")
         q = execute(gptq.SPEC, gptq.Config(method="int8_baseline", device=args.device),
