@@ -45,7 +45,8 @@ def solo():
         _solo = previous
 
 
-def _collective() -> bool:
+def collective() -> bool:
+    """Inside a process group of more than one rank (and not in solo())."""
     return dist.is_initialized() and world_size() > 1
 
 
@@ -96,7 +97,7 @@ def process_group(device: torch.device):
 
 
 def barrier() -> None:
-    if _collective():
+    if collective():
         dist.barrier()
 
 
@@ -108,7 +109,7 @@ def shutdown() -> None:
 
 def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on any: all ranks stop on the same step."""
-    if not _collective():
+    if not collective():
         return flag
     t = torch.tensor(1 if flag else 0, device=device, dtype=torch.int32)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
@@ -117,7 +118,7 @@ def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
 
 def all_gather_objects(obj) -> list:
     """Every rank's `obj`, in rank order (pickled; for logs and small results, not tensors)."""
-    if not _collective():
+    if not collective():
         return [obj]
     gathered: list = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
@@ -126,7 +127,7 @@ def all_gather_objects(obj) -> list:
 
 def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
     """Elementwise sums over ranks in float64 (loss, token and byte totals stay exact integers)."""
-    if not _collective():
+    if not collective():
         return list(values)
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -136,7 +137,7 @@ def all_reduce_sums(values: list[float], device: torch.device) -> list[float]:
 def average_gradients(params, mean: bool = True) -> None:
     """Mean (or sum) of every gradient across ranks, one flat buffer per dtype (no DDP wrapper
     needed). Parameters without a gradient are skipped, so every rank must have the same ones."""
-    if not _collective():
+    if not collective():
         return
     grads = [p.grad for p in params if p.grad is not None]
     by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}

@@ -9,7 +9,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -148,6 +147,46 @@ def build_optimizers(model: GPT, cfg: Config, fused: bool):
     return optimizers
 
 
+def check_finite(nonfinite: torch.Tensor, step: int) -> None:
+    if bool(nonfinite):
+        raise FloatingPointError(f"train loss became non-finite at or before step {step}")
+
+
+class HostPace:
+    """Keeps the host at most one step ahead of the GPU without waiting for the step it queued.
+
+    A per-step synchronize (or .item()) leaves the GPU idle while the host loads the next batch
+    and launches its first kernels; the baseline script avoids it on one GPU. Here the host waits
+    only for the previous step, so loading and launching overlap the current one, and reads the
+    loss only at log steps. The wallclock cap is voted on by all ranks in the background and the
+    vote read one step later: every rank still stops on the same step, one step after the cap.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.previous_step_done: torch.cuda.Event | None = None
+        self.pending_vote: torch.Tensor | None = None
+
+    def step_queued(self) -> None:
+        if not self.cuda:
+            return
+        done = torch.cuda.Event()
+        done.record()
+        if self.previous_step_done is not None:
+            self.previous_step_done.synchronize()
+        self.previous_step_done = done
+
+    def stop_vote(self, over_cap: bool) -> bool:
+        """True on every rank once any rank's clock has passed the cap."""
+        if not dist.collective():
+            return over_cap
+        vote = torch.tensor(1 if over_cap else 0, device=self.device, dtype=torch.int32)
+        torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
+        previous, self.pending_vote = self.pending_vote, vote
+        return previous is not None and bool(previous.item())
+
+
 class Trainer:
     """One training process; all ranks run the same steps and stop together."""
 
@@ -176,7 +215,8 @@ class Trainer:
                                          self.cfg.model.bos_id)
         return DistributedTokenLoader(self.shards, self.rank, self.world, self.device, self.cfg.model.vocab_size)
 
-    def step(self, step: int, lr_scale: float) -> float:
+    def step(self, step: int, lr_scale: float) -> torch.Tensor:
+        """One optimizer step; returns this rank's mean loss as a device tensor (no host sync)."""
         cfg = self.cfg
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
@@ -201,7 +241,11 @@ class Trainer:
             opt.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        mean = total / self.accum
+        return total / self.accum
+
+    def host_loss(self, rank_loss: torch.Tensor) -> float:
+        """The mean over ranks of a step's loss, read on the host (a sync: only at log steps)."""
+        mean = rank_loss.clone()
         if self.world > 1:
             torch.distributed.all_reduce(mean, op=torch.distributed.ReduceOp.SUM)  # gloo has no AVG
             mean /= self.world
@@ -291,6 +335,9 @@ class Trainer:
             log.writelines(json.dumps(r) + "\n" for r in records)
         live = self.open_live()
         tokens_per_step = cfg.train_batch_tokens
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        rank_loss = None
+        pace = HostPace(self.device)
         self.sync()
         t0 = time.perf_counter() - elapsed_ms / 1000.0
         while step < cfg.iterations:
@@ -307,14 +354,16 @@ class Trainer:
             if not qat_on and cfg.late_qat_threshold > 0 and lr_scale < cfg.late_qat_threshold:
                 self.model.set_qat(cfg.qat_bits)
                 qat_on = True
-            loss = self.step(step, lr_scale)
+            rank_loss = self.step(step, lr_scale)
             step += 1
-            self.sync()
+            nonfinite = nonfinite | ~torch.isfinite(rank_loss)
+            pace.step_queued()
             elapsed_ms = (time.perf_counter() - t0) * 1000.0
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"train loss became {loss} at step {step}")
             if self.swa is not None and lr_scale < cfg.swa_start_lr_scale and step % cfg.swa_every == 0:
                 self.swa.add(self.model)
+            if step % cfg.log_every == 0 or step == 1 or step == cfg.iterations:
+                loss = self.host_loss(rank_loss)
+                check_finite(nonfinite, step)
             if log and (step % cfg.log_every == 0 or step == 1 or step == cfg.iterations):
                 record = {"step": step, "train_loss": round(loss, 6), "lr_scale": round(lr_scale, 6),
                           "elapsed_ms": round(elapsed_ms, 1), "tokens": step * tokens_per_step}
@@ -328,11 +377,15 @@ class Trainer:
                     live.log_metric("train_loss", loss)
                     live.log_metric("lr_scale", lr_scale)
                     live.next_step()
-            if dist.all_reduce_max_flag(cap_ms is not None and elapsed_ms >= cap_ms, self.device):
+            if pace.stop_vote(cap_ms is not None and elapsed_ms >= cap_ms):
                 break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
                 self.save_checkpoint({"step": step, "elapsed_ms": elapsed_ms, "looping_step": looping_step,
                                       "looping": self.model.looping, "qat": qat_on, "log": records})
+        self.sync()
+        elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        loss = self.host_loss(rank_loss) if rank_loss is not None else loss
+        check_finite(nonfinite, step)
         seconds = elapsed_ms / 1000.0
         metrics = {
             "steps": step,

@@ -148,3 +148,38 @@ def test_import_a_state_dict_trained_elsewhere(data_dirs, tmp_path):
     with pytest.raises(FormatError, match="missing \\['skip_weights'\\], unexpected \\['blocks.0.attn.c_z.weight'\\]"):
         execute(train_stage.SPEC, config(import_checkpoint=str(tmp_path / "bad.pt")), {"shards": data_dirs["shards"]},
                 tmp_path / "t2")
+
+
+def test_wallclock_cap_stops_every_rank_on_the_same_step(data_dirs, tmp_path):
+    """The cap vote is read one step late on a process group (no step waits on it): with a cap
+    that every clock has passed after the first step, two ranks stop after step 2, together;
+    one process, which has no vote to wait for, stops after step 1."""
+    cap = dict(max_wallclock_seconds=1e-6, warmdown_iters=0, log_every=100)
+    two = execute(train_stage.SPEC, config(**cap), {"shards": data_dirs["shards"]}, tmp_path / "two")
+    assert two["steps"] == 2 and two["world_size"] == 2
+    one = execute(train_stage.SPEC, config(nproc=1, grad_accum_steps=2, **cap), {"shards": data_dirs["shards"]},
+                  tmp_path / "one")
+    assert one["steps"] == 1
+    assert [json.loads(line)["step"] for line in (tmp_path / "two" / "train_log.jsonl").read_text().splitlines()] == [1]
+
+
+def test_the_loss_reaches_the_host_only_at_log_steps(data_dirs, tmp_path, monkeypatch):
+    """Reading the loss is a device sync; between log steps the host only queues work."""
+    reads = []
+    real = train_stage.Trainer.host_loss
+    monkeypatch.setattr(train_stage.Trainer, "host_loss", lambda self, t: reads.append(1) or real(self, t))
+    trainer = train_stage.Trainer(config(nproc=1, grad_accum_steps=2, iterations=12, log_every=5, warmup_steps=0),
+                                  data_dirs["shards"], tmp_path)
+    metrics = trainer.train()
+    assert [r["step"] for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())] == [1, 5, 10, 12]
+    assert len(reads) == 5  # steps 1, 5, 10, 12 and the final metrics
+    assert metrics["final_train_loss"] == json.loads((tmp_path / "train_log.jsonl").read_text().splitlines()[-1])["train_loss"]
+
+
+def test_a_non_finite_loss_between_log_steps_still_stops_the_run(data_dirs, tmp_path, monkeypatch):
+    trainer = train_stage.Trainer(config(nproc=1, grad_accum_steps=2, iterations=12, log_every=10, warmup_steps=0),
+                                  data_dirs["shards"], tmp_path)
+    real_step = trainer.step
+    monkeypatch.setattr(trainer, "step", lambda step, lr: real_step(step, lr) * (float("nan") if step == 3 else 1.0))
+    with pytest.raises(FloatingPointError, match="at or before step 10"):
+        trainer.train()
