@@ -107,15 +107,21 @@ def run_reference(script: Path, shards: Path, tokenizer: Path, steps: int, timeo
     avgs = re.findall(r"step_avg:([\d.]+)ms", log)
     losses = [(int(s), float(v)) for s, v in re.findall(r"step:(\d+)/\d+ train_loss:([\d.]+)", log)]
     mem = re.findall(r"peak memory allocated: (\d+) MiB", log)
+    # The script's own score of its final_model.pt after its int8+zlib round trip: what
+    # bench/reference_int8.py must reproduce from that file.
+    int8 = re.findall(r"final_int8_zlib_roundtrip_exact val_loss:([\d.]+) val_bpb:([\d.]+)", log)
     if not avgs:
         raise RuntimeError(f"reference script printed no step_avg (exit {proc.returncode}):\n{log[-3000:]}")
     return {"ms_per_step": float(avgs[-1]), "loss_curve": losses,
-            "peak_mem_bytes": int(mem[-1]) * 2**20 if mem else None}
+            "peak_mem_bytes": int(mem[-1]) * 2**20 if mem else None,
+            "int8_zlib_val_loss": float(int8[-1][0]) if int8 else None,
+            "int8_zlib_val_bpb": float(int8[-1][1]) if int8 else None,
+            "final_model": str(script.parent / "final_model.pt")}
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="baseline", help="a preset name, or 'all'")
+    parser.add_argument("--preset", default="baseline", help="a preset name, names joined by commas, or 'all'")
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--warmup-steps", type=int, default=20)
@@ -128,16 +134,18 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="train.KEY=VALUE",
                         help="override the preset, e.g. train.model.doc_attention_kernel=flex")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--work", type=Path, help="build the shards (and tokenizer) here and keep them, e.g. for "
+                        "bench/reference_int8.py on the reference's final_model.pt; default: a temporary folder")
     args = parser.parse_args()
 
-    presets = [p for p in P.list_presets() if p != "smoke"] if args.preset == "all" else [args.preset]
+    presets = [p for p in P.list_presets() if p != "smoke"] if args.preset == "all" else args.preset.split(",")
     results: dict = {"device": args.device, "steps": args.steps, "presets": {}}
     if args.device == "cuda":
         import torch
 
         results["gpu"], results["torch"] = torch.cuda.get_device_name(), torch.__version__
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.work.resolve() if args.work else Path(scratch)
         built: dict[int, tuple[Path, Path | None]] = {}
         for preset in presets:
             cfg = preset_config(preset, args)
@@ -161,6 +169,7 @@ def main() -> int:
                 tokenizer = tmp / "sp1024.model"
                 tokenizer.write_bytes(train_bpe(training_sentences(builtin_documents()), 1024, os.cpu_count() or 1, 1337))
             ref = run_reference(args.reference.resolve(), shards, tokenizer, args.steps, args.reference_timeout)
+            ref["shards"], ref["tokenizer"] = str(shards), str(tokenizer)
             ref["tokens_per_s"] = 524_288 / (ref["ms_per_step"] / 1000.0)
             results["reference"] = ref
             if "baseline" in results["presets"]:

@@ -78,6 +78,10 @@ class Config:
     checkpoint_dir: str = "artifacts/.checkpoints/train"  # outside the stage output, so a killed run resumes
     import_checkpoint: str = ""  # a torch state dict trained elsewhere (baseline final_model.pt): no training
     compile: bool = True
+    # R1's fused Triton kernels (pgolf.kernels), used where the device runs Triton (CUDA); the same
+    # math as the eager loss and MLP, which CPU runs, eval, calibration and TTT keep.
+    fused_cross_entropy: bool = False
+    fused_mlp: bool = False
     log_every: int = 200
 
     def validate(self) -> None:
@@ -200,6 +204,7 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.model = GPT(cfg.model).to(self.device)
+        self.model.set_fused_kernels(cfg.fused_cross_entropy, cfg.fused_mlp)
         self.train_model = torch.compile(self.model, dynamic=False) if cfg.compile and self.device.type == "cuda" else self.model
         self.optimizers = build_optimizers(self.model, cfg, fused=self.device.type == "cuda")
         self.adam_params = [p for group in self.optimizers[1].param_groups for p in group["params"]]
@@ -398,6 +403,9 @@ class Trainer:
             "device": self.device.type,
             "looping_enabled_at_step": looping_step,
             "resumed_from_step": resumed["step"] if resumed else None,
+            # What ran, not what was asked: the kernels need a device that runs Triton.
+            "fused_cross_entropy": self.model.fused_cross_entropy,
+            "fused_mlp": any(getattr(m, "fused", False) for m in self.model.modules()),
         }
         if cfg.checkpoint_every:
             if self.world > 1:

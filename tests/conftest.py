@@ -1,6 +1,7 @@
 """Shared tiny fixtures: generated text, a small SentencePiece model, shard folders, a model."""
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -8,6 +9,10 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+if not torch.cuda.is_available():
+    # pgolf.kernels' Triton kernels run in Triton's interpreter on CPU tensors; it is chosen when a
+    # kernel is defined, so before anything imports them.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 WORDS = ("the of and to in is was for on that with as by at from his her they this which were be "
          "are it an or had not but have their one all been has when there who more so out up into "

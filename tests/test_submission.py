@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -48,3 +49,25 @@ def test_exported_script_reproduces_the_pipeline(data_dirs, tmp_path):
     assert final["val_bpb"] == metrics["val_bpb"] and final["val_loss"] == metrics["val_loss"]
     assert final["model_bytes"] == json.loads((art / "pack/size.json").read_text())["model_bytes"]
     assert final["code_bytes"] == submission["bytes_code"]
+
+
+def test_the_exported_script_serves_the_fused_kernels_from_its_own_source(tmp_path):
+    """Triton compiles a kernel from its source text (inspect.getsource), so the bundle must hand
+    out the source of the modules it embeds; the kernels must come from the bundle, not the repo."""
+    from pgolf.pack.export import bundle_script
+
+    script = tmp_path / "train_gpt.py"
+    script.write_text(bundle_script(export.ENTRY, export.ROOT, P.render("smoke", []), "test"), encoding="utf-8")
+    probe = (
+        "import runpy, torch, torch.nn.functional as F\n"
+        f"runpy.run_path({str(script)!r}, run_name='bundle')\n"
+        "from pgolf.kernels import mlp\n"
+        "assert mlp.__file__.startswith('<bundled>/'), mlp.__file__\n"
+        "import inspect\n"
+        "assert 'def _matmul_activation_kernel(' in inspect.getsource(mlp._matmul_activation_kernel.fn)\n"
+        "x, w1, w2 = torch.randn(5, 8), torch.randn(16, 8), torch.randn(8, 16)\n"
+        "torch.testing.assert_close(mlp.fused_mlp(x, w1, w2, 0.5), F.linear(F.leaky_relu(F.linear(x, w1), 0.5).square(), w2))\n"
+        "print('bundled kernels ok')\n")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert proc.returncode == 0 and "bundled kernels ok" in proc.stdout, proc.stderr[-3000:]

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgolf import kernels as fused_kernels
 from pgolf.model.config import ModelConfig
 from pgolf.model.docmask import Mask, document_block_mask, document_causal_mask, masked_attention
 from pgolf.model.embeddings import BigramHashEmbedding, ValueEmbedding
@@ -150,6 +151,7 @@ class GPT(nn.Module):
         # Recurrence is on by default (evaluation, calibration, TTT); training turns it off until
         # enable_looping_at and then back on for good.
         self.looping = bool(cfg.num_loops)
+        self.fused_cross_entropy = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -165,6 +167,22 @@ class GPT(nn.Module):
     def set_looping(self, on: bool) -> None:
         """Depth recurrence switches on during training (enable_looping_at) and stays on for eval."""
         self.looping = bool(on and self.cfg.num_loops)
+
+    def set_fused_kernels(self, cross_entropy: bool, mlp: bool) -> None:
+        """Train through the fused Triton loss and MLP (pgolf.kernels) if the model's device can run
+        them (else the eager path, same math). Call after moving the model. Only the train stage
+        asks, so eval, calibration and TTT keep the eager path, as R1 does."""
+        device = next(self.parameters()).device
+        if (cross_entropy or mlp) and device.type == "cuda" and not fused_kernels.triton_installed():
+            raise ValueError("train.fused_cross_entropy / fused_mlp on CUDA need triton: pip install -e '.[gpu]'")
+        if cross_entropy and not 0 < self.cfg.logit_softcap <= fused_kernels.MAX_FUSED_SOFTCAP:
+            raise ValueError(f"the fused cross-entropy needs 0 < logit_softcap <= {fused_kernels.MAX_FUSED_SOFTCAP}, "
+                             f"got {self.cfg.logit_softcap}")
+        runnable = fused_kernels.usable(device)
+        self.fused_cross_entropy = cross_entropy and runnable
+        for module in self.modules():
+            if isinstance(module, MLP):
+                module.fused = mlp and runnable
 
     def set_qat(self, bits: int) -> None:
         """Fake-quantize the blocks' attention and MLP matrices from now on (0 turns it off)."""
@@ -235,9 +253,13 @@ class GPT(nn.Module):
             x = 0.5 * (lanes[0] + lanes[1])
         return rms_norm(x)
 
-    def logits_from_hidden(self, h: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
+    def head(self, h: Tensor) -> Tensor:
+        """Logits before the softcap, in the activation dtype."""
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, weight.to(h.dtype)).float()
+        return F.linear(h, weight.to(h.dtype))
+
+    def logits_from_hidden(self, h: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
+        logits = self.head(h).float()
         if adapters is not None:
             logits = logits + adapters.head(h).float()
         cap = self.cfg.logit_softcap
@@ -251,6 +273,13 @@ class GPT(nn.Module):
         return len(self.plan.steps)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+        """Mean next-token loss: the training objective."""
+        if self.fused_cross_entropy:
+            from pgolf.kernels.softcap_ce import softcap_cross_entropy
+
+            logits = self.head(self.hidden(input_ids))
+            return softcap_cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
+                                         self.cfg.logit_softcap)
         logits = self.forward_logits(input_ids)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
 

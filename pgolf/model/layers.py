@@ -18,9 +18,12 @@ class CastedLinear(nn.Linear):
         self.orthogonal = orthogonal
         self.qat_bits = 0  # > 0: train through a fake int-k quantizer (late QAT)
 
+    def effective_weight(self) -> Tensor:
+        """The weight the matmul uses: fake-quantized while late QAT is on."""
+        return fake_quantize_rows(self.weight, self.qat_bits) if self.qat_bits else self.weight
+
     def forward(self, x: Tensor) -> Tensor:
-        weight = fake_quantize_rows(self.weight, self.qat_bits) if self.qat_bits else self.weight
-        return F.linear(x, weight.to(x.dtype))
+        return F.linear(x, self.effective_weight().to(x.dtype))
 
 
 def rms_norm(x: Tensor) -> Tensor:

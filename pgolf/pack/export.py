@@ -26,6 +26,10 @@ class _BundledModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     def create_module(self, spec):
         return None
 
+    def get_source(self, name):
+        # inspect.getsource reads bundled code through this (tracebacks; Triton's JIT needs its kernels' source).
+        return _SOURCES[name]
+
     def exec_module(self, module):
         module.__file__ = "<bundled>/" + module.__name__.replace(".", "/") + ".py"
         if module.__name__ in _PACKAGES:
