@@ -134,7 +134,7 @@ def build_optimizers(model: GPT, cfg: Config, fused: bool):
     muon_cls = ShardedMuon if cfg.muon_sharded else Muon
     muon = muon_cls([p for _, p in groups["matrix"]], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
                 backend_steps=cfg.muon_backend_steps, coefficients=cfg.muon_coefficients,
-                row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd)
+                row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd, compiled=cfg.compile)
     adam_groups = [
         {"params": [p for _, p in groups["embed"]],
          "lr": cfg.tied_embed_lr if cfg.model.tie_embeddings else cfg.embed_lr, "weight_decay": cfg.embed_wd},

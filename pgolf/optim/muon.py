@@ -9,6 +9,8 @@ each rank orthogonalizes its share and one all-reduce assembles every update.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
@@ -39,6 +41,13 @@ def newton_schulz(grad: Tensor, steps: int = 5, coefficients=STOCK_NS5, eps: flo
     return x.mT if transposed else x
 
 
+@functools.cache
+def compiled_newton_schulz():
+    """newton_schulz under torch.compile, as the baseline and R1 run it: its small matmuls and
+    elementwise steps are launch-bound eager (one graph per matrix shape)."""
+    return torch.compile(newton_schulz, dynamic=False)
+
+
 def _rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -52,7 +61,8 @@ def orthogonal_update(grad: Tensor, buf: Tensor, group: dict) -> Tensor:
     g = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
     if group["row_normalize"]:
         g = g / g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
-    g = newton_schulz(g, group["backend_steps"], COEFFICIENTS[group["coefficients"]]).float()
+    orthogonalize = compiled_newton_schulz() if group.get("compiled") and g.is_cuda else newton_schulz
+    g = orthogonalize(g, group["backend_steps"], COEFFICIENTS[group["coefficients"]]).float()
     return g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
 
 
@@ -64,12 +74,13 @@ def apply_update(p: Tensor, update: Tensor, group: dict) -> None:
 
 class Muon(torch.optim.Optimizer):
     def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5, nesterov: bool = True,
-                 coefficients: str = "stock", row_normalize: bool = False, weight_decay: float = 0.0):
+                 coefficients: str = "stock", row_normalize: bool = False, weight_decay: float = 0.0,
+                 compiled: bool = False):
         if coefficients not in COEFFICIENTS:
             raise ValueError(f"unknown Newton-Schulz coefficients {coefficients!r}; use {sorted(COEFFICIENTS)}")
         super().__init__(params, dict(lr=lr, momentum=momentum, backend_steps=backend_steps, nesterov=nesterov,
                                       coefficients=coefficients, row_normalize=row_normalize,
-                                      weight_decay=weight_decay))
+                                      weight_decay=weight_decay, compiled=compiled))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -86,14 +97,8 @@ class Muon(torch.optim.Optimizer):
                     state = self.state[p]
                     if "momentum_buffer" not in state:
                         state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    g = p.grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
-                    if group["row_normalize"]:
-                        g = g / g.norm(dim=1, keepdim=True).clamp_min(1e-7)
-                    g = newton_schulz(g, group["backend_steps"], COEFFICIENTS[group["coefficients"]])
-                    g = g * max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    updates[offset:offset + p.numel()] = g.flatten().float()
+                    updates[offset:offset + p.numel()] = orthogonal_update(p.grad, state["momentum_buffer"],
+                                                                           group).flatten()
                 offset += p.numel()
             if world > 1:
                 dist.all_reduce(updates, op=dist.ReduceOp.SUM)
