@@ -88,6 +88,8 @@ print(r.get('int8_zlib_val_bpb') or '-', r['final_model'], r['shards'], r['token
       if [ -n "${expect:-}" ] && [ "$expect" != "-" ] && [ -f "$model" ]; then
         run reference_int8 150 $PY bench/reference_int8.py --checkpoint "$model" --shards "$shards" \
           --tokenizer "$tokenizer" --expect "$expect"
+        run reference_int8_code 150 $PY bench/reference_int8.py --checkpoint "$model" --shards "$shards" \
+          --tokenizer "$tokenizer" --reference-code bench/reference/train_gpt.py
       fi ;;
     ttt)
       run ttt 560 $PY bench/eval_ttt.py --preset record ${CORPUS:+--corpus "$CORPUS"} --set train.nproc=1 \
