@@ -80,6 +80,9 @@ class Config:
     compile: bool = True
     # R1's fused Triton kernels (pgolf.kernels), used where the device runs Triton (CUDA); the same
     # math as the eager loss and MLP, which CPU runs, eval, calibration and TTT keep.
+    # tok_emb as a bf16 parameter (GPT.store_embedding_in_bf16), as the baseline and R1 on GPU; on
+    # CPU, which trains without autocast, the embedding stays fp32.
+    bf16_embedding: bool = True
     fused_cross_entropy: bool = False
     fused_mlp: bool = False
     log_every: int = 200
@@ -204,6 +207,8 @@ class Trainer:
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
         self.model = GPT(cfg.model).to(self.device)
+        if cfg.bf16_embedding and self.device.type == "cuda":
+            self.model.store_embedding_in_bf16()
         self.model.set_fused_kernels(cfg.fused_cross_entropy, cfg.fused_mlp)
         self.train_model = torch.compile(self.model, dynamic=False) if cfg.compile and self.device.type == "cuda" else self.model
         self.optimizers = build_optimizers(self.model, cfg, fused=self.device.type == "cuda")
@@ -406,6 +411,7 @@ class Trainer:
             # What ran, not what was asked: the kernels need a device that runs Triton.
             "fused_cross_entropy": self.model.fused_cross_entropy,
             "fused_mlp": any(getattr(m, "fused", False) for m in self.model.modules()),
+            "embedding_dtype": str(self.model.tok_emb.weight.dtype).removeprefix("torch."),
         }
         if cfg.checkpoint_every:
             if self.world > 1:

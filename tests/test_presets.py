@@ -58,3 +58,20 @@ def test_record_preset_is_r1s_run_command():
     assert t["max_wallclock_seconds"] - t["gptq_reserve_seconds"] == 599.5
     assert t["train_batch_tokens"] == 8 * 98_304 and t["train_seq_len"] == 2048
     assert t["model"]["enable_looping_at"] == 0.35
+
+
+@pytest.mark.parametrize("preset", sorted(EXPECTED))
+def test_trains_with_a_bf16_embedding_under_autocast(preset):
+    """The GPU training dtypes (bf16 tok_emb, bf16 autocast), here on CPU: every technique accepts a
+    bf16 stream, and the baseline's stream stays bf16 end to end, as in the challenge's script."""
+    torch.manual_seed(0)
+    model = GPT(model_config(preset))
+    model.store_embedding_in_bf16()
+    ids = torch.randint(0, model.cfg.vocab_size, (1, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, ids)
+        hidden = model.hidden(ids)
+    loss.backward()
+    assert torch.isfinite(loss) and model.tok_emb.weight.grad.dtype == torch.bfloat16
+    if preset == "baseline":
+        assert hidden.dtype == torch.bfloat16

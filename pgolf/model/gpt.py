@@ -168,6 +168,12 @@ class GPT(nn.Module):
         """Depth recurrence switches on during training (enable_looping_at) and stays on for eval."""
         self.looping = bool(on and self.cfg.num_loops)
 
+    def store_embedding_in_bf16(self) -> None:
+        """Keep tok_emb as a bf16 parameter, as the baseline and R1 train it (reference.md 4.3): the
+        embedding then feeds the residual stream in bf16 under autocast (every control tensor is
+        cast to the activation dtype), where an fp32 embedding would make the whole stream fp32."""
+        self.tok_emb.to(torch.bfloat16)
+
     def set_fused_kernels(self, cross_entropy: bool, mlp: bool) -> None:
         """Train through the fused Triton loss and MLP (pgolf.kernels) if the model's device can run
         them (else the eager path, same math). Call after moving the model. Only the train stage
