@@ -12,6 +12,8 @@
 #   parity     ~6 min  #3 + #4: baseline preset vs the challenge's train_gpt.py, 200 steps on the
 #                          same shards and seed; then the script's final_model.pt scored through
 #                          int8_baseline (bench/reference_int8.py) beside the value it printed
+#   steps      ~5 min  #3: the same comparison step by step from one initialization and the same
+#                          batches, the script's own parts driven in its order (bench/reference_parity.py)
 #   ttt        ~9 min  #5: record trained 240 s; flat, sliding and TTT on 500 val docs; the 8-GPU projection
 #
 #   device:  bash bench/gpu_checks.sh kernels train      (default: kernels train)
@@ -91,10 +93,21 @@ print(r.get('int8_zlib_val_bpb') or '-', r['final_model'], r['shards'], r['token
         run reference_int8_code 150 $PY bench/reference_int8.py --checkpoint "$model" --shards "$shards" \
           --tokenizer "$tokenizer" --reference-code bench/reference/train_gpt.py
       fi ;;
+    steps)
+      if [ ! -f bench/reference/train_gpt.py ]; then
+        echo "steps: bench/reference/train_gpt.py is missing (see the header)" | tee -a "$OUT/status.txt"
+        continue
+      fi
+      if [ ${#DEVICE_ARGS[@]} -gt 0 ]; then
+        run reference_parity 560 $PY bench/reference_parity.py --steps 4 --json "$LOGS/reference_parity.json"
+      else
+        run reference_parity 560 $PY bench/reference_parity.py --device cuda --full --steps 200 \
+          ${CORPUS:+--corpus "$CORPUS"} --json "$LOGS/reference_parity.json"
+      fi ;;
     ttt)
       run ttt 560 $PY bench/eval_ttt.py --preset record ${CORPUS:+--corpus "$CORPUS"} --set train.nproc=1 \
         --set train.max_wallclock_seconds=240 --set shards.val_docs=500 --out "$WORK/ttt" ;;
-    *) echo "unknown part $part (kernels train presets-a presets-b parity ttt)"; exit 2 ;;
+    *) echo "unknown part $part (kernels train presets-a presets-b parity steps ttt)"; exit 2 ;;
   esac
 done
 # Every JSON result in one file the device tool brings back whole, and the figures on screen.
