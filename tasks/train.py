@@ -78,11 +78,11 @@ class Config:
     checkpoint_dir: str = "artifacts/.checkpoints/train"  # outside the stage output, so a killed run resumes
     import_checkpoint: str = ""  # a torch state dict trained elsewhere (baseline final_model.pt): no training
     compile: bool = True
-    # R1's fused Triton kernels (pgolf.kernels), used where the device runs Triton (CUDA); the same
-    # math as the eager loss and MLP, which CPU runs, eval, calibration and TTT keep.
     # tok_emb as a bf16 parameter (GPT.store_embedding_in_bf16), as the baseline and R1 on GPU; on
     # CPU, which trains without autocast, the embedding stays fp32.
     bf16_embedding: bool = True
+    # R1's fused Triton kernels (pgolf.kernels), used where the device runs Triton (CUDA); the same
+    # math as the eager loss and MLP, which CPU runs, eval, calibration and TTT keep.
     fused_cross_entropy: bool = False
     fused_mlp: bool = False
     log_every: int = 200
