@@ -107,13 +107,19 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def queue_max_vote(flag: bool, device: torch.device) -> torch.Tensor:
+    """The MAX over ranks of `flag` as a device tensor, all-reduced without reading it (no host sync)."""
+    t = torch.tensor(1 if flag else 0, device=device, dtype=torch.int32)
+    if collective():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
 def all_reduce_max_flag(flag: bool, device: torch.device) -> bool:
     """True on every rank if it is True on any: all ranks stop on the same step."""
     if not collective():
         return flag
-    t = torch.tensor(1 if flag else 0, device=device, dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return bool(queue_max_vote(flag, device).item())
 
 
 def all_gather_objects(obj) -> list:

@@ -188,9 +188,7 @@ class HostPace:
         """True on every rank once any rank's clock has passed the cap."""
         if not dist.collective():
             return over_cap
-        vote = torch.tensor(1 if over_cap else 0, device=self.device, dtype=torch.int32)
-        torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX)
-        previous, self.pending_vote = self.pending_vote, vote
+        previous, self.pending_vote = self.pending_vote, dist.queue_max_vote(over_cap, self.device)
         return previous is not None and bool(previous.item())
 
 
@@ -371,10 +369,11 @@ class Trainer:
             elapsed_ms = (time.perf_counter() - t0) * 1000.0
             if self.swa is not None and lr_scale < cfg.swa_start_lr_scale and step % cfg.swa_every == 0:
                 self.swa.add(self.model)
-            if step % cfg.log_every == 0 or step == 1 or step == cfg.iterations:
+            log_step = step % cfg.log_every == 0 or step == 1 or step == cfg.iterations
+            if log_step:
                 loss = self.host_loss(rank_loss)
                 check_finite(nonfinite, step)
-            if log and (step % cfg.log_every == 0 or step == 1 or step == cfg.iterations):
+            if log and log_step:
                 record = {"step": step, "train_loss": round(loss, 6), "lr_scale": round(lr_scale, 6),
                           "elapsed_ms": round(elapsed_ms, 1), "tokens": step * tokens_per_step}
                 records.append(record)

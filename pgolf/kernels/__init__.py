@@ -17,6 +17,11 @@ import torch
 MAX_FUSED_SOFTCAP = 40.0
 
 
+def check_fusable_softcap(cap: float) -> None:
+    if not 0 < cap <= MAX_FUSED_SOFTCAP:
+        raise ValueError(f"the fused cross-entropy needs 0 < logit_softcap <= {MAX_FUSED_SOFTCAP}, got {cap}")
+
+
 def triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 

@@ -6,7 +6,7 @@ and lets F.cross_entropy keep a third for its backward: at R1's 98,304 targets p
 in fp32 registers, and only they and one fp32 lse per row are kept.
 
 Because z = cap*tanh(x/cap) lies in (-cap, cap), exp(z - cap) never overflows and, for caps up to
-MAX_FUSED_SOFTCAP, never underflows in fp32, so the log-sum-exp needs no running maximum:
+pgolf.kernels.MAX_FUSED_SOFTCAP, never underflows in fp32, so the log-sum-exp needs no running maximum:
 lse = cap + log(sum).
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from pgolf.kernels import MAX_FUSED_SOFTCAP
+from pgolf.kernels import check_fusable_softcap
 
 
 @triton.jit
@@ -100,6 +100,5 @@ class SoftcapCrossEntropy(torch.autograd.Function):
 
 def softcap_cross_entropy(logits: Tensor, targets: Tensor, cap: float) -> Tensor:
     """Mean over rows of cross_entropy(cap*tanh(logits/cap), targets), logits [rows, vocab] pre-softcap."""
-    if not 0 < cap <= MAX_FUSED_SOFTCAP:
-        raise ValueError(f"the fused softcapped CE needs 0 < logit_softcap <= {MAX_FUSED_SOFTCAP}, got {cap}")
+    check_fusable_softcap(cap)
     return SoftcapCrossEntropy.apply(logits, targets, float(cap)).mean()

@@ -181,9 +181,8 @@ class GPT(nn.Module):
         device = next(self.parameters()).device
         if (cross_entropy or mlp) and device.type == "cuda" and not fused_kernels.triton_installed():
             raise ValueError("train.fused_cross_entropy / fused_mlp on CUDA need triton: pip install -e '.[gpu]'")
-        if cross_entropy and not 0 < self.cfg.logit_softcap <= fused_kernels.MAX_FUSED_SOFTCAP:
-            raise ValueError(f"the fused cross-entropy needs 0 < logit_softcap <= {fused_kernels.MAX_FUSED_SOFTCAP}, "
-                             f"got {self.cfg.logit_softcap}")
+        if cross_entropy:
+            fused_kernels.check_fusable_softcap(self.cfg.logit_softcap)
         runnable = fused_kernels.usable(device)
         self.fused_cross_entropy = cross_entropy and runnable
         for module in self.modules():
