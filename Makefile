@@ -2,19 +2,26 @@
 # preset) and `make test`. Each creates .venv and installs what it needs first.
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
-PRESET ?= smoke
+# PRESET renders params.yaml from presets/$(PRESET).yaml first; without it params.yaml is run as it
+# is (the committed one is the smoke preset). SET: space-separated section.key=value overrides.
+PRESET ?=
+SET    ?=
 VIA    ?= dvc
 STAMP  := $(VENV)/.installed-stamp
+OVERRIDES := $(foreach s,$(SET),--set $(s))
+# bin/stage (dvc.yaml's commands) runs stages with this interpreter, so VENV=elsewhere works too.
+export PGOLF_PYTHON := $(abspath $(PY))
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 
-.PHONY: run test params repro prefect-server deploy worker clean help
+.PHONY: run test install params repro prefect-server deploy worker clean help
 
 help:
-	@echo "make run [PRESET=smoke] [VIA=dvc|prefect]   run the pipeline (changed stages only)"
+	@echo "make run [PRESET=smoke] [SET='k=v ...'] [VIA=dvc|prefect]   run the pipeline (changed stages only)"
 	@echo "make test                                   CPU test suite"
-	@echo "make params PRESET=baseline                 render params.yaml from a preset"
+	@echo "make install                                create .venv with pgolf and its tools"
+	@echo "make params PRESET=baseline [SET='k=v ...'] render params.yaml from a preset"
 	@echo "make prefect-server / deploy / worker       serve the flow on a local Prefect server"
 
 $(STAMP): pyproject.toml
@@ -24,14 +31,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
+install: $(STAMP)
+
 run: $(STAMP)
-	$(VENV)/bin/pgolf run --preset $(PRESET) --via $(VIA)
+	$(VENV)/bin/pgolf run $(if $(PRESET),--preset $(PRESET)) $(OVERRIDES) --via $(VIA)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
 
 params: $(STAMP)
-	$(PY) -m tasks.params --preset $(PRESET)
+	$(PY) -m tasks.params $(if $(PRESET),--preset $(PRESET)) $(OVERRIDES)
 
 prefect-server: $(STAMP)
 	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200

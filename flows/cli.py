@@ -2,7 +2,8 @@
 
     pgolf run [--preset smoke] [--set train.iterations=100] [--via dvc|prefect] [--stage eval] [--force]
     pgolf params --preset baseline          (same as python -m tasks.params)
-    pgolf summary                            (the table of the last run's outputs)
+    pgolf summary                            (the last run: each stage ran or cached, its seconds; the score)
+    pgolf exp show [--all] [DVC ARGS]        (DVC's experiments: changed params, val_bpb, bytes, seconds)
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import argparse
 import sys
 import time
 
-from flows.repro import format_summary, reproduce, results_since, set_params
+from flows.repro import format_summary, last_pipeline_run, record_pipeline_run, reproduce, results_since, set_params
 from pgolf.errors import PgolfError
 from tasks import params as params_cli
 from tasks.params import STAGES, list_presets
@@ -19,23 +20,31 @@ from tasks.params import STAGES, list_presets
 def cmd_run(args) -> int:
     if args.preset or args.overrides:
         path = set_params(".", args.preset, args.overrides)
-        print(f"params: {path} <- preset {args.preset or 'defaults'} {' '.join(args.overrides)}".rstrip())
+        print(f"params: {path} <- {'preset ' + args.preset if args.preset else 'itself'} {' '.join(args.overrides)}".rstrip())
     started = time.time()
     if args.via == "prefect":
         from flows.pipeline import pipeline
 
-        pipeline(preset=args.preset or "smoke", overrides=args.overrides, workspace=".",
+        pipeline(preset=args.preset, overrides=args.overrides, workspace=".",
                  stages=[args.stage] if args.stage else None)
         results = results_since(".", started, [args.stage] if args.stage else STAGES)
     else:
         results = reproduce(".", stage=args.stage, force=args.force)
+    record_pipeline_run(".", started, results, args.via, args.preset, args.overrides)
     print()
     print(format_summary(results, "."))
     return 0
 
 
 def cmd_summary(args) -> int:
-    print(format_summary(results_since(".", time.time()), "."))
+    record, results = last_pipeline_run(".")
+    if record:
+        what = f"preset {record['preset']}" if record.get("preset") else "params.yaml as it was"
+        print(f"last run: {record['started_at']} via {record['via']}, {what}"
+              + "".join(f" --set {o}" for o in record.get("overrides", [])) + f", {record['seconds']:.1f} s")
+    else:
+        print("no pipeline run recorded here (pgolf run writes one); each stage's last run:")
+    print(format_summary(results, "."))
     return 0
 
 
@@ -53,9 +62,18 @@ def main(argv: list[str] | None = None) -> int:
     summ.set_defaults(func=cmd_summary)
     prm = sub.add_parser("params", help="render params.yaml (see python -m tasks.params -h)", add_help=False)
     prm.set_defaults(func=None)
+    exp = sub.add_parser("exp", help="`exp show`: DVC's experiments, the columns a competitor compares (--all: DVC's table)",
+                         add_help=False)
+    exp.set_defaults(func=None)
     args, rest = parser.parse_known_args(argv)
     if args.command == "params":
         return params_cli.main(rest)
+    if args.command == "exp":
+        if not rest or rest[0] != "show":
+            parser.error("usage: pgolf exp show [--all] [dvc exp show arguments]")
+        from flows import experiments
+
+        return experiments.main(rest[1:])
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:

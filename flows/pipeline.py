@@ -7,12 +7,13 @@ and the other way round.
 """
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.repro import StageResult, format_summary, reproduce, set_params
+from flows.repro import StageResult, format_summary, record_pipeline_run, reproduce, set_params
 from tasks.params import STAGES
 
 
@@ -24,14 +25,17 @@ def reproduce_stage(stage: str, workspace: str) -> dict:
 
 
 @flow(name="pgolf-pipeline")
-def pipeline(preset: str = "smoke", overrides: list[str] | None = None, workspace: str = ".",
+def pipeline(preset: str | None = "smoke", overrides: list[str] | None = None, workspace: str = ".",
              stages: list[str] | None = None) -> list[dict]:
-    """Render params.yaml from `preset` + `overrides` in `workspace`, then reproduce each stage in order."""
+    """Render params.yaml from `preset` (None: the params.yaml there) + `overrides` in `workspace`, then
+    reproduce each stage in order."""
     workspace = str(Path(workspace).resolve())
     set_params(workspace, preset, overrides or [])
+    started = time.time()
     results = []
     for stage in stages or STAGES:
         results.append(reproduce_stage(stage, workspace))
+    record_pipeline_run(workspace, started, [StageResult(**r) for r in results], "prefect", preset, overrides or [])
     get_run_logger().info("\n%s", format_summary([StageResult(**r) for r in results], workspace))
     return results
 

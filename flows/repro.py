@@ -1,8 +1,10 @@
 """Drive DVC from Python: reproduce stages, tell which ran and which came from the cache.
 
-DVC is the only cache. A stage that runs writes artifacts/.runs/<stage>.json (tasks.common);
-a stage DVC skips, or restores from its run-cache, writes nothing. So "ran" means: a fresh record
-appeared during this call.
+DVC is the only cache. A stage that runs writes a run record beside its output
+(artifacts/.runs/<stage>.json, tasks.common.run_record_path); a stage DVC skips, or restores from its
+run-cache, writes nothing. So "ran" means: a fresh record appeared during this call. Each pipeline
+run (`pgolf run`, the Prefect flow) also writes artifacts/.runs/pipeline.json, what `pgolf summary`
+shows afterwards.
 """
 from __future__ import annotations
 
@@ -11,12 +13,12 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pgolf.errors import PgolfError
-from tasks.common import RUNS_DIR
-from tasks.params import STAGES, header_for, render, write_params
+from tasks.common import RUNS_DIR_NAME, run_record_path
+from tasks.params import STAGES, render_file, spec_of, write_params
 
 
 class ReproError(PgolfError):
@@ -30,19 +32,27 @@ class StageResult:
     seconds: float
 
 
+PIPELINE_RECORD = Path("artifacts") / RUNS_DIR_NAME / "pipeline.json"
+
+
 def dvc_env() -> dict:
     env = dict(os.environ)
-    # `python` in dvc.yaml must be this interpreter (the project's venv), whoever started us.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # bin/stage, which dvc.yaml's commands call, runs the stage with this interpreter (the project's).
+    env.setdefault("PGOLF_PYTHON", sys.executable)
     env.setdefault("DVC_NO_ANALYTICS", "1")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
+def dvc_command() -> list[str]:
+    """The dvc installed beside this interpreter, as a user runs it (`.venv/bin/dvc`)."""
+    exe = Path(sys.executable).with_name("dvc")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "dvc"]
+
+
 def read_run_record(workspace: Path, stage: str) -> dict | None:
-    path = workspace / RUNS_DIR / f"{stage}.json"
     try:
-        return json.loads(path.read_text())
+        return json.loads(run_record_path(Path(workspace) / spec_of(stage).out).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -58,8 +68,40 @@ def results_since(workspace: Path, since: float, stages: tuple[str, ...] | list[
     return results
 
 
+def record_pipeline_run(workspace: str | Path, started: float, results: list[StageResult], via: str,
+                        preset: str | None, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    path = Path(workspace) / PIPELINE_RECORD
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"started": started, "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+              "seconds": round(time.time() - started, 3), "via": via, "preset": preset, "overrides": list(overrides),
+              "stages": [asdict(r) for r in results]}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def last_pipeline_run(workspace: str | Path = ".") -> tuple[dict | None, list[StageResult]]:
+    """The last pipeline run's record and its stages; without one (stages run by `dvc repro` or by
+    hand), each stage's last run as its record says."""
+    workspace = Path(workspace)
+    runs = {stage: read_run_record(workspace, stage) for stage in STAGES}
+    try:
+        record = json.loads((workspace / PIPELINE_RECORD).read_text())
+        ended = record["started"] + record["seconds"]
+        # A stage run after it (by `dvc repro`, or by hand) makes it not the last run any more.
+        if not any(run and run.get("started", 0) > ended for run in runs.values()):
+            return record, [StageResult(**r) for r in record["stages"]]
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        pass
+    results = []
+    for stage, run in runs.items():
+        results.append(StageResult(stage, f"ran {run['started_at']}" if run and "started_at" in run else "never",
+                                   float(run["seconds"]) if run else 0.0))
+    return None, results
+
+
 def dvc_repro(workspace: Path, stage: str | None = None, force: bool = False, echo: bool = True) -> None:
-    cmd = [sys.executable, "-m", "dvc", "repro"]
+    cmd = dvc_command() + ["repro"]
     if force:
         cmd.append("--force")
     if stage:
@@ -73,7 +115,7 @@ def dvc_repro(workspace: Path, stage: str | None = None, force: bool = False, ec
             sys.stdout.flush()
         tail = (tail + [line])[-40:]
     if proc.wait() != 0:
-        raise ReproError(f"`{' '.join(cmd[1:])}` failed in {workspace} (exit {proc.returncode}):\n{''.join(tail)}")
+        raise ReproError(f"`dvc {' '.join(cmd[len(dvc_command()):])}` failed in {workspace} (exit {proc.returncode}):\n{''.join(tail)}")
 
 
 def reproduce(workspace: str | Path = ".", stage: str | None = None, force: bool = False, echo: bool = True) -> list[StageResult]:
@@ -85,17 +127,20 @@ def reproduce(workspace: str | Path = ".", stage: str | None = None, force: bool
 
 
 def set_params(workspace: str | Path, preset: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Path:
-    """Write the workspace's params.yaml for a preset and overrides (content decides what reruns)."""
+    """Write the workspace's params.yaml for a preset and overrides, or (no preset) the overrides on
+    the params.yaml there; content decides what reruns."""
     path = Path(workspace) / "params.yaml"
-    write_params(render(preset, overrides), path, header_for(preset, overrides))
+    params, header = render_file(path, preset, overrides)
+    write_params(params, path, header)
     return path
 
 
 def format_summary(results: list[StageResult], workspace: str | Path = ".") -> str:
     workspace = Path(workspace)
-    lines = [f"{'stage':<10} {'status':<7} {'seconds':>8}", f"{'-' * 10} {'-' * 7} {'-' * 8}"]
+    width = max([7] + [len(r.status) for r in results])
+    lines = [f"{'stage':<10} {'status':<{width}} {'seconds':>8}", f"{'-' * 10} {'-' * width} {'-' * 8}"]
     for r in results:
-        lines.append(f"{r.stage:<10} {r.status:<7} {r.seconds:>8.1f}")
+        lines.append(f"{r.stage:<10} {r.status:<{width}} {r.seconds:>8.1f}")
     metrics = _read_json(workspace / "artifacts/eval/metrics.json")
     size = _read_json(workspace / "artifacts/pack/size.json")
     lines.append("")

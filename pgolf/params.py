@@ -2,10 +2,16 @@
 
 Unknown keys, wrong types and bad override syntax are errors that name where they came from,
 so a typo in params.yaml never silently falls back to a default.
+
+Every params file is read and written with YAML 1.2's core schema, the one DVC reads and rewrites
+params.yaml with (`dvc exp run -S` dumps through ruamel.yaml): `off`, `on`, `yes`, `no` are strings and
+`1e-3` is a float for every writer, where PyYAML's default YAML 1.1 reads `off` as false and `1e-3` as a
+string.
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +22,61 @@ import yaml
 from pgolf.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def _core_schema_resolvers() -> dict:
+    """YAML 1.2 core schema (yaml.org/spec/1.2.2, 10.3.2): the only implicit types besides strings."""
+    rules = [
+        ("tag:yaml.org,2002:bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("tag:yaml.org,2002:null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+        ("tag:yaml.org,2002:int", r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$", "-+0123456789"),
+        ("tag:yaml.org,2002:float",
+         r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$",
+         "-+.0123456789"),
+    ]
+    resolvers: dict = {}
+    for tag, pattern, first in rules:
+        for ch in first:
+            resolvers.setdefault(ch, []).append((tag, re.compile(pattern)))
+    return resolvers
+
+
+class CoreSchemaLoader(yaml.SafeLoader):
+    """PyYAML's safe loader resolving plain scalars as YAML 1.2 does."""
+
+    yaml_implicit_resolvers = _core_schema_resolvers()
+
+
+def _construct_core_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
+    text = loader.construct_scalar(node)
+    return int(text[2:], 8) if text.startswith("0o") else int(text, 0) if text.startswith("0x") else int(text)
+
+
+def _construct_core_float(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> float:
+    text = loader.construct_scalar(node).lower()
+    return float(text.replace(".inf", "inf").replace(".nan", "nan"))
+
+
+CoreSchemaLoader.add_constructor("tag:yaml.org,2002:int", _construct_core_int)
+CoreSchemaLoader.add_constructor("tag:yaml.org,2002:float", _construct_core_float)
+
+
+class CoreSchemaDumper(yaml.SafeDumper):
+    """Quotes every string that either schema would read as something else (`off`, `1e-3`, `0o7`), so
+    what it writes means the same to YAML 1.1 readers (PyYAML's default) and 1.2 ones (DVC, pgolf)."""
+
+    yaml_implicit_resolvers = {ch: list(rules) for ch, rules in yaml.SafeDumper.yaml_implicit_resolvers.items()}
+    for _ch, _rules in _core_schema_resolvers().items():
+        yaml_implicit_resolvers.setdefault(_ch, []).extend(_rules)
+    del _ch, _rules
+
+
+def load_yaml_text(text: str) -> Any:
+    return yaml.load(text, Loader=CoreSchemaLoader)
+
+
+def dump_yaml_text(data: Any, **kwargs) -> str:
+    return yaml.dump(data, Dumper=CoreSchemaDumper, **kwargs)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -117,7 +178,10 @@ def parse_override(text: str) -> dict:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected SECTION.KEY=VALUE")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = load_yaml_text(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {text!r}: the value is not valid YAML: {err}") from err
     node: dict = {}
     parts = key.strip().split(".")
     cursor = node
@@ -132,7 +196,7 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if data is None:

@@ -11,6 +11,8 @@ import argparse
 import json
 import os
 import shutil
+import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -21,9 +23,27 @@ from typing import Any, Callable
 from pgolf.errors import InputError, PgolfError
 from pgolf.params import from_dict, read_yaml
 
-# Records of stage executions live beside the outputs but outside them, so timing never changes
-# an output's hash (which would make DVC recompute everything downstream).
-RUNS_DIR = Path("artifacts/.runs")
+# What a run took (seconds, host, code revision) never goes into a stage's output: an output holds
+# only what its inputs determine, so a rerun on the same inputs writes the same bytes and DVC reruns
+# nothing downstream. It goes into a run record beside the output, <parent>/.runs/<name>.json
+# (artifacts/eval -> artifacts/.runs/eval.json), which DVC does not track; dvc.yaml lists the eval
+# and pack records as metrics, so `dvc metrics show` has the seconds too.
+RUNS_DIR_NAME = ".runs"
+# A stage's run() hands its own timings (load vs scoring seconds, tokens/s) to its record through
+# this file in the temporary output; execute() moves it into the record before the rename.
+TIMINGS_NAME = ".timings.json"
+
+
+def run_record_path(out: str | Path) -> Path:
+    out = Path(out)
+    return out.parent / RUNS_DIR_NAME / f"{out.name}.json"
+
+
+def record_timings(out: str | Path, **timings: Any) -> None:
+    """Add timings to the record of the run writing `out` (rank 0 only, in multi-process stages)."""
+    path = Path(out) / TIMINGS_NAME
+    merged = {**(json.loads(path.read_text()) if path.exists() else {}), **timings}
+    path.write_text(json.dumps(merged, indent=2, sort_keys=True, default=str) + "\n")
 
 
 @dataclass(frozen=True)
@@ -60,33 +80,94 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove the temporary folders a killed run of this output left (`.<name>.tmp-<pid>`,
+    `.<name>.old-<pid>` whose process is gone); a live run's are left alone."""
+    removed = []
+    if not out.parent.is_dir():
+        return removed
+    for path in out.parent.glob(f".{out.name}.*-*"):
+        kind, _, pid = path.name.removeprefix(f".{out.name}.").partition("-")
+        if kind in ("tmp", "old") and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
 def execute(spec: StageSpec, cfg: Any, inputs: dict[str, Path] | None = None, out: str | Path | None = None) -> dict:
     """Run one stage into a temporary folder and rename it into place on success."""
     inputs = {k: Path(v) for k, v in (inputs or {k: v for k, v in spec.inputs.items()}).items()}
     out = Path(out or spec.out)
     check_inputs(spec, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
+    for path in remove_leftovers(out):
+        print(f"pgolf {spec.name}: removed {path}, left by a run that was killed", file=sys.stderr)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     started = time.time()
     try:
         metrics = spec.run(cfg, inputs, tmp) or {}
+        timings_file = tmp / TIMINGS_NAME
+        timings = json.loads(timings_file.read_text()) if timings_file.exists() else {}
+        timings_file.unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _replace_dir(tmp, out)
     seconds = time.time() - started
-    record_run(spec.name, started, seconds, metrics)
-    return metrics
+    record_run(spec.name, out, started, seconds, timings)
+    return {**metrics, **timings}
 
 
-def record_run(stage: str, started: float, seconds: float, metrics: dict) -> None:
-    RUNS_DIR.mkdir(parents=True, exist_ok=True)
-    record = {"stage": stage, "started": started, "seconds": round(seconds, 3), "metrics": metrics}
-    tmp = RUNS_DIR / f".{stage}.json.tmp"
+def record_run(stage: str, out: Path, started: float, seconds: float, timings: dict) -> Path:
+    path = run_record_path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "stage": stage,
+        "out": str(out),
+        "started": started,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+        "seconds": round(seconds, 3),
+        "host": socket.gethostname(),
+        "code_version": code_version(),
+        "timings": timings,
+    }
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(record, indent=2, default=str) + "\n")
-    os.replace(tmp, RUNS_DIR / f"{stage}.json")
+    os.replace(tmp, path)
+    return path
+
+
+def read_run_record(out: str | Path) -> dict | None:
+    """The record of the last run that wrote `out`, or None when none did (or it is unreadable)."""
+    try:
+        return json.loads(run_record_path(out).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
+def code_version() -> str:
+    """The git commit the code ran from (with `+dirty` for uncommitted edits): for run records only,
+    never for an output, whose bytes must not depend on which commit wrote them."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=root).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=root).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return rev + ("+dirty" if dirty else "")
 
 
 def write_json(path: str | Path, obj: Any) -> None:

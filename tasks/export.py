@@ -21,7 +21,7 @@ from pgolf.errors import InputError, PgolfError
 from pgolf.pack.codesize import wrapped_size
 from pgolf.pack.export import bundle_script
 from pgolf.params import read_yaml
-from tasks.common import write_json
+from tasks.common import read_run_record, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = ROOT / "tasks" / "submission.py"
@@ -100,10 +100,16 @@ itself as code, minified + brotli + base85 as the records do) and evaluates, and
 """
 
 
+def run_timings(out: Path) -> dict:
+    record = read_run_record(out)
+    return record.get("timings", {}) if record else {}
+
+
 def export(out: Path, params: dict, name: str, author: str, github_id: str, artifacts: Path = ROOT / "artifacts") -> dict:
-    metrics = load_json(artifacts / "eval" / "metrics.json")
+    # Seconds are in the run records beside the outputs (tasks.common.run_record_path), not in them.
+    metrics = {**load_json(artifacts / "eval" / "metrics.json"), **run_timings(artifacts / "eval")}
     size = load_json(artifacts / "pack" / "size.json")
-    train = load_json(artifacts / "train" / "metrics.json")
+    train = {**load_json(artifacts / "train" / "metrics.json"), **run_timings(artifacts / "train")}
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -23,7 +23,7 @@ from pgolf.quant.format import QuantizedModel, save_quantized
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
 from pgolf.quant.lqer import correction, low_rank_factors, pack_factors
 from pgolf.quant.hessian import calibration_batches, collect_hessians, self_generated_batches
-from tasks.common import StageSpec, stage_main, write_json
+from tasks.common import StageSpec, record_timings, stage_main, write_json
 from tasks.ranks import run_on_ranks, worker_main
 
 
@@ -176,7 +176,8 @@ def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, dev
         qm, report = quantize_baseline_int8({k: v.detach().cpu() for k, v in model.state_dict().items()},
                                             asdict(model_cfg), source_dtypes(inputs["train"]))
         save_quantized(qm, out / "quantized.safetensors")
-        summary = {"method": cfg.method, "quantize_seconds": round(time.perf_counter() - started, 3),
+        record_timings(out, quantize_seconds=round(time.perf_counter() - started, 3))
+        summary = {"method": cfg.method,
                    "tensors_int8": sum(e["kind"].startswith("int8") for e in qm.entries.values()),
                    "tensors_passthrough": sum(e["kind"] == "passthrough" for e in qm.entries.values())}
         write_json(out / "report.json", {"summary": summary, "config": asdict(cfg), "tensors": report})
@@ -195,14 +196,14 @@ def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, dev
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     qm, report = quantize_state(state, hessians, cfg, asdict(model_cfg))
     save_quantized(qm, out / "quantized.safetensors")
+    record_timings(out, hessian_seconds=round(hessian_seconds, 3),
+                   quantize_seconds=round(time.perf_counter() - started - hessian_seconds, 3))
     gptq_errors = [r for r in report.values() if "error" in r]
     summary = {
         "method": cfg.method,
         "calib_tokens": tokens,
         "calib_source": cfg.calib_source,
         "calib_ranks": dist.world_size(),
-        "hessian_seconds": round(hessian_seconds, 3),
-        "quantize_seconds": round(time.perf_counter() - started - hessian_seconds, 3),
         "tensors_gptq": sum(r["kind"] == "gptq" for r in report.values()),
         "tensors_rtn": sum(r["kind"] == "rtn" for r in report.values()),
         "tensors_passthrough": sum(e["kind"] == "passthrough" for e in qm.entries.values()),

@@ -12,7 +12,7 @@ from pgolf.pack.chart import bytes_chart
 from pgolf.pack.codesize import code_bytes, import_closure, wrapped_size
 from pgolf.pack.serialize import pack, store_stream, stream_choices, tensor_bytes, unpack
 from pgolf.quant.format import load_quantized
-from tasks.common import StageSpec, stage_main, write_json
+from tasks.common import StageSpec, record_timings, stage_main, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL_ENTRY = ROOT / "tasks" / "eval.py"
@@ -85,8 +85,6 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         "margin_bytes": cfg.cap_bytes - total,
         "compressor": cfg.compressor,
         "layout": cfg.layout,
-        "pack_seconds": round(pack_seconds, 3),
-        "unpack_seconds": round(unpack_seconds, 3),
         "payload_bytes": sum(raw_sizes.values()),
         "streams": stream_choices(blob),
         "groups": group_sizes(qm, raw_sizes, cfg.compressor, cfg.level),
@@ -96,6 +94,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
             f"artifact is {total:,} bytes (model {len(blob):,} + code {code:,}), {total - cfg.cap_bytes:,} bytes over "
             f"the {cfg.cap_bytes:,}-byte cap; quantize harder (gptq.bits), shrink the model or try another compressor",
             Path(inputs["gptq"]) / "quantized.safetensors")
+    record_timings(out, pack_seconds=round(pack_seconds, 3), unpack_seconds=round(unpack_seconds, 3))
     (out / "artifact.bin").write_bytes(blob)
     write_json(out / "size.json", size)
     (out / "bytes_by_group.svg").write_text(

@@ -39,7 +39,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     sp, tok = load_tokenizer(inputs["tokenizer"])
     if cfg.adopt:
         stats = adopt_shards(Path(cfg.adopt), out, sp.vocab_size(), tok["bos_id"])
-        source = {"adopted_from": str(Path(cfg.adopt).resolve())}
+        source = {"adopted_from": cfg.adopt}  # as configured: an absolute path would differ per clone
     else:
         model_bytes = (Path(inputs["tokenizer"]) / "tokenizer.model").read_bytes()
         stats = build_shards(iter_docs(inputs["corpus"]), model_bytes, tok["variant"], tok["bos_id"], cfg.val_docs,

@@ -83,7 +83,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         "bos_id": BOS_ID,
         "sha256": hashlib.sha256(model).hexdigest(),
         "trainer": None if cfg.adopt else {**CHALLENGE_TRAINER_SETTINGS, **asdict(cfg)},
-        "adopted_from": str(Path(cfg.adopt).resolve()) if cfg.adopt else None,
+        "adopted_from": cfg.adopt or None,  # as configured: an absolute path would differ per clone
     }
     write_json(out / "tokenizer.json", meta)
     return {"vocab_size": sp.vocab_size(), "variant": cfg.variant}

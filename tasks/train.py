@@ -10,7 +10,6 @@ import copy
 import hashlib
 import json
 import resource
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,7 +28,7 @@ from pgolf.optim.swa import SWA
 from pgolf.optim.muon import COEFFICIENTS, Muon, ShardedMuon
 from pgolf.optim.schedule import lr_multiplier, muon_momentum, training_fraction, warmdown_multiplier
 from pgolf.params import from_dict
-from tasks.common import StageSpec, stage_main, write_json
+from tasks.common import StageSpec, record_timings, stage_main, write_json
 
 
 @dataclass
@@ -111,25 +110,18 @@ class Config:
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     check_vocab(inputs["shards"], cfg.model.vocab_size)
-    resolved = {"model": asdict(cfg.model), "train": asdict(cfg), "code_version": code_version(), "torch": torch.__version__}
+    # Only what determines the weights: the code's commit and the host go to the run record.
+    resolved = {"model": asdict(cfg.model), "train": asdict(cfg)}
     if cfg.import_checkpoint:
         model, dtypes = import_state_dict(cfg.import_checkpoint, cfg.model)
         save_model(model, cfg.model, out,
                    extra_config={**{k: v for k, v in resolved.items() if k != "model"}, "source_dtypes": dtypes})
-        metrics = {"steps": 0, "imported_from": str(Path(cfg.import_checkpoint).resolve())}
+        metrics = {"steps": 0, "imported_from": cfg.import_checkpoint}
         write_json(out / "metrics.json", metrics)
         return metrics
     write_json(out / "config.json", resolved)
     dist.launch("tasks.train", ["--worker", "--out", str(out), "--shards", str(inputs["shards"])], cfg.nproc)
     return json.loads((out / "metrics.json").read_text())
-
-
-def code_version() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def build_optimizers(model: GPT, cfg: Config, fused: bool):
@@ -250,6 +242,11 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         return total / self.accum
+
+    def learning_rates(self) -> dict[str, float]:
+        """The scheduled lr of Muon's matrices and Adam's embedding, the groups the schedules move."""
+        muon, adam = self.optimizers
+        return {"lr_matrix": round(muon.param_groups[0]["lr"], 8), "lr_embed": round(adam.param_groups[0]["lr"], 8)}
 
     def host_loss(self, rank_loss: torch.Tensor) -> float:
         """The mean over ranks of a step's loss, read on the host (a sync: only at log steps)."""
@@ -375,7 +372,7 @@ class Trainer:
                 check_finite(nonfinite, step)
             if log and log_step:
                 record = {"step": step, "train_loss": round(loss, 6), "lr_scale": round(lr_scale, 6),
-                          "elapsed_ms": round(elapsed_ms, 1), "tokens": step * tokens_per_step}
+                          **self.learning_rates(), "tokens": step * tokens_per_step}
                 records.append(record)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
@@ -385,6 +382,8 @@ class Trainer:
                     live.step = step
                     live.log_metric("train_loss", loss)
                     live.log_metric("lr_scale", lr_scale)
+                    for name, value in self.learning_rates().items():
+                        live.log_metric(f"lr/{name.removeprefix('lr_')}", value)
                     live.next_step()
             if pace.stop_vote(cap_ms is not None and elapsed_ms >= cap_ms):
                 break
@@ -396,17 +395,19 @@ class Trainer:
         loss = self.host_loss(rank_loss) if rank_loss is not None else loss
         check_finite(nonfinite, step)
         seconds = elapsed_ms / 1000.0
+        if dist.is_main():
+            # How the run went, not what it learned: the run record, so metrics.json and the weights
+            # are the same bytes for every run of the same config (a resumed one included).
+            record_timings(self.out, train_seconds=round(seconds, 3), ms_per_step=round(elapsed_ms / max(step, 1), 3),
+                           tokens_per_s=round(step * tokens_per_step / max(seconds, 1e-9), 1),
+                           peak_mem_bytes=self.peak_memory(), resumed_from_step=resumed["step"] if resumed else None,
+                           torch=torch.__version__)
         metrics = {
             "steps": step,
             "final_train_loss": round(loss, 6),
-            "train_seconds": round(seconds, 3),
-            "ms_per_step": round(elapsed_ms / max(step, 1), 3),
-            "tokens_per_s": round(step * tokens_per_step / max(seconds, 1e-9), 1),
-            "peak_mem_bytes": self.peak_memory(),
             "world_size": self.world,
             "device": self.device.type,
             "looping_enabled_at_step": looping_step,
-            "resumed_from_step": resumed["step"] if resumed else None,
             # What ran, not what was asked: the kernels need a device that runs Triton.
             "fused_cross_entropy": self.model.fused_cross_entropy,
             "fused_mlp": any(getattr(m, "fused", False) for m in self.model.modules()),

@@ -83,11 +83,3 @@ def data_dirs(tmp_path_factory, docs):
 
 
 TINY_MODEL = dict(vocab_size=400, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)
-
-
-@pytest.fixture(scope="session", autouse=True)
-def _run_records_outside_the_repo(tmp_path_factory):
-    """Stages executed in-process by tests must not write run records into the checkout."""
-    from tasks import common
-
-    common.RUNS_DIR = tmp_path_factory.mktemp("runs")

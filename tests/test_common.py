@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,8 +42,8 @@ def test_success_renames_into_place_and_records_run(in_tmp):
     metrics = execute(spec(), ToyConfig(value=7))
     assert metrics == {"value": 7}
     assert (in_tmp / "artifacts/toy/value.txt").read_text() == "7"
-    record = json.loads((in_tmp / common.RUNS_DIR / "toy.json").read_text())
-    assert record["stage"] == "toy" and record["metrics"] == {"value": 7} and record["seconds"] >= 0
+    record = json.loads((in_tmp / "artifacts/.runs/toy.json").read_text())
+    assert record["stage"] == "toy" and record["out"] == "artifacts/toy" and record["seconds"] >= 0
     assert [p.name for p in (in_tmp / "artifacts").iterdir() if p.name.startswith(".toy")] == []
 
 
@@ -79,3 +80,37 @@ def test_cli_runs_with_section(in_tmp, capsys):
     (in_tmp / "params.yaml").write_text("toy:\n  value: 3\n")
     assert stage_main(spec(), ["--params", "params.yaml"]) == 0
     assert (in_tmp / "artifacts/toy/value.txt").read_text() == "3"
+
+
+def timed_run(cfg: ToyConfig, inputs: dict[str, Path], out: Path) -> dict:
+    (out / "value.txt").write_text(str(cfg.value))
+    common.record_timings(out, toy_seconds=1.5)
+    return {"value": cfg.value}
+
+
+def test_timings_go_to_the_record_beside_the_output_not_into_it(tmp_path):
+    """Run records belong to their output folder (an --out elsewhere never overwrites the
+    workspace's), and what a run took never enters the output, whose hash DVC compares."""
+    timed = StageSpec(name="toy", config_cls=ToyConfig, run=timed_run, out="artifacts/toy")
+    out = tmp_path / "elsewhere" / "toy"
+    assert execute(timed, ToyConfig(value=3), {}, out) == {"value": 3, "toy_seconds": 1.5}
+    assert sorted(p.name for p in out.iterdir()) == ["value.txt"]
+    record = common.read_run_record(out)
+    assert record == json.loads((tmp_path / "elsewhere/.runs/toy.json").read_text())
+    assert record["timings"] == {"toy_seconds": 1.5} and record["started_at"].endswith("Z")
+
+
+def test_a_killed_runs_temporary_folders_are_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_pid = int(dead.stdout)
+    out = tmp_path / "artifacts/toy"
+    for name in (f".toy.tmp-{dead_pid}", f".toy.old-{dead_pid}", f".toy.tmp-{os.getpid() + 0}x"):
+        (tmp_path / "artifacts" / name).mkdir(parents=True)
+    live = tmp_path / "artifacts" / f".toy.tmp-{os.getppid()}"  # a live process's: left alone
+    live.mkdir()
+    execute(spec(), ToyConfig(value=1), {}, out)
+    left = sorted(p.name for p in (tmp_path / "artifacts").iterdir())
+    assert left == sorted([".runs", "toy", live.name, f".toy.tmp-{os.getpid()}x"])

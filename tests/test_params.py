@@ -1,6 +1,7 @@
 """Strict configs, presets and overrides; params.yaml in the repo is the rendered smoke preset."""
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -9,7 +10,7 @@ import pytest
 import yaml
 
 from pgolf.errors import ConfigError
-from pgolf.params import deep_merge, from_dict, parse_override
+from pgolf.params import deep_merge, from_dict, parse_override, to_dict
 from tasks import params as P
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -101,3 +102,54 @@ def test_preset_extends_chain(tmp_path):
 def test_repo_params_yaml_is_the_rendered_smoke_preset():
     committed = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert committed == P.render("smoke"), "params.yaml is stale: run `python -m tasks.params --preset smoke`"
+
+
+def _parsed_sections(path) -> dict:
+    """params.yaml as each stage reads it (tasks.common.load_config), every field resolved."""
+    from tasks.common import load_config
+
+    return {stage: to_dict(load_config(P.spec_of(stage), path)) for stage in P.STAGES}
+
+
+def _field_diff(a: dict, b: dict, where: str = "") -> list[str]:
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        here = f"{where}.{key}" if where else key
+        if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
+            diffs += _field_diff(a[key], b[key], here)
+        elif a.get(key) != b.get(key) or type(a.get(key)) is not type(b.get(key)):
+            diffs.append(f"{here}: {a.get(key)!r} != {b.get(key)!r}")
+    return diffs
+
+
+@pytest.mark.parametrize("preset", P.list_presets())
+def test_dvc_set_rewrite_keeps_every_field_of_every_preset(preset, tmp_path):
+    """`dvc exp run -S k=v` rewrites the whole params.yaml through ruamel.yaml (YAML 1.2), which
+    drops the quotes around 'off' and writes lists in block style: every field must still mean
+    what it meant."""
+    from dvc.utils.hydra import apply_overrides  # what `dvc exp run -S` calls
+
+    path = tmp_path / "params.yaml"
+    P.write_params(P.render(preset), path, P.header_for(preset, []))
+    apply_overrides(str(path), ["eval.batch_seqs=3"])
+    expected = P.render(preset, ["eval.batch_seqs=3"])
+    assert _field_diff(_parsed_sections(path), expected) == []
+
+
+def test_yaml_1_1_lookalikes_mean_the_same_to_every_writer(tmp_path):
+    """A hand edit, `--set` and a preset all read `off`/`yes`/`on` as strings and 1e-3 as a float."""
+    path = tmp_path / "params.yaml"
+    P.write_params(P.render("record"), path)
+    text = path.read_text()
+    assert "ttt: lora" in text
+    edited = re.sub(r"(?m)^(\s+matrix_lr:).*$", r"\1 1e-3", text.replace("ttt: lora", "ttt: off"))
+    path.write_text(edited)
+    by_hand = _parsed_sections(path)
+    assert by_hand["eval"]["ttt"] == "off" and by_hand["train"]["matrix_lr"] == 1e-3
+    by_set = P.render("record", ["eval.ttt=off", "train.matrix_lr=1e-3", "train.model.ve_layers=[1, 2]"])
+    assert by_set["eval"]["ttt"] == "off" and by_set["train"]["matrix_lr"] == 1e-3
+    assert by_set["train"]["model"]["ve_layers"] == [1, 2]
+    assert parse_override("corpus.source=no") == {"corpus": {"source": "no"}}
+    # What pgolf writes reads back the same under YAML 1.1 too (PyYAML's default loader, other tools).
+    P.write_params(by_set, path)
+    assert yaml.safe_load(path.read_text()) == by_set == _parsed_sections(path)
