@@ -12,6 +12,7 @@ import sentencepiece as spm
 
 from pgolf.data.docs import iter_docs
 from pgolf.errors import FormatError, InputError
+from pgolf.params import check_range
 from pgolf.tokenize.variants import VARIANTS
 from pgolf.tokenize.trainer import (BOS_ID, CHALLENGE_MAX_SENTENCE_LENGTH, CHALLENGE_TRAINER_SETTINGS, train_bpe,
                                     training_sentences)
@@ -34,8 +35,9 @@ class Config:
 
     def validate(self) -> None:
         # 4 specials + 256 byte-fallback pieces come first; shards store ids as uint16.
-        if not 260 < self.vocab_size <= 65536:
-            raise ValueError(f"vocab_size {self.vocab_size} must be in (260, 65536]")
+        check_range(self, "vocab_size", gt=260, le=65536)
+        check_range(self, "train_docs seed", ge=0)
+        check_range(self, "num_threads max_sentence_length", ge=1)
 
 
 def adopt_model(path: Path, cfg: Config) -> bytes:

@@ -30,6 +30,7 @@ from pgolf.evaluate.audit import GLOBAL, Audit
 from pgolf.evaluate.bpb import BpbResult
 from pgolf.evaluate.budget import Budget, unlimited
 from pgolf.model.lora import DocumentAdapters
+from pgolf.params import check_range
 
 
 @dataclass
@@ -58,6 +59,9 @@ class TTTSettings:
     global_clip: float = 1.0
 
     def validate(self) -> None:
+        check_range(self, "lr alpha weight_decay global_lr global_clip seed prefix_docs", ge=0)
+        check_range(self, "beta1 beta2 global_momentum", ge=0, lt=1)
+        check_range(self, "eps", gt=0)
         if min(self.rank, self.chunk, self.context, self.batch_docs) < 1:
             raise ValueError("lora rank, chunk, context and batch_docs must be >= 1")
         if self.chunk > self.context:
