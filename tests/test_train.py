@@ -10,7 +10,7 @@ from pgolf.errors import FormatError
 from pgolf.model.config import ModelConfig
 from pgolf.model.io import load_model
 from pgolf.params import from_dict
-from pgolf.errors import ConfigError
+from pgolf.errors import ConfigError, TrainingError
 from tasks import train as train_stage
 from tasks.common import execute
 from tests.conftest import TINY_MODEL
@@ -181,5 +181,20 @@ def test_a_non_finite_loss_between_log_steps_still_stops_the_run(data_dirs, tmp_
                                   data_dirs["shards"], tmp_path)
     real_step = trainer.step
     monkeypatch.setattr(trainer, "step", lambda step, lr: real_step(step, lr) * (float("nan") if step == 3 else 1.0))
-    with pytest.raises(FloatingPointError, match="at or before step 10"):
+    with pytest.raises(TrainingError, match="non-finite at or before step 10"):
         trainer.train()
+
+
+def test_a_run_that_does_not_learn_stops_at_the_check_step(data_dirs, tmp_path):
+    """With every learning rate at zero the loss stays at ln(vocab) and nothing is non-finite."""
+    frozen = dict(matrix_lr=0.0, scalar_lr=0.0, tied_embed_lr=0.0, embed_lr=0.0, head_lr=0.0)
+    trainer = train_stage.Trainer(config(nproc=1, grad_accum_steps=2, iterations=12, warmup_steps=0, learn_check_step=4,
+                                         **frozen), data_dirs["shards"], tmp_path)
+    with pytest.raises(TrainingError, match=r"at step 4 is still within learn_margin=0.05 of ln\(vocab_size\) = 5.9915"):
+        trainer.train()
+
+
+def test_a_healthy_run_passes_the_learning_check(data_dirs, tmp_path):
+    trainer = train_stage.Trainer(config(nproc=1, grad_accum_steps=2, iterations=8, warmup_steps=0, learn_check_step=8),
+                                  data_dirs["shards"], tmp_path)
+    assert trainer.train()["final_train_loss"] < 5.9915 - 0.05
