@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -133,6 +134,7 @@ def sha256_file(path: str | Path) -> str:
 # records that this very file (same size, mtime, ctime and inode) already matched; "header": only
 # size and header, for a folder too large to hash whose files are trusted.
 VERIFY_ENV = "PGOLF_VERIFY_SHARDS"
+HASH_THREADS = 8
 
 
 def verify_stamp_path(folder: str | Path) -> Path:
@@ -169,7 +171,7 @@ def verify_shards(folder: str | Path, splits: tuple[str, ...]) -> dict:
         raise InputError(f"{VERIFY_ENV}={mode!r}: expected 'sha256' (default) or 'header'")
     stamp_path = verify_stamp_path(folder)
     stamp = _read_stamp(stamp_path)
-    verified = {}
+    verified, unstamped = {}, []
     for name, entry in sorted(listed.items()):
         if entry.get("split") not in splits:
             continue
@@ -181,16 +183,21 @@ def verify_shards(folder: str | Path, splits: tuple[str, ...]) -> dict:
                               path)
         if mode == "header":
             continue
+        # Taken before hashing: a file that changes while it is hashed no longer matches its stamp.
         identity = _file_identity(path)
         if stamp.get(name) == {"identity": identity, "sha256": entry.get("sha256")}:
             verified[name] = stamp[name]
-            continue
-        digest = sha256_file(path)
-        if digest != entry.get("sha256"):
-            raise FormatError(f"sha256 {digest[:16]}... differs from manifest.json's {str(entry.get('sha256'))[:16]}...: "
-                              "the shard was edited after the shards stage wrote it; rebuild it (dvc checkout or "
-                              "dvc repro shards)", path)
-        verified[name] = {"identity": identity, "sha256": digest}
+        else:
+            unstamped.append((path, identity, entry.get("sha256")))
+    # hashlib releases the GIL, so threads hash several shards at once (one core each).
+    with ThreadPoolExecutor(max_workers=max(1, min(HASH_THREADS, os.cpu_count() or 1, len(unstamped)))) as pool:
+        digests = list(pool.map(sha256_file, [path for path, _, _ in unstamped]))
+    for (path, identity, expected), digest in zip(unstamped, digests):
+        if digest != expected:
+            raise FormatError(f"sha256 {digest[:16]}... differs from manifest.json's {str(expected)[:16]}...: the shard "
+                              "was edited after the shards stage wrote it; rebuild it (dvc checkout or dvc repro shards)",
+                              path)
+        verified[path.name] = {"identity": identity, "sha256": digest}
     if mode == "header":
         print(f"{folder}: shards checked by size and header only ({VERIFY_ENV}=header), not by sha256",
               file=sys.stderr, flush=True)
