@@ -110,8 +110,7 @@ class Config:
             raise ValueError(f"loader {self.loader!r} must be 'stream' or 'documents'")
         if self.muon_coefficients not in COEFFICIENTS:
             raise ValueError(f"muon_coefficients {self.muon_coefficients!r} must be one of {sorted(COEFFICIENTS)}")
-        if not 0 <= self.warmdown_frac <= 1 or not 0 <= self.min_lr <= 1:
-            raise ValueError("warmdown_frac and min_lr must be in [0, 1]")
+        check_range(self, "warmdown_frac min_lr", ge=0, le=1)
         if self.max_wallclock_seconds and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ValueError("gptq_reserve_seconds must be smaller than max_wallclock_seconds")
         accum = self.resolved_grad_accum()

@@ -17,6 +17,7 @@ import pytest
 from pgolf.data.shards import HEADER_BYTES, verify_shards, write_shard
 from pgolf.errors import ConfigError, FormatError, InputError, TrainingError
 from pgolf.model.config import ModelConfig
+from pgolf.params import from_dict
 from tasks import corpus as corpus_stage, eval as eval_stage, tokenizer as tok_stage, train as train_stage
 from tasks import params as P
 from tasks.common import execute, load_config, write_json
@@ -204,3 +205,36 @@ def test_bad_input_is_refused_with_a_clear_message(case, error, message, data_di
 def test_every_row_has_its_own_id():
     ids = [row[0] for row in CASES]
     assert len(ids) == len(set(ids))
+
+
+def numeric_fields(cls, prefix=""):
+    """(dotted name, type) of every int and float field of a config, nested settings included."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        if dataclasses.is_dataclass(hint):
+            yield from numeric_fields(hint, f"{prefix}{f.name}.")
+        elif hint in (int, float):
+            yield f"{prefix}{f.name}", hint
+
+
+def nested(dotted: str, value) -> dict:
+    *parents, leaf = dotted.split(".")
+    data = {leaf: value}
+    for parent in reversed(parents):
+        data = {parent: data}
+    return data
+
+
+@pytest.mark.parametrize("stage", P.STAGES)
+def test_every_numeric_field_has_its_range_checked(stage):
+    """A new numeric field joins the checks: far out of range (a huge negative int, a NaN float) it
+    must be refused with a message that names it."""
+    cls = P.spec_of(stage).config_cls
+    for dotted, hint in numeric_fields(cls):
+        value = float("nan") if hint is float else -10**9
+        with pytest.raises(ConfigError, match=dotted.rsplit(".", 1)[-1]):
+            from_dict(cls, nested(dotted, value), stage)

@@ -45,8 +45,7 @@ class SGDTTTSettings:
     def validate(self) -> None:
         if self.trainable not in ("all", "film"):
             raise ValueError(f"sgd trainable {self.trainable!r} must be 'all' or 'film'")
-        if min(self.epochs, self.chunk_tokens, self.batch_seqs) < 1:
-            raise ValueError("sgd epochs, chunk_tokens and batch_seqs must be >= 1")
+        check_range(self, "epochs chunk_tokens batch_seqs", ge=1)
         check_range(self, "lr clip", ge=0)
         check_range(self, "momentum", ge=0, lt=1)
 
