@@ -26,3 +26,7 @@ class FormatError(PgolfError):
 
 class CapExceededError(PgolfError):
     """The artifact (code + compressed model) is larger than the challenge allows."""
+
+
+class TrainingError(PgolfError):
+    """Training diverged (a non-finite loss) or is not learning (the loss of a uniform guess)."""

@@ -11,6 +11,8 @@ string.
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import re
 import types
 import typing
@@ -204,3 +206,19 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
+
+
+_BOUNDS = {"ge": (">=", operator.ge), "gt": (">", operator.gt), "le": ("<=", operator.le), "lt": ("<", operator.lt)}
+
+
+def check_range(obj: Any, names: str, **bounds: float) -> None:
+    """Raise ValueError unless each of the space-separated numeric fields `names` of `obj` is a
+    finite number within `bounds` (ge, gt, le, lt). The configs' validate() call it, so a value out
+    of range is refused when params are rendered and again when a stage reads them."""
+    for name in names.split():
+        value = getattr(obj, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{name} {value!r} must be a finite number")
+        if not all(_BOUNDS[kind][1](value, bound) for kind, bound in bounds.items()):
+            limits = " and ".join(f"{_BOUNDS[kind][0]} {bound:g}" for kind, bound in bounds.items())
+            raise ValueError(f"{name} {value!r} must be {limits}")

@@ -10,6 +10,7 @@ from pgolf.data.corpus import read_documents
 from pgolf.data.docs import DOCS_NAME, encode_doc
 from pgolf.data.hub import HUB_PREFIX, download, verify
 from pgolf.errors import InputError
+from pgolf.params import check_range
 from tasks.common import StageSpec, stage_main, write_json
 
 
@@ -23,8 +24,7 @@ class Config:
     max_docs: int = 0  # 0: every document
 
     def validate(self) -> None:
-        if self.max_docs < 0:
-            raise ValueError("max_docs must be >= 0")
+        check_range(self, "max_docs", ge=0)
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:

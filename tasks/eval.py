@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pgolf import dist
-from pgolf.data.shards import load_split, read_manifest
+from pgolf.data.shards import load_split, read_manifest, verify_shards
 from pgolf.errors import FormatError
 from pgolf.evaluate.bpb import bytes_per_position, evaluate_bpb, truncate_val
 from pgolf.evaluate.budget import Budget
@@ -25,6 +25,7 @@ from pgolf.evaluate.ttt import TTTSettings, evaluate_ttt
 from pgolf.evaluate.warmup import compile_forward, warm_up
 from pgolf.model.gpt import GPT
 from pgolf.model.io import load_state_dict_into, model_config_from_dict
+from pgolf.params import check_range
 from pgolf.pack.serialize import load_artifact
 from pgolf.tokenize.bytes import build_byte_luts, load_tokenizer, load_val_byte_sidecar
 from tasks.common import StageSpec, record_timings, stage_main, write_json
@@ -53,12 +54,10 @@ class Config:
     compile: bool = False
 
     def validate(self) -> None:
-        if self.seq_len < 1 or self.batch_seqs < 1 or self.stride < 0 or self.nproc < 1:
-            raise ValueError("seq_len, batch_seqs and nproc must be >= 1, stride >= 0")
+        check_range(self, "seq_len batch_seqs nproc", ge=1)
+        check_range(self, "stride budget_s", ge=0)
         if self.stride >= self.seq_len:
             raise ValueError(f"stride {self.stride} must be smaller than seq_len {self.seq_len} (0 for flat)")
-        if self.budget_s < 0:
-            raise ValueError("budget_s must be >= 0 (0: no budget)")
 
 
 def model_from_artifact(artifact: Path, device: torch.device) -> GPT:
@@ -70,6 +69,7 @@ def model_from_artifact(artifact: Path, device: torch.device) -> GPT:
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    verify_shards(inputs["shards"], ("val", "val_bytes"))
     if cfg.nproc == 1:
         return evaluate(cfg, inputs, out)
     run_on_ranks(SPEC, cfg, inputs, out, cfg.nproc)

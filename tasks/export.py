@@ -22,6 +22,7 @@ from pgolf.pack.codesize import wrapped_size
 from pgolf.pack.export import bundle_script
 from pgolf.params import read_yaml
 from tasks.common import read_run_record, write_json
+from tasks.pack import meets_challenge_cap
 
 ROOT = Path(__file__).resolve().parent.parent
 ENTRY = ROOT / "tasks" / "submission.py"
@@ -129,6 +130,8 @@ def export(out: Path, params: dict, name: str, author: str, github_id: str, arti
         "date": datetime.date.today().isoformat(), "track": "10min_16mb",
         "val_loss": metrics["val_loss"], "val_bpb": metrics["val_bpb"],
         "bytes_total": size["model_bytes"] + code_bytes, "bytes_code": code_bytes,
+        "meets_challenge_cap": meets_challenge_cap(size["model_bytes"] + code_bytes),
+        "non_record": bool(params["pack"].get("non_record", False)),
         "seeds": [seed],
         "seed_results": {str(seed): {"val_loss": metrics["val_loss"], "val_bpb": metrics["val_bpb"],
                                      "artifact_bytes": size["model_bytes"] + code_bytes,

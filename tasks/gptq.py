@@ -16,8 +16,9 @@ from typing import Literal
 import torch
 
 from pgolf import dist
-from pgolf.data.shards import check_vocab
+from pgolf.data.shards import check_vocab, verify_shards
 from pgolf.model.io import load_model, source_dtypes
+from pgolf.params import check_range
 from pgolf.quant.baseline_int8 import quantize_baseline_int8
 from pgolf.quant.format import QuantizedModel, save_quantized
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
@@ -60,16 +61,13 @@ class Config:
             value = getattr(self, name)
             if value not in ((0, 6, 7, 8) if name == "embed_bits" else (6, 7, 8)):
                 raise ValueError(f"{name} {value}: supported are 6, 7 and 8")
-        if self.calib_batches < 1 or self.calib_batch_seqs < 1 or self.calib_seq_len < 1:
-            raise ValueError("calib_batches, calib_batch_seqs and calib_seq_len must be >= 1")
-        if not 0 < self.damp < 1:
-            raise ValueError("damp must be in (0, 1)")
+        check_range(self, "calib_batches calib_batch_seqs calib_seq_len block_size nproc lqer_group", ge=1)
+        check_range(self, "lqer_rank lqer_top_k passthrough_max_numel seed calib_temperature", ge=0)
+        check_range(self, "clip_sigmas", gt=0)
+        check_range(self, "attn_clip_sigmas mlp_clip_sigmas embed_clip_sigmas", ge=0)  # 0: clip_sigmas
+        check_range(self, "damp", gt=0, lt=1)
         if self.calib_source not in ("train", "self"):
             raise ValueError(f"calib_source {self.calib_source!r} must be 'train' or 'self'")
-        if self.nproc < 1:
-            raise ValueError("nproc must be >= 1")
-        if self.lqer_rank < 0 or self.lqer_top_k < 0 or self.lqer_group < 1:
-            raise ValueError("lqer_rank and lqer_top_k must be >= 0, lqer_group >= 1")
 
     def family(self, name: str) -> tuple[int, float]:
         """(bits, clip sigmas) of a matrix, by its name (reference.md 5.3)."""
@@ -153,6 +151,8 @@ def apply_lqer(state, tensors, entries, report, hessians, cfg: Config) -> None:
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    if cfg.method == "gptq" and cfg.calib_source == "train":
+        verify_shards(inputs["shards"], ("train",))
     if cfg.nproc == 1:
         return calibrate_and_quantize(cfg, inputs, out)
     run_on_ranks(SPEC, cfg, inputs, out, cfg.nproc)

@@ -12,11 +12,13 @@ from pgolf.pack.chart import bytes_chart
 from pgolf.pack.codesize import code_bytes, import_closure, wrapped_size
 from pgolf.pack.serialize import pack, store_stream, stream_choices, tensor_bytes, unpack
 from pgolf.quant.format import load_quantized
+from pgolf.params import check_range
 from tasks.common import StageSpec, record_timings, stage_main, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 EVAL_ENTRY = ROOT / "tasks" / "eval.py"
 CHALLENGE_CAP_BYTES = 16_000_000
+MAX_LEVELS = {"lzma": 9, "brotli": 11, "zlib": 9, "zstd": 22, "lrzip": 9}
 
 
 @dataclass
@@ -27,9 +29,24 @@ class Config:
     layout: Literal["flat", "pergroup"] = "flat"  # pergroup: R1's per-family streams, transposed
     sort_rows: bool = False  # pergroup: greedy L1 row order for tok_emb, c_q, mlp.fc (R1)
     cap_bytes: int = CHALLENGE_CAP_BYTES
+    # A run under a cap above the challenge's cannot be a record, so it has to say so: size.json and
+    # an exported submission.json then record that it does not meet the challenge's cap.
+    non_record: bool = False
     # The one script that is the submission's code (an exported train_gpt.py): counted the records'
     # way, minified + brotli + base85 in a self-extracting stub. Empty: count the eval code's files.
     code_file: str = ""
+
+    def validate(self) -> None:
+        check_range(self, "cap_bytes", ge=1)
+        # -1: each compressor's strongest; otherwise within its range (best hands the level to all of them).
+        check_range(self, "level", ge=-1, le=MAX_LEVELS.get(self.compressor, min(MAX_LEVELS.values())))
+        if self.cap_bytes > CHALLENGE_CAP_BYTES and not self.non_record:
+            raise ValueError(f"cap_bytes {self.cap_bytes:,} is above the challenge's {CHALLENGE_CAP_BYTES:,}-byte cap; "
+                             "set pack.non_record: true for a run that does not claim the record track")
+
+
+def meets_challenge_cap(total_bytes: int) -> bool:
+    return total_bytes <= CHALLENGE_CAP_BYTES
 
 
 def tensor_group(name: str) -> str:
@@ -83,6 +100,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         "total_bytes": total,
         "cap_bytes": cfg.cap_bytes,
         "margin_bytes": cfg.cap_bytes - total,
+        "non_record": cfg.non_record,
+        "meets_challenge_cap": meets_challenge_cap(total),
         "compressor": cfg.compressor,
         "layout": cfg.layout,
         "payload_bytes": sum(raw_sizes.values()),

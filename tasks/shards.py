@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgolf.data.docs import iter_docs
-from pgolf.data.export import adopt_shards, build_shards, file_entries, resolve_workers, sha256_file
-from pgolf.data.shards import MANIFEST_NAME
+from pgolf.data.export import adopt_shards, build_shards, file_entries, resolve_workers
+from pgolf.data.shards import MANIFEST_NAME, MAX_TOKENS, sha256_file
+from pgolf.params import check_range
 from pgolf.tokenize.bytes import load_tokenizer
 from tasks.common import StageSpec, stage_main, write_json
 
@@ -26,10 +27,9 @@ class Config:
     adopt: str = ""  # a published shard folder (e.g. data/datasets/fineweb10B_sp1024) to validate and use
 
     def validate(self) -> None:
-        if self.val_docs < 1:
-            raise ValueError("val_docs must be >= 1")
-        if not 0 < self.shard_tokens < 2**31:
-            raise ValueError("shard_tokens must be in (0, 2^31)")
+        check_range(self, "val_docs", ge=1)
+        check_range(self, "shard_tokens", ge=1, lt=MAX_TOKENS)
+        check_range(self, "workers", ge=0)
         if self.dask_address not in ("", "local") and ":" not in self.dask_address:
             raise ValueError(f"dask_address {self.dask_address!r}: expected '' (local processes), 'local' "
                              "(a Dask LocalCluster) or a scheduler address such as tcp://host:8786")

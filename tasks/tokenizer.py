@@ -12,7 +12,8 @@ import sentencepiece as spm
 
 from pgolf.data.docs import iter_docs
 from pgolf.errors import FormatError, InputError
-from pgolf.tokenize.variants import VARIANTS
+from pgolf.params import check_range
+from pgolf.tokenize.variants import VARIANTS, variant_misfit
 from pgolf.tokenize.trainer import (BOS_ID, CHALLENGE_MAX_SENTENCE_LENGTH, CHALLENGE_TRAINER_SETTINGS, train_bpe,
                                     training_sentences)
 from tasks.common import StageSpec, stage_main, write_json
@@ -34,8 +35,9 @@ class Config:
 
     def validate(self) -> None:
         # 4 specials + 256 byte-fallback pieces come first; shards store ids as uint16.
-        if not 260 < self.vocab_size <= 65536:
-            raise ValueError(f"vocab_size {self.vocab_size} must be in (260, 65536]")
+        check_range(self, "vocab_size", gt=260, le=65536)
+        check_range(self, "train_docs seed", ge=0)
+        check_range(self, "num_threads max_sentence_length", ge=1)
 
 
 def adopt_model(path: Path, cfg: Config) -> bytes:
@@ -56,6 +58,10 @@ def adopt_model(path: Path, cfg: Config) -> bytes:
     if missing:
         raise FormatError(f"variant {cfg.variant} needs the pieces {[hex(ord(s)) for s in missing]}, which this "
                           "model does not have", path)
+    misfit = variant_misfit(model, cfg.variant)
+    if misfit:
+        raise FormatError(f"not a {cfg.variant} tokenizer: {misfit}; set tokenizer.variant to the one it was "
+                          "trained for", path)
     return model
 
 
@@ -72,6 +78,14 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
                               variant.user_defined_symbols, cfg.max_sentence_length)
         except InputError as err:
             raise InputError(str(err), Path(inputs["corpus"]) / "docs.jsonl") from err
+        reached = spm.SentencePieceProcessor(model_proto=model).vocab_size()
+        if reached != cfg.vocab_size:
+            # The challenge's trainer sets hard_vocab_limit=False, so SentencePiece stops quietly at
+            # what the corpus supports; a model sized for vocab_size would then carry unused rows.
+            raise InputError(f"SentencePiece reached only {reached:,} pieces on this corpus, not tokenizer.vocab_size "
+                             f"{cfg.vocab_size:,}: lower tokenizer.vocab_size and train.model.vocab_size to at most "
+                             f"{reached} or use a larger corpus (tokenizer.train_docs: 0 trains on all of it)",
+                             Path(inputs["corpus"]) / "docs.jsonl")
     (out / "tokenizer.model").write_bytes(model)
     sp = spm.SentencePieceProcessor(model_proto=model)
     with open(out / "tokenizer.vocab", "w", encoding="utf-8") as f:

@@ -9,6 +9,7 @@ import argparse
 import copy
 import hashlib
 import json
+import math
 import resource
 import sys
 import time
@@ -19,7 +20,8 @@ import torch
 
 from pgolf import checkpoint, dist
 from pgolf.data.loader import DistributedTokenLoader, DocumentPackingLoader
-from pgolf.data.shards import check_vocab
+from pgolf.data.shards import check_vocab, verify_shards
+from pgolf.errors import TrainingError
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, param_groups
 from pgolf.model.io import import_state_dict, save_model
@@ -27,7 +29,7 @@ from pgolf.optim.ema import EMA
 from pgolf.optim.swa import SWA
 from pgolf.optim.muon import COEFFICIENTS, Muon, ShardedMuon
 from pgolf.optim.schedule import lr_multiplier, muon_momentum, training_fraction, warmdown_multiplier
-from pgolf.params import from_dict
+from pgolf.params import check_range, from_dict
 from tasks.common import StageSpec, record_timings, stage_main, write_json
 
 
@@ -85,18 +87,29 @@ class Config:
     fused_cross_entropy: bool = False
     fused_mlp: bool = False
     log_every: int = 200
+    # A run whose loss at this step is still within learn_margin nats of ln(vocab_size), the loss of
+    # a uniform guess, is not learning (a learning rate far too high or too low, broken data): it
+    # stops there with an error instead of writing an untrained model. 0: no check.
+    learn_check_step: int = 50
+    learn_margin: float = 0.05
 
     def validate(self) -> None:
-        if self.nproc < 1:
-            raise ValueError("nproc must be >= 1")
+        check_range(self, "nproc iterations train_batch_tokens train_seq_len muon_backend_steps log_every", ge=1)
+        check_range(self, "seed grad_accum_steps warmup_steps warmdown_iters muon_momentum_warmup_steps swa_every "
+                    "checkpoint_every learn_check_step", ge=0)
+        check_range(self, "max_wallclock_seconds gptq_reserve_seconds matrix_lr scalar_lr tied_embed_lr embed_lr "
+                    "head_lr muon_wd embed_wd adam_wd grad_clip_norm learn_margin", ge=0)
+        check_range(self, "muon_momentum muon_momentum_warmup_start beta1 beta2 ema_decay", ge=0, lt=1)
+        check_range(self, "swa_start_lr_scale late_qat_threshold", ge=0, le=1)
+        check_range(self, "adam_eps", gt=0)
+        check_range(self, "qat_bits", ge=2, le=8)
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device {self.device!r} must be auto, cpu or cuda")
         if self.loader not in ("stream", "documents"):
             raise ValueError(f"loader {self.loader!r} must be 'stream' or 'documents'")
         if self.muon_coefficients not in COEFFICIENTS:
             raise ValueError(f"muon_coefficients {self.muon_coefficients!r} must be one of {sorted(COEFFICIENTS)}")
-        if not 0 <= self.warmdown_frac <= 1 or not 0 <= self.min_lr <= 1:
-            raise ValueError("warmdown_frac and min_lr must be in [0, 1]")
+        check_range(self, "warmdown_frac min_lr", ge=0, le=1)
         if self.max_wallclock_seconds and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ValueError("gptq_reserve_seconds must be smaller than max_wallclock_seconds")
         accum = self.resolved_grad_accum()
@@ -110,6 +123,8 @@ class Config:
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     check_vocab(inputs["shards"], cfg.model.vocab_size)
+    if not cfg.import_checkpoint:
+        verify_shards(inputs["shards"], ("train",))
     # Only what determines the weights: the code's commit and the host go to the run record.
     resolved = {"model": asdict(cfg.model), "train": asdict(cfg)}
     if cfg.import_checkpoint:
@@ -146,9 +161,28 @@ def build_optimizers(model: GPT, cfg: Config, fused: bool):
     return optimizers
 
 
-def check_finite(nonfinite: torch.Tensor, step: int) -> None:
+def learning_rates(cfg: Config) -> str:
+    embed_lr = cfg.tied_embed_lr if cfg.model.tie_embeddings else cfg.embed_lr
+    return (f"matrix_lr={cfg.matrix_lr:g}, scalar_lr={cfg.scalar_lr:g}, "
+            f"{'tied_embed_lr' if cfg.model.tie_embeddings else 'embed_lr'}={embed_lr:g}")
+
+
+def check_finite(nonfinite: torch.Tensor, step: int, cfg: Config) -> None:
     if bool(nonfinite):
-        raise FloatingPointError(f"train loss became non-finite at or before step {step}")
+        raise TrainingError(f"train loss became non-finite at or before step {step}: the run diverged. Likely cause: "
+                            f"learning rates too high ({learning_rates(cfg)}) or no gradient clipping "
+                            f"(grad_clip_norm={cfg.grad_clip_norm:g}); lower them")
+
+
+def check_learning(loss: float, step: int, cfg: Config) -> None:
+    """A model that still guesses uniformly after the warm-up would be trained, quantized and scored
+    for nothing; no value is non-finite, so only the loss itself shows it."""
+    uniform = math.log(cfg.model.vocab_size)
+    if loss > uniform - cfg.learn_margin:
+        raise TrainingError(f"train loss {loss:.4f} at step {step} is still within learn_margin={cfg.learn_margin:g} "
+                            f"of ln(vocab_size) = {uniform:.4f}, the loss of a uniform guess: the model is not "
+                            f"learning. Likely cause: learning rates far too high or zero ({learning_rates(cfg)}), "
+                            "or training data without structure; learn_check_step=0 turns this check off")
 
 
 class HostPace:
@@ -337,7 +371,7 @@ class Trainer:
                                                                resumed["looping_step"], resumed["qat"], resumed["log"])
         log = open(self.out / "train_log.jsonl", "w") if dist.is_main() else None
         if log:
-            log.writelines(json.dumps(r) + "\n" for r in records)
+            log.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
         live = self.open_live()
         tokens_per_step = cfg.train_batch_tokens
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
@@ -367,14 +401,17 @@ class Trainer:
             if self.swa is not None and lr_scale < cfg.swa_start_lr_scale and step % cfg.swa_every == 0:
                 self.swa.add(self.model)
             log_step = step % cfg.log_every == 0 or step == 1 or step == cfg.iterations
-            if log_step:
+            learn_check_step = step == cfg.learn_check_step
+            if log_step or learn_check_step:
                 loss = self.host_loss(rank_loss)
-                check_finite(nonfinite, step)
+                check_finite(nonfinite, step, cfg)
+            if learn_check_step:
+                check_learning(loss, step, cfg)
             if log and log_step:
                 record = {"step": step, "train_loss": round(loss, 6), "lr_scale": round(lr_scale, 6),
                           **self.learning_rates(), "tokens": step * tokens_per_step}
                 records.append(record)
-                log.write(json.dumps(record) + "\n")
+                log.write(json.dumps(record, allow_nan=False) + "\n")
                 log.flush()
                 print(f"step {step}/{cfg.iterations} loss {loss:.4f} lr_scale {lr_scale:.3f} "
                       f"{elapsed_ms / step:.1f} ms/step", flush=True)
@@ -393,7 +430,7 @@ class Trainer:
         self.sync()
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
         loss = self.host_loss(rank_loss) if rank_loss is not None else loss
-        check_finite(nonfinite, step)
+        check_finite(nonfinite, step, cfg)
         seconds = elapsed_ms / 1000.0
         if dist.is_main():
             # How the run went, not what it learned: the run record, so metrics.json and the weights

@@ -156,3 +156,12 @@ def test_hub_source_downloads_then_verifies_and_offline_is_a_clear_error(tmp_pat
         execute(corpus_stage.SPEC, corpus_stage.Config(source=source), {}, tmp_path / "c3")
     with pytest.raises(InputError, match="expected hf://<owner>/<dataset>/<path"):
         execute(corpus_stage.SPEC, corpus_stage.Config(source="hf://just-a-name"), {}, tmp_path / "c4")
+
+
+def test_txt_line_ends_become_lf_and_jsonl_stays_verbatim(tmp_path):
+    """A .txt source is read as Python's text mode would (CRLF and CR -> LF); a jsonl document,
+    the challenge's own format, keeps its bytes."""
+    (tmp_path / "a.txt").write_bytes(b"one\r\ntwo\rthree\n\tfour\x0c")
+    assert list(read_documents(str(tmp_path / "a.txt"))) == ["one\ntwo\nthree\n\tfour\x0c"]
+    write_jsonl(tmp_path / "b.jsonl", ["one\r\ntwo\x00"])
+    assert list(read_documents(str(tmp_path / "b.jsonl"))) == ["one\r\ntwo\x00"]

@@ -234,3 +234,26 @@ def test_eval_of_an_artifact_with_a_tensor_the_model_lacks_names_it(data_dirs, t
                 {"pack": tmp_path / "pack", "shards": data_dirs["shards"], "tokenizer": data_dirs["tokenizer"]},
                 tmp_path / "eval")
     assert "artifact.bin" in str(err.value)
+
+
+def test_a_non_record_cap_is_recorded_in_size_json_and_submission(tmp_path):
+    """A cap above the challenge's needs pack.non_record; the size report and submission.json then
+    say whether the artifact meets the challenge's 16,000,000 bytes."""
+    from tasks import export, params as P
+
+    run_pack(tmp_path, cap_bytes=20_000_000, non_record=True)
+    size = json.loads((tmp_path / "pack/size.json").read_text())
+    assert size["non_record"] is True and size["meets_challenge_cap"] is True
+    art = tmp_path / "artifacts"
+    (art / "eval").mkdir(parents=True)
+    (art / "train").mkdir()
+    (art / "pack").mkdir()
+    (art / "eval/metrics.json").write_text(json.dumps({"val_bpb": 1.5, "val_loss": 2.5, "mode": "flat",
+                                                       "seq_len": 64, "tokens": 10, "bytes": 20}))
+    (art / "train/metrics.json").write_text(json.dumps({"steps": 5, "ms_per_step": 1.0}))
+    (art / "pack/size.json").write_text(json.dumps({**size, "model_bytes": 15_999_000}))
+    params = P.render("smoke", ["pack.cap_bytes=20000000", "pack.non_record=true"])
+    submission = export.export(tmp_path / "records", params, "big", "a", "a", art)
+    assert submission["non_record"] is True and submission["meets_challenge_cap"] is False
+    assert submission["bytes_total"] > 16_000_000
+    assert not pack_stage.meets_challenge_cap(16_000_001) and pack_stage.meets_challenge_cap(16_000_000)

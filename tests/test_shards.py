@@ -110,3 +110,51 @@ def test_manifest_and_vocab_check(tmp_path):
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(FormatError, match="JSON"):
         read_manifest(tmp_path)
+
+
+def test_verified_shards_are_not_hashed_again_until_they_change(data_dirs, tmp_path, monkeypatch):
+    """The stamp beside the folder (never inside: it is a DVC output) keys each verified file by size,
+    mtime, ctime and inode; an edit that restores the mtime still changes the ctime."""
+    import os
+    import shutil
+
+    from pgolf.data import shards
+
+    folder = tmp_path / "shards"
+    shutil.copytree(data_dirs["shards"], folder)
+    hashed = []
+    real = shards.sha256_file
+    monkeypatch.setattr(shards, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    before = sorted(p.name for p in folder.iterdir())
+    val = sorted(p.name for p in folder.glob("fineweb_val_*.bin"))
+    shards.verify_shards(folder, ("val",))
+    assert hashed == val and shards.verify_stamp_path(folder).is_file()
+    assert sorted(p.name for p in folder.iterdir()) == before
+    hashed.clear()
+    shards.verify_shards(folder, ("val",))
+    assert hashed == []
+    path = folder / "fineweb_val_000000.bin"
+    stat = path.stat()
+    data = bytearray(path.read_bytes())
+    data[HEADER_BYTES] ^= 1
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(FormatError, match="sha256"):
+        shards.verify_shards(folder, ("val",))
+    assert hashed == ["fineweb_val_000000.bin"]
+
+
+def test_header_only_verification_skips_the_hash_and_says_so(data_dirs, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    from pgolf.data import shards
+
+    folder = tmp_path / "shards"
+    shutil.copytree(data_dirs["shards"], folder)
+    monkeypatch.setenv(shards.VERIFY_ENV, "header")
+    monkeypatch.setattr(shards, "sha256_file", lambda path: pytest.fail("hashed in header mode"))
+    assert shards.verify_shards(folder, ("train",))["vocab_size"] == 400
+    assert "size and header only" in capsys.readouterr().err
+    monkeypatch.setenv(shards.VERIFY_ENV, "md5")
+    with pytest.raises(InputError, match="PGOLF_VERIFY_SHARDS='md5'"):
+        shards.verify_shards(folder, ("train",))

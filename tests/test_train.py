@@ -10,7 +10,7 @@ from pgolf.errors import FormatError
 from pgolf.model.config import ModelConfig
 from pgolf.model.io import load_model
 from pgolf.params import from_dict
-from pgolf.errors import ConfigError
+from pgolf.errors import ConfigError, TrainingError
 from tasks import train as train_stage
 from tasks.common import execute
 from tests.conftest import TINY_MODEL
@@ -181,5 +181,11 @@ def test_a_non_finite_loss_between_log_steps_still_stops_the_run(data_dirs, tmp_
                                   data_dirs["shards"], tmp_path)
     real_step = trainer.step
     monkeypatch.setattr(trainer, "step", lambda step, lr: real_step(step, lr) * (float("nan") if step == 3 else 1.0))
-    with pytest.raises(FloatingPointError, match="at or before step 10"):
+    with pytest.raises(TrainingError, match="non-finite at or before step 10"):
         trainer.train()
+
+
+def test_a_healthy_run_passes_the_learning_check(data_dirs, tmp_path):
+    trainer = train_stage.Trainer(config(nproc=1, grad_accum_steps=2, iterations=8, warmup_steps=0, learn_check_step=8),
+                                  data_dirs["shards"], tmp_path)
+    assert trainer.train()["final_train_loss"] < 5.9915 - 0.05

@@ -11,6 +11,7 @@ import inspect
 import io
 import json
 import pkgutil
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -171,4 +172,23 @@ def read_documents(source: str, text_field: str = "text") -> Iterator[str]:
         elif path.name.endswith(".parquet"):
             yield from _parquet_documents(path, text_field)
         else:
-            yield _decode(path.read_bytes(), path)
+            yield _txt_document(path)
+
+
+# What a text file may hold besides printable text: tab, line feed, form feed. NUL and the other C0
+# and C1 controls mean a binary or mis-decoded file, which would otherwise go into the corpus as it is.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0e-\x1f\x7f-\x9f]")
+
+
+def _txt_document(path: Path) -> str:
+    """One .txt file as one document. Line ends become LF, as Python's text mode reads them and as the
+    challenge's jsonl documents hold them; a control character is an error naming file and line.
+    jsonl and parquet documents are kept exactly as they are: those are the challenge's own format."""
+    text = _decode(path.read_bytes(), path).replace("\r\n", "\n").replace("\r", "\n")
+    bad = _CONTROL.search(text)
+    if bad:
+        line = text.count("\n", 0, bad.start()) + 1
+        raise FormatError(f"line {line}: control character U+{ord(bad.group()):04X}, which text does not hold: a "
+                          "binary file? Remove the control characters, or give the document as jsonl (kept verbatim)",
+                          path)
+    return text

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from pgolf.data.shards import list_shards, read_header, read_shard, shard_name, write_shard
+from pgolf.data.shards import list_shards, read_header, read_shard, sha256_file, shard_name, write_shard
 from pgolf.errors import FormatError, InputError
 from pgolf.tokenize.bytes import original_byte_counts
 from pgolf.tokenize.variants import VARIANTS
@@ -253,11 +253,6 @@ def _encode_with_split(chunk, variant, bos_id, with_bytes, split):
 
 def resolve_workers(workers: int) -> int:
     return workers if workers > 0 else (os.cpu_count() or 1)
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def file_entries(folder: Path) -> list[dict]:

@@ -4,8 +4,11 @@ Readers check everything a truncated or foreign file can get wrong and name the 
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +123,105 @@ def read_manifest(folder: str | Path) -> dict:
         if key not in manifest:
             raise FormatError(f"missing key {key!r}", path)
     return manifest
+
+
+def sha256_file(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+# "sha256" (default): every shard a stage reads is hashed against manifest.json, unless the stamp
+# records that this very file (same size, mtime, ctime and inode) already matched; "header": only
+# size and header, for a folder too large to hash whose files are trusted.
+VERIFY_ENV = "PGOLF_VERIFY_SHARDS"
+HASH_THREADS = 8
+
+
+def verify_stamp_path(folder: str | Path) -> Path:
+    """Beside the shard folder, never inside it: the folder is a DVC output whose bytes must not
+    change when a stage reads it."""
+    folder = Path(folder).resolve()
+    return folder.with_name(f".{folder.name}.verified.json")
+
+
+def _file_identity(path: Path) -> list[int]:
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def verify_shards(folder: str | Path, splits: tuple[str, ...]) -> dict:
+    """Check every shard of `splits` against the manifest: listed, present, the header's token count
+    the manifest's, and (by default) its sha256; a shard the manifest does not list is an error too,
+    since readers glob the folder. Returns the manifest."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    manifest_path = folder / MANIFEST_NAME
+    entries = manifest.get("files")
+    if not isinstance(entries, list) or not entries:
+        raise FormatError("lists no shard files (key 'files'): rebuild the folder with the shards stage",
+                          manifest_path)
+    listed = {e.get("name"): e for e in entries if isinstance(e, dict)}
+    for split in splits:
+        for path in list_shards(folder, split):
+            if path.name not in listed:
+                raise FormatError(f"{path.name} is not listed in manifest.json: a shard added after the shards "
+                                  "stage wrote the folder; remove it or rebuild the folder", path)
+    mode = os.environ.get(VERIFY_ENV, "sha256")
+    if mode not in ("sha256", "header"):
+        raise InputError(f"{VERIFY_ENV}={mode!r}: expected 'sha256' (default) or 'header'")
+    stamp_path = verify_stamp_path(folder)
+    stamp = _read_stamp(stamp_path)
+    verified, unstamped = {}, []
+    for name, entry in sorted(listed.items()):
+        if entry.get("split") not in splits:
+            continue
+        path = folder / name
+        count = read_header(path)
+        if count != entry.get("tokens"):
+            raise FormatError(f"holds {count} tokens but manifest.json lists {entry.get('tokens')}: the shard was "
+                              "replaced after the shards stage wrote it; rebuild it (dvc checkout or dvc repro shards)",
+                              path)
+        if mode == "header":
+            continue
+        # Taken before hashing: a file that changes while it is hashed no longer matches its stamp.
+        identity = _file_identity(path)
+        if stamp.get(name) == {"identity": identity, "sha256": entry.get("sha256")}:
+            verified[name] = stamp[name]
+        else:
+            unstamped.append((path, identity, entry.get("sha256")))
+    # hashlib releases the GIL, so threads hash several shards at once (one core each).
+    with ThreadPoolExecutor(max_workers=max(1, min(HASH_THREADS, os.cpu_count() or 1, len(unstamped)))) as pool:
+        digests = list(pool.map(sha256_file, [path for path, _, _ in unstamped]))
+    for (path, identity, expected), digest in zip(unstamped, digests):
+        if digest != expected:
+            raise FormatError(f"sha256 {digest[:16]}... differs from manifest.json's {str(expected)[:16]}...: the shard "
+                              "was edited after the shards stage wrote it; rebuild it (dvc checkout or dvc repro shards)",
+                              path)
+        verified[path.name] = {"identity": identity, "sha256": digest}
+    if mode == "header":
+        print(f"{folder}: shards checked by size and header only ({VERIFY_ENV}=header), not by sha256",
+              file=sys.stderr, flush=True)
+    elif verified != {k: v for k, v in stamp.items() if k in verified}:
+        _write_stamp(stamp_path, {**stamp, **verified})
+    return manifest
+
+
+def _read_stamp(path: Path) -> dict:
+    try:
+        stamp = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}  # no stamp, or a damaged one: hash everything again
+    return stamp if isinstance(stamp, dict) else {}
+
+
+def _write_stamp(path: Path, stamp: dict) -> None:
+    """Best effort: a folder beside read-only data simply hashes again next time."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(stamp, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def check_vocab(folder: str | Path, model_vocab_size: int) -> dict:

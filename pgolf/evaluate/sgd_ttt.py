@@ -27,6 +27,7 @@ from pgolf.errors import PgolfError
 from pgolf.evaluate.audit import GLOBAL, Audit
 from pgolf.evaluate.bpb import BpbResult, score_windows, windows
 from pgolf.evaluate.budget import Budget, unlimited
+from pgolf.params import check_range
 
 
 @dataclass
@@ -44,10 +45,9 @@ class SGDTTTSettings:
     def validate(self) -> None:
         if self.trainable not in ("all", "film"):
             raise ValueError(f"sgd trainable {self.trainable!r} must be 'all' or 'film'")
-        if min(self.epochs, self.chunk_tokens, self.batch_seqs) < 1:
-            raise ValueError("sgd epochs, chunk_tokens and batch_seqs must be >= 1")
-        if self.lr < 0 or not 0 <= self.momentum < 1:
-            raise ValueError("sgd lr must be >= 0 and momentum in [0, 1)")
+        check_range(self, "epochs chunk_tokens batch_seqs", ge=1)
+        check_range(self, "lr clip", ge=0)
+        check_range(self, "momentum", ge=0, lt=1)
 
 
 def trainable_parameters(model, which: str) -> list[torch.nn.Parameter]:

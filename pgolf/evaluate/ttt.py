@@ -30,6 +30,7 @@ from pgolf.evaluate.audit import GLOBAL, Audit
 from pgolf.evaluate.bpb import BpbResult
 from pgolf.evaluate.budget import Budget, unlimited
 from pgolf.model.lora import DocumentAdapters
+from pgolf.params import check_range
 
 
 @dataclass
@@ -58,14 +59,14 @@ class TTTSettings:
     global_clip: float = 1.0
 
     def validate(self) -> None:
-        if min(self.rank, self.chunk, self.context, self.batch_docs) < 1:
-            raise ValueError("lora rank, chunk, context and batch_docs must be >= 1")
+        check_range(self, "rank chunk context batch_docs global_chunk_tokens global_seq_len global_batch_seqs", ge=1)
+        check_range(self, "lr alpha weight_decay global_lr global_clip seed phases prefix_docs", ge=0)
+        check_range(self, "beta1 beta2 global_momentum", ge=0, lt=1)
+        check_range(self, "eps", gt=0)
         if self.chunk > self.context:
             raise ValueError(f"lora chunk {self.chunk} must fit in its context {self.context}")
-        if self.phases < 0 or (self.phases and self.prefix_docs < self.phases):
+        if self.phases and self.prefix_docs < self.phases:
             raise ValueError(f"phases {self.phases} needs prefix_docs >= phases (got {self.prefix_docs})")
-        if self.phases and min(self.global_chunk_tokens, self.global_seq_len, self.global_batch_seqs) < 1:
-            raise ValueError("global_chunk_tokens, global_seq_len and global_batch_seqs must be >= 1")
 
 
 def find_documents(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:

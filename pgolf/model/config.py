@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from pgolf.params import check_range
+
 
 @dataclass
 class ModelConfig:
@@ -62,14 +64,23 @@ class ModelConfig:
     inhibitor_bias: float = 3.0
 
     def validate(self) -> None:
+        check_range(self, "vocab_size", ge=2, le=65536)  # uint16 shards
+        check_range(self, "num_layers model_dim num_heads num_kv_heads rope_train_len gate_window attn_gate_width "
+                    "bigram_dim ve_dim inhibitor_rank", ge=1)
+        check_range(self, "loop_start loop_end", ge=0, lt=self.num_layers)
+        check_range(self, "num_loops bigram_vocab tied_embed_init_std logit_softcap sparse_attn_gate_scale", ge=0)
+        check_range(self, "mlp_mult rope_base", gt=0)
+        check_range(self, "leaky_slope enable_looping_at", ge=0, le=1)
+        check_range(self, "xsa_last_n", ge=0, le=self.num_layers)
+        check_range(self, "parallel_start_layer", ge=-1, lt=self.num_layers)
+        check_range(self, "bos_id", ge=0, lt=self.vocab_size)
+        check_range(self, "qk_gain_init parallel_resid_init inhibitor_bias")
         if self.model_dim % self.num_heads:
             raise ValueError(f"model_dim {self.model_dim} is not divisible by num_heads {self.num_heads}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not divisible by num_kv_heads {self.num_kv_heads}")
         if self.head_dim % 2:
             raise ValueError("head_dim must be even for RoPE")
-        if not 2 <= self.vocab_size <= 65536:
-            raise ValueError(f"vocab_size {self.vocab_size} must be in [2, 65536] (uint16 shards)")
         if self.rope_dims % 2 or not 0 <= self.rope_dims <= self.head_dim:
             raise ValueError(f"rope_dims {self.rope_dims} must be even and at most head_dim {self.head_dim}")
         if self.num_loops and not 0 <= self.loop_start <= self.loop_end < self.num_layers:

@@ -27,7 +27,7 @@ def save_model(model: torch.nn.Module, cfg: ModelConfig, folder: str | Path, ext
     folder = Path(folder)
     save_file(state_dict_fp32(model), str(folder / "model.safetensors"))
     config = {"model": asdict(cfg), **(extra_config or {})}
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 
 def read_model_config(folder: str | Path) -> ModelConfig:

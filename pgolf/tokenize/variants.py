@@ -25,3 +25,38 @@ VARIANTS = {
     "casefold": Variant(casefold, casefold_with_provenance),
     "caseops": Variant(caseops.encode, caseops.encode_with_provenance, list(caseops.OPERATORS)),
 }
+
+
+def variant_misfit(model_bytes: bytes, variant: str) -> str | None:
+    """Why a SentencePiece model cannot be the `variant`'s tokenizer, or None when it fits. Every
+    covered character is a piece of its own, so a tokenizer trained on cased text has uppercase
+    pieces and one trained on casefolded (or CaseOps) text has none."""
+    from sentencepiece import sentencepiece_model_pb2
+
+    model = sentencepiece_model_pb2.ModelProto()
+    model.ParseFromString(model_bytes)
+    normal = sentencepiece_model_pb2.ModelProto.SentencePiece.NORMAL
+    pieces = [p.piece for p in model.pieces if p.type == normal]
+    operators = [p.piece for p in model.pieces if any(op in p.piece for op in caseops.OPERATORS)]
+    normalizer = model.normalizer_spec.name
+    if variant == "plain":
+        if normalizer.endswith("_cf"):
+            return f"its normalizer {normalizer} case-folds the text, which a plain tokenizer must not"
+        if operators:
+            return "it holds CaseOps operator pieces: adopt it as variant caseops"
+        if not any(p != p.lower() for p in pieces):
+            return "no piece holds an uppercase letter, so it was trained on casefolded text: adopt it as casefold"
+        return None
+    if variant == "casefold":
+        cased = [p for p in pieces if p != p.lower()]
+        if cased:
+            return (f"{len(cased)} pieces hold uppercase letters (e.g. {cased[0]!r}), which casefolded text has none "
+                    "of: adopt it as plain")
+        if operators:
+            return "it holds CaseOps operator pieces: adopt it as variant caseops"
+        return None
+    cased = [p for p in pieces if any("A" <= c <= "Z" for c in p)]
+    if cased:
+        return (f"{len(cased)} pieces hold ASCII capitals (e.g. {cased[0]!r}), which CaseOps moves into operators, "
+                "so the text it was trained on was not CaseOps-encoded")
+    return None
