@@ -135,6 +135,13 @@ def test_bpb_only_shapes_have_no_val_loss(tmp_path, form):
     assert [s.seed for s in side.seeds] == ["42", "0", "1234"]
 
 
+def test_a_metric_some_seeds_lack_is_missing_for_the_side(tmp_path):
+    partial = submission(STANDING)
+    del partial["seed_results"]["0"]["val_loss"]
+    side = read_side(write(tmp_path / "submission.json", partial))
+    assert side.values("val_loss") is None and len(side.values("val_bpb")) == 3
+
+
 def test_a_headline_only_record_is_one_value(tmp_path):
     side = read_side(write(tmp_path / "r" / "submission.json", submission(STANDING[:1], "headline")))
     assert side.values("val_loss") == STANDING[:1] and side.seeds[0].seed == "42"
@@ -262,3 +269,61 @@ def test_console_script_exit_codes(tmp_path):
 
     bad = pgolf("significance", str(tmp_path / "ours"), str(tmp_path / "broken"))
     assert bad.returncode == 2 and str(tmp_path / "broken" / "submission.json") in bad.stderr
+
+
+# ---------------------------------------------------------------- the export hook
+
+@pytest.fixture
+def run_artifacts(tmp_path, monkeypatch):
+    """What tasks.export reads from a finished run (seed 42, BETTER's first seed); the bundled
+    script is not under test here, so it is a stub."""
+    from tasks import export
+
+    monkeypatch.setattr(export, "bundle_script", lambda *a: "print('stub')\n")
+    art = tmp_path / "artifacts"
+    write(art / "eval" / "metrics.json", {"val_loss": BETTER[0], "val_bpb": bpb(BETTER[0], CASEOPS_BPT), "mode": "flat",
+                                          "seq_len": 64, "tokens": 1000, "bytes": 3157})
+    write(art / "pack" / "size.json", {"total_bytes": 15_000_100, "model_bytes": 15_000_000, "code_bytes": 100})
+    write(art / "train" / "metrics.json", {"steps": 10, "ms_per_step": 1.0})
+    write(tmp_path / "sweep" / "sweep.json", sweep(BETTER))
+    write(tmp_path / "standing" / "submission.json", submission(STANDING))
+    return art
+
+
+def test_export_writes_the_record_test_into_readme_and_submission(tmp_path, run_artifacts):
+    from tasks import export, params as P
+
+    params = P.render("smoke", ["train.seed=42"])
+    out = tmp_path / "records" / "ours"
+    sub = export.export(out, params, "ours", "a", "a", run_artifacts, sweep=tmp_path / "sweep",
+                        against=tmp_path / "standing")
+    written = json.loads((out / "submission.json").read_text())
+    assert written["significance"] == sub["significance"]
+    sig = written["significance"]
+    assert sig["met"] is True and sig["p_value"] < 0.01 and sig["against"] == "standing"
+    assert sig["test"] == "one-sided Welch two-sample t-test" and sig["threshold_nats"] == 0.005
+    assert sig["improvement_nats"] == pytest.approx(statistics.fmean(STANDING) - statistics.fmean(BETTER))
+    assert written["seeds"] == [42, 43, 44] and list(written["seed_results"]) == ["42", "43", "44"]
+    assert written["val_loss"] == pytest.approx(statistics.fmean(BETTER))
+    assert written["seed_results"]["42"]["artifact_bytes"] == 15_000_000 + written["bytes_code"]
+    readme = (out / "README.md").read_text()
+    assert "## Significance" in readme and "verdict: met" in readme and "standing" in readme
+    assert "| 42 (this folder) |" in readme and str(tmp_path) not in readme
+
+    alone = export.export(tmp_path / "records" / "alone", params, "alone", "a", "a", run_artifacts,
+                          against=tmp_path / "standing")
+    assert alone["significance"]["met"] is False and "ours has 1 seed" in alone["significance"]["verdict"]
+    assert alone["seeds"] == [42] and "## Seeds" not in (tmp_path / "records" / "alone" / "README.md").read_text()
+
+
+def test_export_refuses_a_sweep_that_is_not_of_this_run(tmp_path, run_artifacts):
+    from tasks import export, params as P
+
+    write(tmp_path / "other" / "sweep.json", sweep(SLIGHTLY))
+    out = tmp_path / "records" / "ours"
+    with pytest.raises(InputError, match="seed 42 has val_bpb"):
+        export.export(out, P.render("smoke", ["train.seed=42"]), "ours", "a", "a", run_artifacts,
+                      sweep=tmp_path / "other")
+    with pytest.raises(InputError, match="seed 7.*not one of the sweep's seeds"):
+        export.export(out, P.render("smoke", ["train.seed=7"]), "ours", "a", "a", run_artifacts, sweep=tmp_path / "sweep")
+    assert not (tmp_path / "records").exists()
