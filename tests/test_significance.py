@@ -17,7 +17,7 @@ from pgolf.significance import (compare, format_report, one_sample_test, read_si
                                 welch_test)
 
 ROOT = Path(__file__).resolve().parent.parent
-CASEOPS_BPT = 3.1572  # bytes per token of R1's CaseOps val set (reference.md 8)
+CASEOPS_BPT = 3.1572  # bytes per token of R1's CaseOps val set (docs/lineage.md#r1)
 SP8192_BPT = 3.7266
 
 
