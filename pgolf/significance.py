@@ -154,7 +154,8 @@ def read_side(path: str | Path) -> Side:
         if isinstance(entries, dict) and entries:
             return Side(str(path), f"'{key}' keyed by seed", _entries(list(entries.values()), list(entries), data, path, key))
         if isinstance(entries, list) and entries and not all(_is_seed_id(e) for e in entries):
-            seeds = data.get("seeds") if key == "seed_results" and isinstance(data.get("seeds"), list) else None
+            bare = not any(isinstance(e, dict) for e in entries)
+            seeds = data.get("seeds") if bare and key == "seed_results" and isinstance(data.get("seeds"), list) else None
             return Side(str(path), f"'{key}' list", _entries(entries, seeds, data, path, key))
     if isinstance(data.get("seed_scores"), list) and data["seed_scores"]:
         seeds = data.get("seeds") if isinstance(data.get("seeds"), list) else None
@@ -167,10 +168,11 @@ def read_side(path: str | Path) -> Side:
 
 
 def _entries(entries: list, seeds: list | None, data: dict, path: Path, key: str) -> tuple[SeedResult, ...]:
-    if seeds is not None and len(seeds) != len(entries):
+    """Per-seed results; `seeds` names them by position (dict keys, or the 'seeds' list beside plain
+    numbers), else each object's own 'seed'."""
+    bare_metric = _bare_metric(entries, data, path, key) if any(not isinstance(e, dict) for e in entries) else None
+    if bare_metric is not None and seeds is not None and len(seeds) != len(entries):
         raise FormatError(f"'{key}' has {len(entries)} entries but 'seeds' lists {len(seeds)}", path)
-    bare = [e for e in entries if not isinstance(e, dict)]
-    bare_metric = _bare_metric(entries, data, path, key) if bare else None
     out = []
     for i, entry in enumerate(entries):
         where = f"{key}[{seeds[i] if seeds is not None else i}]"
