@@ -4,6 +4,7 @@
     pgolf params --preset baseline          (same as python -m tasks.params)
     pgolf summary                            (the last run: each stage ran or cached, its seconds; the score)
     pgolf exp show [--all] [DVC ARGS]        (DVC's experiments: changed params, val_bpb, bytes, seconds)
+    pgolf significance OURS AGAINST [--json] [--via-bpb]   (the record test; exit 0 met, 1 not, 2 bad input)
 """
 from __future__ import annotations
 
@@ -48,6 +49,31 @@ def cmd_summary(args) -> int:
     return 0
 
 
+# ---- significance: the record test (pgolf.significance) ----
+def cmd_significance(args) -> int:
+    import json
+
+    from pgolf import significance
+
+    result = significance.compare(significance.read_side(args.ours), significance.read_side(args.against),
+                                  via_bpb=args.via_bpb)
+    print(json.dumps(result, indent=2, sort_keys=True) if args.json else significance.format_report(result))
+    return 0 if result["met"] else 1
+
+
+def add_significance(sub) -> None:
+    sig = sub.add_parser("significance", help="does OURS beat AGAINST by 0.005 nats at p < 0.01? (exit 0 yes, 1 no, 2 bad input)",
+                         description="The challenge's record rule as a one-sided t-test. Each side: a records folder, "
+                                     "a submission.json (its seed_results) or a pgolf sweep's results (sweep.json or its folder).")
+    sig.add_argument("ours")
+    sig.add_argument("against")
+    sig.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    sig.add_argument("--via-bpb", action="store_true",
+                     help="compare val_bpb in nats at our bytes per token (other tokenizer, or a side without val_loss)")
+    sig.set_defaults(func=cmd_significance)
+# ---- end significance ----
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgolf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -60,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     summ = sub.add_parser("summary", help="print the outputs of the last run")
     summ.set_defaults(func=cmd_summary)
+    add_significance(sub)
     prm = sub.add_parser("params", help="render params.yaml (see python -m tasks.params -h)", add_help=False)
     prm.set_defaults(func=None)
     exp = sub.add_parser("exp", help="`exp show`: DVC's experiments, the columns a competitor compares (--all: DVC's table)",

@@ -1,12 +1,16 @@
 """Export a run as the challenge's records folder.
 
     python -m tasks.export --out records/track_10min_16mb/2026-11-24_MyRun --name "My run" \
-        --author "Ada" --github-id ada [--params params.yaml]
+        --author "Ada" --github-id ada [--params params.yaml] [--sweep SWEEP] [--against RECORD]
 
 Writes README.md (configuration, results, lineage of techniques, how to reproduce), submission.json
 (the records' fields, reference.md 6.5), the train and eval logs, requirements.txt, and one
 self-contained train_gpt.py generated from the pipeline's own modules that trains, quantizes,
 packs and evaluates under torchrun inside that folder.
+
+--sweep (a `pgolf sweep` results file or folder) makes submission.json list every seed of the sweep,
+its headline the seeds' mean, as the records do; --against (the standing record: a records folder or
+submission.json) adds the record test's result (pgolf.significance) to README.md and submission.json.
 """
 from __future__ import annotations
 
@@ -14,9 +18,12 @@ import argparse
 import datetime
 import json
 import shutil
+import statistics
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from pgolf import significance
 from pgolf.errors import InputError, PgolfError
 from pgolf.pack.codesize import wrapped_size
 from pgolf.pack.export import bundle_script
@@ -106,11 +113,81 @@ def run_timings(out: Path) -> dict:
     return record.get("timings", {}) if record else {}
 
 
-def export(out: Path, params: dict, name: str, author: str, github_id: str, artifacts: Path = ROOT / "artifacts") -> dict:
+def side_name(path: Path) -> str:
+    """A side as the README names it: its records folder, not this machine's path."""
+    path = Path(path)
+    return path.parent.name if path.name in ("submission.json", "sweep.json") else path.name
+
+
+def seeds_section(seed_results: dict, run_seed: str) -> str:
+    rows = "\n".join(f"| {s}{' (this folder)' if s == run_seed else ''} | {r['val_loss']:.5f} | {r['val_bpb']:.5f} |"
+                     for s, r in seed_results.items())
+    return f"""
+## Seeds
+
+submission.json's headline is the mean over these seeds (`pgolf sweep`).
+
+| seed | val_loss | val_bpb |
+|---|---|---|
+{rows}
+"""
+
+
+def significance_section(result: dict) -> str:
+    return f"""
+## Significance
+
+The challenge's rule: a record beats the standing one by at least {significance.THRESHOLD_NATS} nats at
+p < {significance.ALPHA} (`pgolf significance`).
+
+```
+{significance.format_report(result)}
+```
+"""
+
+
+def significance_fields(result: dict, against: str) -> dict:
+    test = result["test"] or {}
+    return {"against": against, "metric": result["metric"], "threshold_nats": significance.THRESHOLD_NATS,
+            "alpha": significance.ALPHA, "improvement_nats": result["improvement_nats"], "test": test.get("name"),
+            "t_statistic": test.get("t"), "df": test.get("df"), "p_value": test.get("p"), "met": result["met"],
+            "verdict": result["verdict"]}
+
+
+def seed_entries(sweep: significance.Side, run_seed: str, metrics: dict, path: Path) -> dict:
+    """The sweep's seeds as seed_results. The exported run must be one of them, with the same numbers:
+    the folder's script and logs are what the seeds claim."""
+    out = {}
+    for s in sweep.seeds:
+        if s.seed is None or not s.seed.lstrip("-").isdigit() or s.val_loss is None or s.val_bpb is None:
+            raise InputError("every seed of the sweep needs an integer seed, val_loss and val_bpb", path)
+        out[s.seed] = {"val_loss": s.val_loss, "val_bpb": s.val_bpb}
+    if run_seed not in out:
+        raise InputError(f"the exported run (seed {run_seed}) is not one of the sweep's seeds ({', '.join(out)})", path)
+    if (out[run_seed]["val_loss"], out[run_seed]["val_bpb"]) != (metrics["val_loss"], metrics["val_bpb"]):
+        raise InputError(f"seed {run_seed} has val_bpb {out[run_seed]['val_bpb']} in the sweep but {metrics['val_bpb']} "
+                         "in the run being exported: the sweep is of another configuration", path)
+    return out
+
+
+def export(out: Path, params: dict, name: str, author: str, github_id: str, artifacts: Path = ROOT / "artifacts",
+           sweep: Path | None = None, against: Path | None = None, via_bpb: bool = False) -> dict:
     # Seconds are in the run records beside the outputs (tasks.common.run_record_path), not in them.
     metrics = {**load_json(artifacts / "eval" / "metrics.json"), **run_timings(artifacts / "eval")}
     size = load_json(artifacts / "pack" / "size.json")
     train = {**load_json(artifacts / "train" / "metrics.json"), **run_timings(artifacts / "train")}
+    seed = str(params["train"]["seed"])
+    seed_results = None
+    if sweep is not None:
+        ours = replace(significance.read_side(sweep), path=f"{side_name(sweep)} (pgolf sweep)")
+        seed_results = seed_entries(ours, seed, metrics, Path(sweep))
+    else:
+        ours = significance.Side("this run", "the exported run alone",
+                                 (significance.SeedResult(seed, metrics["val_loss"], metrics["val_bpb"]),))
+    record_test = None
+    if against is not None:
+        record_test = significance.compare(ours, replace(significance.read_side(against), path=side_name(against)),
+                                           via_bpb=via_bpb)
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -121,8 +198,12 @@ def export(out: Path, params: dict, name: str, author: str, github_id: str, arti
     (tmp / "train_gpt.py").write_text(script, encoding="utf-8")
     code_bytes = wrapped_size(script)
     used = techniques(params["train"]["model"])
-    (tmp / "README.md").write_text(readme(name, params, metrics, size, train, used), encoding="utf-8")
-    seed = params["train"]["seed"]
+    text = readme(name, params, metrics, size, train, used)
+    if seed_results is not None:
+        text += seeds_section(seed_results, seed)
+    if record_test is not None:
+        text += significance_section(record_test)
+    (tmp / "README.md").write_text(text, encoding="utf-8")
     import torch
 
     submission = {
@@ -132,14 +213,24 @@ def export(out: Path, params: dict, name: str, author: str, github_id: str, arti
         "bytes_total": size["model_bytes"] + code_bytes, "bytes_code": code_bytes,
         "meets_challenge_cap": meets_challenge_cap(size["model_bytes"] + code_bytes),
         "non_record": bool(params["pack"].get("non_record", False)),
-        "seeds": [seed],
-        "seed_results": {str(seed): {"val_loss": metrics["val_loss"], "val_bpb": metrics["val_bpb"],
+        "seeds": [int(seed)],
+        "seed_results": {seed: {"val_loss": metrics["val_loss"], "val_bpb": metrics["val_bpb"],
                                      "artifact_bytes": size["model_bytes"] + code_bytes,
                                      "steps": train.get("steps"), "step_avg_ms": train.get("ms_per_step"),
                                      "eval_time_s": metrics.get("eval_seconds")}},
         "pytorch_version": torch.__version__,
         "technique_summary": used,
     }
+    if seed_results is not None:
+        # The records' convention: the headline is the seeds' mean; the exported run keeps its details.
+        seed_results[seed] = submission["seed_results"][seed]
+        losses, bpbs = [r["val_loss"] for r in seed_results.values()], [r["val_bpb"] for r in seed_results.values()]
+        submission.update({"val_loss": statistics.fmean(losses), "val_bpb": statistics.fmean(bpbs),
+                           "val_loss_std": statistics.stdev(losses) if len(losses) > 1 else None,
+                           "val_bpb_std": statistics.stdev(bpbs) if len(bpbs) > 1 else None,
+                           "seeds": [int(s) for s in seed_results], "seed_results": seed_results})
+    if record_test is not None:
+        submission["significance"] = significance_fields(record_test, side_name(against))
     write_json(tmp / "submission.json", submission)
     for src, dst in ((artifacts / "train" / "train_log.jsonl", "train_log.jsonl"),
                      (artifacts / "eval" / "metrics.json", "eval_metrics.json"),
@@ -174,9 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="pgolf run")
     parser.add_argument("--author", default="")
     parser.add_argument("--github-id", default="")
+    parser.add_argument("--sweep", type=Path, default=None, help="a pgolf sweep's results: every seed into submission.json")
+    parser.add_argument("--against", type=Path, default=None,
+                        help="the standing record (records folder or submission.json): the record test into README and submission.json")
+    parser.add_argument("--via-bpb", action="store_true", help="the record test on val_bpb in nats at our bytes per token")
     args = parser.parse_args(argv)
     try:
-        submission = export(args.out, read_yaml(args.params), args.name, args.author, args.github_id, args.artifacts)
+        submission = export(args.out, read_yaml(args.params), args.name, args.author, args.github_id, args.artifacts,
+                            sweep=args.sweep, against=args.against, via_bpb=args.via_bpb)
     except PgolfError as err:
         print(f"pgolf export: error: {err}", file=sys.stderr)
         return 2
