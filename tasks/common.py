@@ -56,6 +56,18 @@ class StageSpec:
     # input name -> default path; the upstream stage that produces it, for error messages
     inputs: dict[str, str] = field(default_factory=dict)
     producers: dict[str, str] = field(default_factory=dict)
+    # What DVC tracks (dvc.yaml, checked by tests/test_contract.py): the output's parts, when DVC
+    # tracks them apart (the shard splits), and the parts of an input the stage reads, so that a
+    # judge can pull exactly those (eval reads the val shards, never the training ones).
+    dvc_outs: tuple[str, ...] = ()
+    input_parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def outs_for_dvc(self) -> list[str]:
+        return [f"{self.out}/{part}" for part in self.dvc_outs] or [self.out]
+
+    def deps_for_dvc(self) -> list[str]:
+        return [f"{path}/{part}" if name in self.input_parts else path
+                for name, path in self.inputs.items() for part in self.input_parts.get(name, ("",))]
 
 
 def load_config(spec: StageSpec, params_path: str | Path = "params.yaml"):

@@ -162,7 +162,8 @@ def compile_and_warm_up(cfg: Config, model, device: torch.device) -> float:
 
 SPEC = StageSpec(name="eval", config_cls=Config, run=run, out="artifacts/eval",
                  inputs={"pack": "artifacts/pack", "shards": "artifacts/shards", "tokenizer": "artifacts/tokenizer"},
-                 producers={"pack": "pack", "shards": "shards", "tokenizer": "tokenizer"})
+                 producers={"pack": "pack", "shards": "shards", "tokenizer": "tokenizer"},
+                 input_parts={"shards": ("val", "manifest.json")})
 
 if __name__ == "__main__":
     if "--worker" in sys.argv[1:]:

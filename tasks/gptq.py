@@ -221,7 +221,8 @@ def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, dev
 
 SPEC = StageSpec(name="gptq", config_cls=Config, run=run, out="artifacts/gptq",
                  inputs={"train": "artifacts/train", "shards": "artifacts/shards"},
-                 producers={"train": "train", "shards": "shards"})
+                 producers={"train": "train", "shards": "shards"},
+                 input_parts={"shards": ("train", "manifest.json")})
 
 if __name__ == "__main__":
     if "--worker" in sys.argv[1:]:

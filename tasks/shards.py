@@ -66,7 +66,8 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
 
 SPEC = StageSpec(name="shards", config_cls=Config, run=run, out="artifacts/shards",
                  inputs={"corpus": "data/corpus", "tokenizer": "artifacts/tokenizer"},
-                 producers={"corpus": "corpus", "tokenizer": "tokenizer"})
+                 producers={"corpus": "corpus", "tokenizer": "tokenizer"},
+                 dvc_outs=("train", "val", MANIFEST_NAME))
 
 if __name__ == "__main__":
     sys.exit(stage_main(SPEC))

@@ -511,7 +511,8 @@ def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict, keep_
 
 
 SPEC = StageSpec(name="train", config_cls=Config, run=run, out="artifacts/train",
-                 inputs={"shards": "artifacts/shards"}, producers={"shards": "shards"})
+                 inputs={"shards": "artifacts/shards"}, producers={"shards": "shards"},
+                 input_parts={"shards": ("train", "manifest.json")})
 
 if __name__ == "__main__":
     if "--worker" in sys.argv[1:]:

@@ -52,7 +52,7 @@ def edited_shard(split: str):
     """One token changed in place: same size, same header, another sha256."""
     def case(ctx):
         folder = copied_shards(ctx)
-        path = folder / f"fineweb_{split}_000000.bin"
+        path = folder / split / f"fineweb_{split}_000000.bin"
         with open(path, "r+b") as f:
             f.seek(HEADER_BYTES + 2 * 5)
             token = f.read(2)
@@ -69,20 +69,20 @@ def edited_shard(split: str):
 
 def replaced_shard(ctx):
     folder = copied_shards(ctx)
-    write_shard(folder / "fineweb_train_000001.bin", np.ones(7, dtype=np.uint16))
+    write_shard(folder / "train/fineweb_train_000001.bin", np.ones(7, dtype=np.uint16))
     return verify_shards(folder, ("train",))
 
 
 def truncated_shard(ctx):
     folder = copied_shards(ctx)
-    path = folder / "fineweb_val_000000.bin"
+    path = folder / "val/fineweb_val_000000.bin"
     os.truncate(path, path.stat().st_size - 2)
     return verify_shards(folder, ("val",))
 
 
 def unlisted_shard(ctx):
     folder = copied_shards(ctx)
-    shutil.copy(folder / "fineweb_train_000000.bin", folder / "fineweb_train_000099.bin")
+    shutil.copy(folder / "train/fineweb_train_000000.bin", folder / "train/fineweb_train_000099.bin")
     return verify_shards(folder, ("train",))
 
 
@@ -174,7 +174,7 @@ CASES = [
      r"fineweb_train_000001.bin: holds 7 tokens but manifest.json lists \d+"),
     ("shard-truncated", truncated_shard, FormatError, r"fineweb_val_000000.bin: size \d+ bytes does not match"),
     ("shard-not-in-manifest", unlisted_shard, FormatError,
-     r"fineweb_train_000099.bin: fineweb_train_000099.bin is not listed in manifest.json"),
+     r"fineweb_train_000099.bin: train/fineweb_train_000099.bin is not listed in manifest.json"),
     ("manifest-without-files", manifest_without_files, FormatError, r"manifest.json: lists no shard files"),
     # training that does not learn
     ("training-frozen", frozen_training, TrainingError,

@@ -33,11 +33,13 @@ def test_stages_match_modules_in_order():
     for module in P.STAGE_MODULES:
         spec = module.SPEC
         stage = stages[spec.name]
-        assert stage["cmd"] == f"python -m tasks.{spec.name}"
+        assert stage["cmd"] == f"bin/stage {spec.name}"
         assert stage["params"] == [spec.name]
-        assert stage["outs"] == [spec.out]
-        for path in spec.inputs.values():
+        assert stage["outs"] == spec.outs_for_dvc()
+        for path in spec.deps_for_dvc():
             assert path in stage["deps"], f"{spec.name}: input {path} missing from dvc.yaml deps"
+        data = [d for d in stage["deps"] if d.startswith(("data/", "artifacts/"))]
+        assert data == spec.deps_for_dvc(), f"{spec.name}: dvc.yaml reads {data}, the stage {spec.deps_for_dvc()}"
 
 
 def test_deps_cover_every_imported_module():

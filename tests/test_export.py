@@ -36,7 +36,9 @@ def test_docs_are_bos_plus_tokens_split_val_first(data_dirs, docs, sp):
 
 def test_manifest_lists_every_file_with_hash(data_dirs):
     manifest = read_manifest(data_dirs["shards"])
-    names = sorted(p.name for p in data_dirs["shards"].glob("fineweb_*.bin"))
+    names = sorted(p.relative_to(data_dirs["shards"]).as_posix() for p in data_dirs["shards"].rglob("fineweb_*.bin"))
+    # Each split in its own folder: DVC tracks them apart, so eval's inputs are the val shards alone.
+    assert {n.split("/")[0] for n in names} == {"train", "val"}
     assert [f["name"] for f in manifest["files"]] == names
     assert all(len(f["sha256"]) == 64 for f in manifest["files"])
     assert manifest["vocab_size"] == 400 and manifest["bos_id"] == 1 and manifest["append_eos"] is False
@@ -48,8 +50,8 @@ def test_same_bytes_for_one_or_two_workers(data_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "DOCS_PER_CHUNK", 16)  # many chunks, so order across workers matters
     build(data_dirs, tmp_path / "w1", workers=1)
     build(data_dirs, tmp_path / "w2", workers=2)
-    files = sorted(p.name for p in (tmp_path / "w1").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "w2").iterdir())
+    files = sorted(p.relative_to(tmp_path / "w1") for p in (tmp_path / "w1").rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(tmp_path / "w2") for p in (tmp_path / "w2").rglob("*") if p.is_file())
     for name in files:
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "w2" / name).read_bytes(), name
 
@@ -62,8 +64,9 @@ def test_a_dask_cluster_writes_the_same_bytes(data_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(export, "DOCS_PER_CHUNK", 16)
     build(data_dirs, tmp_path / "w1", workers=1)
     stats = build(data_dirs, tmp_path / "dask", workers=2, dask_address="local")
-    files = sorted(p.name for p in (tmp_path / "w1").iterdir())
-    assert files == sorted(p.name for p in (tmp_path / "dask").iterdir()) and stats["docs_train"] > 16
+    files = sorted(p.relative_to(tmp_path / "w1") for p in (tmp_path / "w1").rglob("*") if p.is_file())
+    dask = sorted(p.relative_to(tmp_path / "dask") for p in (tmp_path / "dask").rglob("*") if p.is_file())
+    assert files == dask and stats["docs_train"] > 16
     for name in files:
         assert (tmp_path / "w1" / name).read_bytes() == (tmp_path / "dask" / name).read_bytes(), name
 
@@ -117,8 +120,8 @@ def test_too_few_documents_for_val(data_dirs, tmp_path):
 def test_adopt_published_folder_without_copying(data_dirs, tmp_path):
     out = tmp_path / "adopted"
     build(data_dirs, out, adopt=str(data_dirs["shards"]))
-    src = data_dirs["shards"] / "fineweb_train_000000.bin"
-    assert (out / src.name).stat().st_ino == src.stat().st_ino  # hard link, same file
+    src = data_dirs["shards"] / "train/fineweb_train_000000.bin"
+    assert (out / "train" / src.name).stat().st_ino == src.stat().st_ino  # hard link, same file
     manifest = read_manifest(out)
     assert manifest["adopted_from"] == str(data_dirs["shards"].resolve())
     assert manifest["stats"]["docs_val"] == 40
@@ -129,7 +132,7 @@ def test_adopt_published_folder_without_copying(data_dirs, tmp_path):
 def test_adopt_rejects_bad_shards_naming_the_file(data_dirs, tmp_path, damage):
     src = tmp_path / "published"
     src.mkdir()
-    for p in data_dirs["shards"].glob("fineweb_*.bin"):
+    for p in data_dirs["shards"].rglob("fineweb_*.bin"):  # published folders are flat
         (src / p.name).write_bytes(p.read_bytes())
     bad = src / "fineweb_train_000001.bin"
     if damage == "magic":

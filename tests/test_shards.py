@@ -125,15 +125,15 @@ def test_verified_shards_are_not_hashed_again_until_they_change(data_dirs, tmp_p
     hashed = []
     real = shards.sha256_file
     monkeypatch.setattr(shards, "sha256_file", lambda path: hashed.append(path.name) or real(path))
-    before = sorted(p.name for p in folder.iterdir())
-    val = sorted(p.name for p in folder.glob("fineweb_val_*.bin"))
+    before = sorted(p.name for p in folder.rglob("*"))
+    val = sorted(p.name for p in folder.rglob("fineweb_val_*.bin"))
     shards.verify_shards(folder, ("val",))
     assert hashed == val and shards.verify_stamp_path(folder).is_file()
-    assert sorted(p.name for p in folder.iterdir()) == before
+    assert sorted(p.name for p in folder.rglob("*")) == before
     hashed.clear()
     shards.verify_shards(folder, ("val",))
     assert hashed == []
-    path = folder / "fineweb_val_000000.bin"
+    path = folder / "val/fineweb_val_000000.bin"
     stat = path.stat()
     data = bytearray(path.read_bytes())
     data[HEADER_BYTES] ^= 1

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import sentencepiece as spm
 
-from pgolf.data.shards import list_shards, read_header, read_shard, sha256_file, shard_name, write_shard
+from pgolf.data.shards import (SPLIT_FOLDERS, list_shards, read_header, read_shard, sha256_file, shard_entry_name,
+                               shard_name, shard_path, write_shard)
 from pgolf.errors import FormatError, InputError
 from pgolf.tokenize.bytes import original_byte_counts
 from pgolf.tokenize.variants import VARIANTS
@@ -205,13 +206,14 @@ class _ShardWriter:
     def flush(self) -> None:
         if not self.buffered:
             return
-        name = shard_name(self.split, self.index)
-        write_shard(self.out / name, np.concatenate(self.buffer))
-        self.files.append(name)
+        path = shard_path(self.out, self.split, self.index)
+        path.parent.mkdir(exist_ok=True)
+        write_shard(path, np.concatenate(self.buffer))
+        self.files.append(path.name)
         if self.with_bytes:
-            side = shard_name("val_bytes", self.index)
-            write_shard(self.out / side, np.concatenate(self.bytes_buffer))
-            self.files.append(side)
+            side = shard_path(self.out, "val_bytes", self.index)
+            write_shard(side, np.concatenate(self.bytes_buffer))
+            self.files.append(side.name)
         self.tokens_written += self.buffered
         self.buffer, self.bytes_buffer, self.buffered = [], [], 0
         self.index += 1
@@ -257,10 +259,11 @@ def resolve_workers(workers: int) -> int:
 
 def file_entries(folder: Path) -> list[dict]:
     entries = []
-    for path in sorted(folder.glob("fineweb_*.bin")):
-        split = "val_bytes" if "_val_bytes_" in path.name else ("val" if "_val_" in path.name else "train")
-        entries.append({"name": path.name, "split": split, "tokens": read_header(path), "sha256": sha256_file(path)})
-    return entries
+    for split in ("train", "val", "val_bytes"):
+        for path in list_shards(folder, split):
+            entries.append({"name": shard_entry_name(folder, path), "split": split, "tokens": read_header(path),
+                            "sha256": sha256_file(path)})
+    return sorted(entries, key=lambda e: e["name"])
 
 
 def adopt_shards(source: Path, out: Path, vocab_size: int, bos_id: int) -> dict:
@@ -280,12 +283,9 @@ def adopt_shards(source: Path, out: Path, vocab_size: int, bos_id: int) -> dict:
                               f"{vocab_size}: these shards were built with another tokenizer", path)
     for path in sidecars:
         read_header(path)
-    for path in train + val + sidecars:
-        target = out / path.name
-        try:
-            os.link(path, target)
-        except OSError:
-            os.symlink(path.resolve(), target)
+    for split, paths in (("train", train), ("val", val), ("val_bytes", sidecars)):
+        for path in paths:
+            _link(path, out / SPLIT_FOLDERS[split] / path.name)
     return {
         "docs_val": int(sum(np.count_nonzero(read_shard(p) == bos_id) for p in val)),
         "files_val": len(val),
@@ -293,3 +293,11 @@ def adopt_shards(source: Path, out: Path, vocab_size: int, bos_id: int) -> dict:
         "tokens_val": sum(read_header(p) for p in val),
         "tokens_train": sum(read_header(p) for p in train),
     }
+
+
+def _link(path: Path, target: Path) -> None:
+    target.parent.mkdir(exist_ok=True)
+    try:
+        os.link(path, target)
+    except OSError:
+        os.symlink(path.resolve(), target)

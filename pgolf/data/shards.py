@@ -91,11 +91,28 @@ def shard_name(split: str, index: int) -> str:
     return f"fineweb_{split}_{index:06d}.bin"
 
 
+# The shards stage writes each split into its own subfolder, so that DVC tracks them as separate
+# outputs and a judge pulls the val shards without the training ones (eval's deps name only val/
+# and the manifest). A published folder (the challenge's fineweb10B_sp1024) is flat; both are read.
+SPLIT_FOLDERS = {"train": "train", "val": "val", "val_bytes": "val"}
+
+
+def shard_path(folder: str | Path, split: str, index: int) -> Path:
+    """Where the shards stage writes shard `index` of `split` (its split's subfolder)."""
+    return Path(folder) / SPLIT_FOLDERS[split] / shard_name(split, index)
+
+
 def list_shards(folder: str | Path, split: str) -> list[Path]:
-    """Sorted shard paths of one split; `val` excludes the `val_bytes` sidecars."""
+    """Sorted shard paths of one split, from its subfolder or a flat folder; `val` excludes the
+    `val_bytes` sidecars."""
     folder = Path(folder)
-    files = sorted(folder.glob(f"fineweb_{split}_[0-9]*.bin"))
-    return files
+    sub = folder / SPLIT_FOLDERS[split]
+    return sorted((sub if sub.is_dir() else folder).glob(f"fineweb_{split}_[0-9]*.bin"))
+
+
+def shard_entry_name(folder: str | Path, path: Path) -> str:
+    """A shard's name in manifest.json: its path relative to the shard folder."""
+    return path.relative_to(folder).as_posix()
 
 
 def load_split(folder: str | Path, split: str, vocab_size: int | None = None) -> np.ndarray:
@@ -163,8 +180,8 @@ def verify_shards(folder: str | Path, splits: tuple[str, ...]) -> dict:
     listed = {e.get("name"): e for e in entries if isinstance(e, dict)}
     for split in splits:
         for path in list_shards(folder, split):
-            if path.name not in listed:
-                raise FormatError(f"{path.name} is not listed in manifest.json: a shard added after the shards "
+            if shard_entry_name(folder, path) not in listed:
+                raise FormatError(f"{shard_entry_name(folder, path)} is not listed in manifest.json: a shard added after the shards "
                                   "stage wrote the folder; remove it or rebuild the folder", path)
     mode = os.environ.get(VERIFY_ENV, "sha256")
     if mode not in ("sha256", "header"):
@@ -197,7 +214,7 @@ def verify_shards(folder: str | Path, splits: tuple[str, ...]) -> dict:
             raise FormatError(f"sha256 {digest[:16]}... differs from manifest.json's {str(expected)[:16]}...: the shard "
                               "was edited after the shards stage wrote it; rebuild it (dvc checkout or dvc repro shards)",
                               path)
-        verified[path.name] = {"identity": identity, "sha256": digest}
+        verified[shard_entry_name(folder, path)] = {"identity": identity, "sha256": digest}
     if mode == "header":
         print(f"{folder}: shards checked by size and header only ({VERIFY_ENV}=header), not by sha256",
               file=sys.stderr, flush=True)
