@@ -53,7 +53,8 @@ class Config:
     passthrough_max_numel: int = 65536
     device: str = "auto"
     seed: int = 1337
-    nproc: int = 1  # > 1: torchrun processes, each calibrating on its share of the batches
+    nproc: int = 1  # > 1: torchrun processes per node, each calibrating on its share of the batches
+    nnodes: int = 1  # > 1: nodes joined by torchrun's c10d rendezvous (docs/stages.md)
 
     def validate(self) -> None:
         for name in ("bits", "embed_bits"):
@@ -66,8 +67,8 @@ class Config:
             raise ValueError("damp must be in (0, 1)")
         if self.calib_source not in ("train", "self"):
             raise ValueError(f"calib_source {self.calib_source!r} must be 'train' or 'self'")
-        if self.nproc < 1:
-            raise ValueError("nproc must be >= 1")
+        if self.nproc < 1 or self.nnodes < 1:
+            raise ValueError("nproc and nnodes must be >= 1")
         if self.lqer_rank < 0 or self.lqer_top_k < 0 or self.lqer_group < 1:
             raise ValueError("lqer_rank and lqer_top_k must be >= 0, lqer_group >= 1")
 
@@ -153,9 +154,7 @@ def apply_lqer(state, tensors, entries, report, hessians, cfg: Config) -> None:
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
-    if cfg.nproc == 1:
-        return calibrate_and_quantize(cfg, inputs, out)
-    run_on_ranks(SPEC, cfg, inputs, out, cfg.nproc)
+    run_on_ranks(SPEC, cfg, inputs, out, calibrate_and_quantize)
     return json.loads((out / "report.json").read_text())["summary"]
 
 
