@@ -7,12 +7,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import TextIO
+from typing import Iterable, Iterator, TextIO, TypeVar
 
 from pgolf import dist
 
 PROGRESS_SECONDS_ENV = "PGOLF_PROGRESS_SECONDS"
 DEFAULT_SECONDS = 30.0
+T = TypeVar("T")
 
 
 def duration(seconds: float) -> str:
@@ -32,9 +33,10 @@ def line_interval() -> float:
 class Progress:
     """`done` of `total` units of one piece of work (`what`: "train steps", "eval windows", ...)."""
 
-    def __init__(self, what: str, total: int | None, stream: TextIO | None = None, every_s: float | None = None,
-                 enabled: bool | None = None, clock=time.monotonic):
-        self.what, self.total, self.done, self.status = what, total, 0, ""
+    def __init__(self, what: str, total: int | None, done: int = 0, stream: TextIO | None = None,
+                 every_s: float | None = None, enabled: bool | None = None, clock=time.monotonic):
+        self.what, self.total, self.done, self.status = what, total, done, ""
+        self.done_at_start = done
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = dist.is_main() if enabled is None else enabled
         self.every_s = line_interval() if every_s is None else every_s
@@ -47,7 +49,7 @@ class Progress:
             from tqdm import tqdm
         except ImportError:  # an exported train_gpt.py may run without tqdm: lines then
             return None
-        return tqdm(total=self.total, desc=self.what, file=self.stream, leave=True, dynamic_ncols=True,
+        return tqdm(total=self.total, initial=self.done, desc=self.what, file=self.stream, leave=True, dynamic_ncols=True,
                     bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]")
 
     def update(self, n: int = 1, status: str = "", eta_s: float | None = None) -> None:
@@ -68,8 +70,8 @@ class Progress:
             self.write_line(eta)
 
     def eta(self, eta_s: float | None) -> str:
-        if eta_s is None and self.total and self.done:
-            eta_s = (self.clock() - self.started) * (self.total - self.done) / self.done
+        if eta_s is None and self.total and self.done > self.done_at_start:
+            eta_s = (self.clock() - self.started) * (self.total - self.done) / (self.done - self.done_at_start)
         return duration(eta_s) if eta_s is not None else ""
 
     def write_line(self, eta: str, final: bool = False) -> None:
@@ -92,3 +94,13 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def tracked(items: Iterable[T], what: str, total: int | None = None) -> Iterator[T]:
+    """`items`, reporting one unit of progress per item (total: len(items) when it has one)."""
+    if total is None and hasattr(items, "__len__"):
+        total = len(items)  # type: ignore[arg-type]
+    with Progress(what, total) as progress:
+        for item in items:
+            yield item
+            progress.update()

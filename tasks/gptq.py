@@ -18,6 +18,7 @@ import torch
 from pgolf import dist
 from pgolf.data.shards import check_vocab
 from pgolf.model.io import load_model, source_dtypes
+from pgolf.progress import tracked
 from pgolf.quant.baseline_int8 import quantize_baseline_int8
 from pgolf.quant.format import QuantizedModel, save_quantized
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
@@ -93,7 +94,7 @@ def is_gate(name: str, tensor: torch.Tensor) -> bool:
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], cfg: Config,
                    model_config: dict) -> tuple[QuantizedModel, dict]:
     tensors, entries, report = {}, {}, {}
-    for name, tensor in sorted(state.items()):
+    for name, tensor in tracked(sorted(state.items()), "gptq tensors"):
         entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
         if cfg.gate_int8 and tensor.is_floating_point() and is_gate(name, tensor):
             # R1's GATED_ATTN_QUANT_GATE: symmetric int8 per row, s = max|row| / 127.

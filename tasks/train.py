@@ -27,6 +27,7 @@ from pgolf.optim.ema import EMA
 from pgolf.optim.swa import SWA
 from pgolf.optim.muon import COEFFICIENTS, Muon, ShardedMuon
 from pgolf.optim.schedule import lr_multiplier, muon_momentum, training_fraction, warmdown_multiplier
+from pgolf.progress import Progress
 from tasks.common import StageSpec, stage_main, write_json
 from tasks.ranks import run_on_ranks, worker_main
 
@@ -169,6 +170,12 @@ def build_optimizers(model: GPT, cfg: Config, fused: bool):
 def check_finite(nonfinite: torch.Tensor, step: int) -> None:
     if bool(nonfinite):
         raise FloatingPointError(f"train loss became non-finite at or before step {step}")
+
+
+def remaining_seconds(step: int, elapsed_ms: float, iterations: int, cap_ms: float | None) -> float:
+    """Until the run ends at the pace so far: at `iterations`, or sooner at the wallclock cap."""
+    seconds = (iterations - step) * elapsed_ms / max(step, 1) / 1000.0
+    return seconds if cap_ms is None else min(seconds, max(cap_ms - elapsed_ms, 0.0) / 1000.0)
 
 
 class HostPace:
@@ -358,10 +365,12 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         rank_loss = None
         pace = HostPace(self.device)
+        progress = Progress("train steps", cfg.iterations, done=step)
         self.sync()
         t0 = time.perf_counter() - elapsed_ms / 1000.0
         while step < cfg.iterations:
             if stop_after is not None and step >= stop_after:
+                progress.close()
                 return None
             frac = training_fraction(step, elapsed_ms, cfg.iterations, cap_ms)
             if cfg.warmdown_frac > 0:
@@ -398,11 +407,14 @@ class Trainer:
                     live.log_metric("train_loss", loss)
                     live.log_metric("lr_scale", lr_scale)
                     live.next_step()
+            progress.update(1, f"loss {loss:.4f}, {step * tokens_per_step / max(elapsed_ms, 1e-9) * 1000:,.0f} tokens/s",
+                            remaining_seconds(step, elapsed_ms, cfg.iterations, cap_ms))
             if pace.stop_vote(cap_ms is not None and elapsed_ms >= cap_ms):
                 break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
                 self.save_checkpoint({"step": step, "elapsed_ms": elapsed_ms, "looping_step": looping_step,
                                       "looping": self.model.looping, "qat": qat_on, "log": records})
+        progress.close()
         self.sync()
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
         loss = self.host_loss(rank_loss) if rank_loss is not None else loss

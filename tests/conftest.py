@@ -1,7 +1,6 @@
 """Shared tiny fixtures: generated text, a small SentencePiece model, shard folders, a model."""
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import asdict
@@ -94,8 +93,10 @@ def stage_env(**extra: str) -> dict:
 
 
 def write_params(path: Path, **sections) -> Path:
-    # JSON is YAML: the stage reads it as its params file.
-    path.write_text(json.dumps({name: asdict(cfg) for name, cfg in sections.items()}))
+    """A params file with these stages' configs, for a stage run as a subprocess."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({name: asdict(cfg) for name, cfg in sections.items()}))
     return path
 
 

@@ -22,6 +22,7 @@ import sentencepiece as spm
 
 from pgolf.data.shards import list_shards, read_header, read_shard, shard_name, write_shard
 from pgolf.errors import FormatError, InputError
+from pgolf.progress import Progress
 from pgolf.tokenize.bytes import original_byte_counts
 from pgolf.tokenize.variants import VARIANTS
 
@@ -228,9 +229,11 @@ def build_shards(docs: Iterable[str], model_bytes: bytes, variant: str, bos_id: 
     doc_counts = {"val": 0, "train": 0}
     items = ((chunk, variant, bos_id, with_bytes and split == "val", split) for split, chunk in _chunks(docs, val_docs))
 
-    for split, n_docs, encoded in _ordered_map(_encode_with_split, items, workers, (model_bytes,), dask_address):
-        doc_counts[split] += n_docs
-        writers[split].add(encoded.tokens, encoded.byte_counts)
+    with Progress("shards documents", len(docs) if hasattr(docs, "__len__") else None) as progress:
+        for split, n_docs, encoded in _ordered_map(_encode_with_split, items, workers, (model_bytes,), dask_address):
+            doc_counts[split] += n_docs
+            writers[split].add(encoded.tokens, encoded.byte_counts)
+            progress.update(n_docs)
     for writer in writers.values():
         writer.flush()
     if doc_counts["train"] == 0:
