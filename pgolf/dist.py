@@ -1,30 +1,56 @@
 """torchrun helpers: who am I, set up the process group, launch N workers and report failures."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from pgolf.errors import PgolfError
+from pgolf.errors import ConfigError, PgolfError
+
+# A multi-node run is told where it is by each node's environment, not by params.yaml: the
+# endpoint and this node's number change nothing in the result, so they stay out of DVC's hash.
+NODE_RANK_ENV = "PGOLF_NODE_RANK"
+RDZV_ENDPOINT_ENV = "PGOLF_RDZV_ENDPOINT"
+# The verbose switch of every stage (tasks.common.stage_main): tracebacks after the error line.
+TRACEBACK_ENV = "PGOLF_TRACEBACK"
+# Where a rank that fails writes its error for the launching process (set by launch()).
+RANK_ERRORS_ENV = "PGOLF_RANK_ERRORS"
 
 
 class LaunchError(PgolfError):
-    """A torchrun worker failed; the message carries the tail of the workers' output."""
+    """A torchrun worker failed. The message is the failing rank's own; its traceback is the
+    exception's note, which a traceback print (PGOLF_TRACEBACK) shows after it."""
 
 
 _solo = False  # inside solo(): this process acts alone, whatever group it is in
 
 
 def rank() -> int:
-    """This process's rank: the process group's once one is joined, torchrun's before."""
+    """This process's rank: the process group's once one is joined, the launcher's before."""
     if _solo:
         return 0
-    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+    return dist.get_rank() if dist.is_initialized() else launched_rank()
+
+
+def launched_rank() -> int:
+    """torchrun's RANK, except across nodes: there the ranks follow PGOLF_NODE_RANK. c10d numbers
+    the nodes in the order of their (host, pid), so the node that runs the stage and writes its
+    output could otherwise hold ranks other than 0, and its rank 0 is the one that writes."""
+    node = os.environ.get(NODE_RANK_ENV)
+    if node is None or "LOCAL_WORLD_SIZE" not in os.environ:
+        return int(os.environ.get("RANK", "0"))
+    return int(node) * int(os.environ["LOCAL_WORLD_SIZE"]) + local_rank()
 
 
 def world_size() -> int:
@@ -77,7 +103,8 @@ def init(device: torch.device) -> None:
     if world_size() > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if device.type == "cuda" else {}
-        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30), **kwargs)
+        dist.init_process_group(backend=backend, rank=launched_rank(), world_size=world_size(),
+                                timeout=timedelta(minutes=30), **kwargs)
 
 
 @contextmanager
@@ -160,19 +187,80 @@ def average_gradients(params, mean: bool = True) -> None:
             offset += g.numel()
 
 
-def launch(module: str, args: list[str], nproc: int, log_tail_lines: int = 60) -> None:
-    """Run `python -m module args` under torchrun with `nproc` local processes; raise on failure."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", module, *args]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    tail: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        sys.stdout.write(line)
-        sys.stdout.flush()
-        tail = (tail + [line])[-log_tail_lines:]
-    if proc.wait() != 0:
-        raise LaunchError(f"torchrun {module} with {nproc} process(es) failed (exit {proc.returncode}):\n{''.join(tail)}")
+@dataclass(frozen=True)
+class Nodes:
+    """Where this machine stands in a run over `count` nodes: its number and node 0's c10d
+    rendezvous endpoint (host:port), both from the environment (PGOLF_NODE_RANK, PGOLF_RDZV_ENDPOINT)."""
+    count: int = 1
+    rank: int = 0
+    endpoint: str = ""
+
+    @classmethod
+    def from_environment(cls, count: int) -> "Nodes":
+        if count == 1:
+            return cls()
+        node, endpoint = os.environ.get(NODE_RANK_ENV, ""), os.environ.get(RDZV_ENDPOINT_ENV, "")
+        if not node.isdigit() or int(node) >= count or not endpoint.rpartition(":")[2].isdigit():
+            raise ConfigError(f"nnodes {count}: every node needs {NODE_RANK_ENV} (0..{count - 1}, this node's "
+                              f"number; 0 runs the stage) and {RDZV_ENDPOINT_ENV} (host:port of node 0's rendezvous) "
+                              f"in its environment; got {NODE_RANK_ENV}={node!r} {RDZV_ENDPOINT_ENV}={endpoint!r}")
+        return cls(count, int(node), endpoint)
+
+    def torchrun_args(self, run_id: str) -> list[str]:
+        if self.count == 1:
+            return ["--standalone"]
+        # Node 0 hosts the rendezvous store; the others only connect, so nodes that share a host
+        # (127.0.0.1 in the tests) never race to bind the port.
+        return [f"--nnodes={self.count}", f"--node-rank={self.rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={self.endpoint}", f"--rdzv-id={run_id}",
+                f"--rdzv-conf=is_host={'true' if self.rank == 0 else 'false'}"]
+
+
+def launch(module: str, args: list[str], nproc: int, nodes: Nodes = Nodes()) -> None:
+    """Run `python -m module args` on `nproc` torchrun processes on this node (of `nodes`); raise
+    LaunchError with the first failing rank's own message. The workers write to this process's
+    stdout and stderr (a progress bar stays a bar in a terminal)."""
+    with tempfile.TemporaryDirectory(prefix="pgolf-rank-errors-") as errors:
+        cmd = [sys.executable, "-m", "pgolf.agent", *nodes.torchrun_args(f"pgolf-{module}"),
+               f"--nproc-per-node={nproc}", "-m", module, *args]
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env[RANK_ERRORS_ENV] = errors
+        env.pop(NODE_RANK_ENV, None)
+        if nodes.count > 1:
+            env[NODE_RANK_ENV] = str(nodes.rank)
+        code = subprocess.run(cmd, env=env).returncode
+        if code != 0:
+            raise first_rank_error(Path(errors), module, nproc, nodes, code)
+
+
+def report_rank_error(err: BaseException) -> bool:
+    """In a launched worker: record `err` for the launching process (which raises it as its
+    own error) and print its traceback only when PGOLF_TRACEBACK asks. False outside launch()."""
+    folder = os.environ.get(RANK_ERRORS_ENV)
+    if not folder:
+        return False
+    message = str(err) if isinstance(err, PgolfError) else f"{type(err).__name__}: {err}"
+    record = {"rank": launched_rank(), "time": time.time(), "message": message,
+              "traceback": "".join(traceback.format_exception(err))}
+    tmp = Path(folder) / f".rank{record['rank']}.json.tmp"
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, Path(folder) / f"rank{record['rank']}.json")
+    if os.environ.get(TRACEBACK_ENV):
+        traceback.print_exception(err)
+    return True
+
+
+def first_rank_error(folder: Path, module: str, nproc: int, nodes: Nodes, code: int) -> LaunchError:
+    """The error of the rank that failed first: the others usually fail because it did (a peer
+    gone from a collective, or the SIGTERM torchrun sends them)."""
+    records = sorted((json.loads(p.read_text()) for p in folder.glob("rank*.json")), key=lambda r: r["time"])
+    world = nproc * nodes.count
+    if not records:
+        return LaunchError(f"{module} on {world} rank(s) failed (exit {code}) before a rank reported an error; "
+                           "the workers' output above says why (a rank killed by a signal or out of memory leaves none)")
+    first = records[0]
+    error = LaunchError(f"{first['message']}\n  (rank {first['rank']} of {world}; {TRACEBACK_ENV}=1 prints its traceback)")
+    error.add_note(f"rank {first['rank']}'s traceback:\n{first['traceback'].rstrip()}")
+    return error

@@ -1,7 +1,7 @@
 """Stage eval: val_loss and val_bpb of the packed artifact alone, over the whole val split.
 
 Reads only artifacts/pack/artifact.bin, the val shards and the tokenizer: nothing from training.
-With nproc > 1 the stage launches torchrun; every rank loads the artifact and scores its share,
+With nproc > 1 (or nnodes > 1) the stage launches torchrun (tasks.ranks); every rank loads the artifact and scores its share,
 the totals are summed over ranks and rank 0 writes metrics.json (the same numbers as one process,
 up to the order of float64 sums, except where a TTT mode's schedule depends on the rank count)."""
 from __future__ import annotations
@@ -40,7 +40,8 @@ class Config:
     stride: int = 0  # 0: flat non-overlapping windows; > 0: sliding windows scoring `stride` new tokens each
     batch_seqs: int = 32
     device: str = "auto"
-    nproc: int = 1  # > 1: torchrun processes (GPUs), each scoring its share
+    nproc: int = 1  # > 1: torchrun processes (GPUs) per node, each scoring its share
+    nnodes: int = 1  # > 1: nodes joined by torchrun's c10d rendezvous (docs/stages.md)
     # lora: score-first per-document LoRA TTT, with optional global SGD phases (R0416 -> R1);
     # sgd: score-first chunked SGD over the sliding windows (R0409 full-weight, PR #1383 FiLM-only).
     ttt: Literal["off", "lora", "sgd"] = "off"
@@ -54,7 +55,7 @@ class Config:
     compile: bool = False
 
     def validate(self) -> None:
-        check_range(self, "seq_len batch_seqs nproc", ge=1)
+        check_range(self, "seq_len batch_seqs nproc nnodes", ge=1)
         check_range(self, "stride budget_s", ge=0)
         if self.stride >= self.seq_len:
             raise ValueError(f"stride {self.stride} must be smaller than seq_len {self.seq_len} (0 for flat)")
@@ -70,9 +71,7 @@ def model_from_artifact(artifact: Path, device: torch.device) -> GPT:
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     verify_shards(inputs["shards"], ("val", "val_bytes"))
-    if cfg.nproc == 1:
-        return evaluate(cfg, inputs, out)
-    run_on_ranks(SPEC, cfg, inputs, out, cfg.nproc)
+    run_on_ranks(SPEC, cfg, inputs, out, evaluate)
     return json.loads((out / "metrics.json").read_text())
 
 

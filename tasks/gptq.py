@@ -19,6 +19,7 @@ from pgolf import dist
 from pgolf.data.shards import check_vocab, verify_shards
 from pgolf.model.io import load_model, source_dtypes
 from pgolf.params import check_range
+from pgolf.progress import tracked
 from pgolf.quant.baseline_int8 import quantize_baseline_int8
 from pgolf.quant.format import QuantizedModel, save_quantized
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
@@ -54,7 +55,8 @@ class Config:
     passthrough_max_numel: int = 65536
     device: str = "auto"
     seed: int = 1337
-    nproc: int = 1  # > 1: torchrun processes, each calibrating on its share of the batches
+    nproc: int = 1  # > 1: torchrun processes per node, each calibrating on its share of the batches
+    nnodes: int = 1  # > 1: nodes joined by torchrun's c10d rendezvous (docs/stages.md)
 
     def validate(self) -> None:
         for name in ("bits", "embed_bits"):
@@ -68,6 +70,7 @@ class Config:
         check_range(self, "damp", gt=0, lt=1)
         if self.calib_source not in ("train", "self"):
             raise ValueError(f"calib_source {self.calib_source!r} must be 'train' or 'self'")
+        check_range(self, "nproc nnodes", ge=1)
 
     def family(self, name: str) -> tuple[int, float]:
         """(bits, clip sigmas) of a matrix, by its name (reference.md 5.3)."""
@@ -90,7 +93,7 @@ def is_gate(name: str, tensor: torch.Tensor) -> bool:
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], cfg: Config,
                    model_config: dict) -> tuple[QuantizedModel, dict]:
     tensors, entries, report = {}, {}, {}
-    for name, tensor in sorted(state.items()):
+    for name, tensor in tracked(sorted(state.items()), "gptq tensors"):
         entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
         if cfg.gate_int8 and tensor.is_floating_point() and is_gate(name, tensor):
             # R1's GATED_ATTN_QUANT_GATE: symmetric int8 per row, s = max|row| / 127.
@@ -153,9 +156,7 @@ def apply_lqer(state, tensors, entries, report, hessians, cfg: Config) -> None:
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     if cfg.method == "gptq" and cfg.calib_source == "train":
         verify_shards(inputs["shards"], ("train",))
-    if cfg.nproc == 1:
-        return calibrate_and_quantize(cfg, inputs, out)
-    run_on_ranks(SPEC, cfg, inputs, out, cfg.nproc)
+    run_on_ranks(SPEC, cfg, inputs, out, calibrate_and_quantize)
     return json.loads((out / "report.json").read_text())["summary"]
 
 

@@ -1,39 +1,122 @@
-"""Stages that run on several torchrun ranks (eval, gptq): the stage process writes its config into
-the output folder and launches `python -m tasks.<stage> --worker` on N ranks, which read it back,
-share the work, and rank 0 writes the stage's files; the config copy is then removed."""
+"""The one launcher of the stages that run on ranks (train, gptq, eval).
+
+`run_on_ranks` runs the stage's per-rank body in this process when the stage asks for one process
+on one node (no torchrun); otherwise it writes the config into the output folder and launches
+`python -m tasks.<stage> --worker` on `nproc` torchrun ranks per node. The ranks read the config
+back, share the work inside one process group, and rank 0 writes the stage's files; the config
+copy is then removed. A failing rank's own message becomes the stage's error (pgolf.dist.launch).
+
+Over `nnodes` machines, node 0 runs the stage (`dvc repro`, `python -m tasks.<stage>`) and every
+other node joins it with `python -m tasks.ranks <stage>`, each told its number and node 0's
+rendezvous endpoint by its environment (PGOLF_NODE_RANK, PGOLF_RDZV_ENDPOINT).
+"""
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib
 import json
+import os
+import sys
+import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
 from pgolf import dist
+from pgolf.errors import ConfigError, PgolfError
 from pgolf.params import from_dict
-from tasks.common import StageSpec, write_json
+from tasks.common import StageSpec, load_config, write_json
 
-WORKER_CONFIG = "config.json"
+# Hidden: train's own outputs include a config.json.
+WORKER_CONFIG = ".ranks-config.json"
+RANK_STAGES = ("train", "gptq", "eval")
 
-
-def run_on_ranks(spec: StageSpec, cfg: Any, inputs: dict[str, Path], out: Path, nproc: int) -> None:
-    """Run the stage's `python -m tasks.<stage> --worker` on `nproc` torchrun ranks: they read the
-    config written into `out` (removed afterwards: the stage's own files are the output)."""
-    write_json(out / WORKER_CONFIG, asdict(cfg))
-    dist.launch(f"tasks.{spec.name}", ["--worker", "--out", str(out), *[f"--{k}={v}" for k, v in inputs.items()]],
-                nproc)
-    (out / WORKER_CONFIG).unlink()
+Body = Callable[[Any, dict[str, Path], Path], Any]
 
 
-def worker_main(spec: StageSpec, body: Callable[[Any, dict[str, Path], Path], Any], argv: list[str]) -> int:
-    """The `--worker` entry point of a stage run by run_on_ranks: this rank's share of `body`."""
-    parser = argparse.ArgumentParser(prog=f"python -m tasks.{spec.name} --worker")
-    parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--out", required=True)
-    for name in spec.inputs:
-        parser.add_argument(f"--{name}", required=True)
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    cfg = from_dict(spec.config_cls, json.loads((out / WORKER_CONFIG).read_text()), str(out / WORKER_CONFIG))
-    body(cfg, {name: Path(getattr(args, name)) for name in spec.inputs}, out)
+def run_on_ranks(spec: StageSpec, cfg: Any, inputs: dict[str, Path], out: Path, body: Body) -> None:
+    """`body(cfg, inputs, out)` on every rank the config asks for (`nproc` per node, `nnodes`)."""
+    nodes = dist.Nodes.from_environment(cfg.nnodes)
+    if cfg.nproc == 1 and nodes.count == 1:
+        body(cfg, inputs, out)
+        return
+    if nodes.rank != 0:
+        raise ConfigError(f"this is node {nodes.rank} of {nodes.count} ({dist.NODE_RANK_ENV}): node 0 runs the "
+                          f"'{spec.name}' stage and writes its output; join it here with "
+                          f"`python -m tasks.ranks {spec.name}`")
+    launch_ranks(spec, cfg, inputs, out, nodes)
+
+
+def launch_ranks(spec: StageSpec, cfg: Any, inputs: dict[str, Path], out: Path, nodes: dist.Nodes) -> None:
+    config = out / WORKER_CONFIG
+    write_json(config, asdict(cfg))
+    try:
+        dist.launch(f"tasks.{spec.name}", ["--worker", "--out", str(out), *[f"--{k}={v}" for k, v in inputs.items()]],
+                    cfg.nproc, nodes)
+    finally:
+        config.unlink(missing_ok=True)
+
+
+def worker_main(spec: StageSpec, body: Body, argv: list[str]) -> int:
+    """The `--worker` entry point of a stage launched by run_on_ranks: this rank's share of `body`.
+    An error is reported to the launching process, which makes it the stage's error."""
+    try:
+        parser = argparse.ArgumentParser(prog=f"python -m tasks.{spec.name} --worker")
+        parser.add_argument("--worker", action="store_true")
+        parser.add_argument("--out", required=True)
+        for name in spec.inputs:
+            parser.add_argument(f"--{name}", required=True)
+        args = parser.parse_args(argv)
+        out = Path(args.out)
+        text = (out / WORKER_CONFIG).read_text()
+        cfg = from_dict(spec.config_cls, json.loads(text), str(out / WORKER_CONFIG))
+        with dist.process_group(dist.resolve_device(cfg.device)):
+            check_same_config(text)
+            body(cfg, {name: Path(getattr(args, name)) for name in spec.inputs}, out)
+    except BaseException as err:
+        if isinstance(err, (SystemExit, KeyboardInterrupt)) or not dist.report_rank_error(err):
+            raise
+        return 1
     return 0
+
+
+def check_same_config(text: str) -> None:
+    """Every node reads its own params.yaml: ranks that were given different configs would
+    compute a wrong result without any error, so they stop here."""
+    digest = hashlib.sha256(text.encode()).hexdigest()
+    digests = dist.all_gather_objects(digest)
+    differing = [r for r, d in enumerate(digests) if d != digests[0]]
+    if differing:
+        raise ConfigError(f"ranks {differing} run with another config than rank 0: every node needs the same "
+                          "params.yaml section (and the same inputs)")
+
+
+def join_main(argv: list[str]) -> int:
+    """`python -m tasks.ranks STAGE`: this node's ranks of a multi-node stage that node 0 runs."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.ranks", description=join_main.__doc__)
+    parser.add_argument("stage", choices=RANK_STAGES)
+    parser.add_argument("--params", default="params.yaml")
+    stage = argv[0] if argv and argv[0] in RANK_STAGES else parser.parse_args(argv).stage
+    spec: StageSpec = importlib.import_module(f"tasks.{stage}").SPEC
+    for name, default in spec.inputs.items():
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=f"input_{name}", default=default,
+                            help=f"this node's copy of input '{name}' (default {default})")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(spec, args.params)
+        nodes = dist.Nodes.from_environment(cfg.nnodes)
+        if nodes.rank == 0:
+            raise ConfigError(f"node 0 runs the stage itself (`python -m tasks.{spec.name}` or `dvc repro -s "
+                              f"{spec.name}`); `python -m tasks.ranks` is for the other nodes")
+        # Only global rank 0, on node 0, writes the stage's files; this node's ranks write nothing.
+        with tempfile.TemporaryDirectory(prefix=f"pgolf-{spec.name}-node{nodes.rank}-") as scratch:
+            launch_ranks(spec, cfg, {n: Path(getattr(args, f"input_{n}")) for n in spec.inputs}, Path(scratch), nodes)
+    except PgolfError as err:
+        print(f"pgolf {spec.name} (node {os.environ.get(dist.NODE_RANK_ENV)}): error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(join_main(sys.argv[1:]))

@@ -1,11 +1,10 @@
-"""Stage train: the baseline GPT with Muon + Adam under torchrun (train.nproc processes).
+"""Stage train: the baseline GPT with Muon + Adam on train.nproc ranks per node, train.nnodes nodes.
 
-The stage process writes the resolved config, then launches torchrun; the workers (this module
-with --worker) train and rank 0 writes the weights, the log and the metrics into the output.
+One process trains in the stage's own process; more are launched by tasks.ranks under torchrun
+(this module with --worker), and rank 0 writes the weights, the log and the metrics into the output.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -30,19 +29,22 @@ from pgolf.optim.swa import SWA
 from pgolf.optim.muon import COEFFICIENTS, Muon, ShardedMuon
 from pgolf.optim.schedule import lr_multiplier, muon_momentum, training_fraction, warmdown_multiplier
 from pgolf.params import check_range, from_dict
+from pgolf.progress import Progress
 from tasks.common import StageSpec, record_timings, stage_main, write_json
+from tasks.ranks import run_on_ranks, worker_main
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     seed: int = 1337
-    nproc: int = 1
+    nproc: int = 1  # ranks per node
+    nnodes: int = 1  # > 1: nodes joined by torchrun's c10d rendezvous (docs/stages.md); nproc x nnodes ranks
     device: str = "auto"
     iterations: int = 20000
     train_batch_tokens: int = 524288
     train_seq_len: int = 1024
-    grad_accum_steps: int = 0  # 0: 8 // nproc, the baseline's choice for 8 GPUs' worth of micro-batches
+    grad_accum_steps: int = 0  # 0: 8 // ranks, the baseline's choice for 8 GPUs' worth of micro-batches
     loader: str = "stream"  # "stream" (baseline) or "documents" (R1: spans from each shard's first BOS)
     max_wallclock_seconds: float = 600.0  # 0: no cap
     gptq_reserve_seconds: float = 0.0  # taken out of the cap so calibration fits in the 600 s (R1 0.5, R0429 8)
@@ -94,7 +96,7 @@ class Config:
     learn_margin: float = 0.05
 
     def validate(self) -> None:
-        check_range(self, "nproc iterations train_batch_tokens train_seq_len muon_backend_steps log_every", ge=1)
+        check_range(self, "nproc nnodes iterations train_batch_tokens train_seq_len muon_backend_steps log_every", ge=1)
         check_range(self, "seed grad_accum_steps warmup_steps warmdown_iters muon_momentum_warmup_steps swa_every "
                     "checkpoint_every learn_check_step", ge=0)
         check_range(self, "max_wallclock_seconds gptq_reserve_seconds matrix_lr scalar_lr tied_embed_lr embed_lr "
@@ -113,30 +115,42 @@ class Config:
         if self.max_wallclock_seconds and self.gptq_reserve_seconds >= self.max_wallclock_seconds:
             raise ValueError("gptq_reserve_seconds must be smaller than max_wallclock_seconds")
         accum = self.resolved_grad_accum()
-        if self.train_batch_tokens % (self.nproc * accum * self.train_seq_len):
-            raise ValueError(f"train_batch_tokens {self.train_batch_tokens} must be a multiple of nproc x "
-                             f"grad_accum_steps x train_seq_len = {self.nproc} x {accum} x {self.train_seq_len}")
+        if self.train_batch_tokens % (self.ranks() * accum * self.train_seq_len):
+            raise ValueError(f"train_batch_tokens {self.train_batch_tokens} must be a multiple of ranks (nproc x "
+                             f"nnodes) x grad_accum_steps x train_seq_len = {self.ranks()} x {accum} x {self.train_seq_len}")
+
+    def ranks(self) -> int:
+        return self.nproc * self.nnodes
 
     def resolved_grad_accum(self) -> int:
-        return self.grad_accum_steps or max(1, 8 // self.nproc)
+        return self.grad_accum_steps or max(1, 8 // self.ranks())
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     check_vocab(inputs["shards"], cfg.model.vocab_size)
     if not cfg.import_checkpoint:
         verify_shards(inputs["shards"], ("train",))
-    # Only what determines the weights: the code's commit and the host go to the run record.
-    resolved = {"model": asdict(cfg.model), "train": asdict(cfg)}
     if cfg.import_checkpoint:
+        resolved = resolved_config(cfg)
         model, dtypes = import_state_dict(cfg.import_checkpoint, cfg.model)
         save_model(model, cfg.model, out,
                    extra_config={**{k: v for k, v in resolved.items() if k != "model"}, "source_dtypes": dtypes})
         metrics = {"steps": 0, "imported_from": cfg.import_checkpoint}
         write_json(out / "metrics.json", metrics)
         return metrics
-    write_json(out / "config.json", resolved)
-    dist.launch("tasks.train", ["--worker", "--out", str(out), "--shards", str(inputs["shards"])], cfg.nproc)
+    run_on_ranks(SPEC, cfg, inputs, out, train_rank)
     return json.loads((out / "metrics.json").read_text())
+
+
+def resolved_config(cfg: Config) -> dict:
+    """What config.json records beside the weights: only what determines them (the code's commit and
+    the host go to the run record)."""
+    return {"model": asdict(cfg.model), "train": asdict(cfg)}
+
+
+def train_rank(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
+    """This rank's share of the training run (all of it on one process)."""
+    return train_in_process(cfg, inputs["shards"], out, resolved_config(cfg))
 
 
 def build_optimizers(model: GPT, cfg: Config, fused: bool):
@@ -183,6 +197,12 @@ def check_learning(loss: float, step: int, cfg: Config) -> None:
                             f"of ln(vocab_size) = {uniform:.4f}, the loss of a uniform guess: the model is not "
                             f"learning. Likely cause: learning rates far too high or zero ({learning_rates(cfg)}), "
                             "or training data without structure; learn_check_step=0 turns this check off")
+
+
+def remaining_seconds(step: int, elapsed_ms: float, iterations: int, cap_ms: float | None) -> float:
+    """Until the run ends at the pace so far: at `iterations`, or sooner at the wallclock cap."""
+    seconds = (iterations - step) * elapsed_ms / max(step, 1) / 1000.0
+    return seconds if cap_ms is None else min(seconds, max(cap_ms - elapsed_ms, 0.0) / 1000.0)
 
 
 class HostPace:
@@ -377,10 +397,12 @@ class Trainer:
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
         rank_loss = None
         pace = HostPace(self.device)
+        progress = Progress("train steps", cfg.iterations, done=step)
         self.sync()
         t0 = time.perf_counter() - elapsed_ms / 1000.0
         while step < cfg.iterations:
             if stop_after is not None and step >= stop_after:
+                progress.close()
                 return None
             frac = training_fraction(step, elapsed_ms, cfg.iterations, cap_ms)
             if cfg.warmdown_frac > 0:
@@ -422,11 +444,14 @@ class Trainer:
                     for name, value in self.learning_rates().items():
                         live.log_metric(f"lr/{name.removeprefix('lr_')}", value)
                     live.next_step()
+            progress.update(1, f"loss {loss:.4f}, {step * tokens_per_step / max(elapsed_ms, 1e-9) * 1000:,.0f} tokens/s",
+                            remaining_seconds(step, elapsed_ms, cfg.iterations, cap_ms))
             if pace.stop_vote(cap_ms is not None and elapsed_ms >= cap_ms):
                 break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
                 self.save_checkpoint({"step": step, "elapsed_ms": elapsed_ms, "looping_step": looping_step,
                                       "looping": self.model.looping, "qat": qat_on, "log": records})
+        progress.close()
         self.sync()
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
         loss = self.host_loss(rank_loss) if rank_loss is not None else loss
@@ -484,19 +509,6 @@ class Trainer:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def worker_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tasks.train --worker")
-    parser.add_argument("--worker", action="store_true")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--shards", required=True)
-    args = parser.parse_args(argv)
-    out = Path(args.out)
-    resolved = json.loads((out / "config.json").read_text())
-    cfg = from_dict(Config, resolved["train"], f"{out / 'config.json'}: train")
-    train_in_process(cfg, Path(args.shards), out, resolved)
-    return 0
-
-
 def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict, keep_group: bool = False) -> dict:
     """This process's share of a (torchrun) training run; rank 0 writes the weights and metrics.
     `keep_group`: stay in the process group for the stages that follow in the same processes."""
@@ -516,5 +528,5 @@ SPEC = StageSpec(name="train", config_cls=Config, run=run, out="artifacts/train"
 
 if __name__ == "__main__":
     if "--worker" in sys.argv[1:]:
-        sys.exit(worker_main(sys.argv[1:]))
+        sys.exit(worker_main(SPEC, train_rank, sys.argv[1:]))
     sys.exit(stage_main(SPEC))

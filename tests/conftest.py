@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -80,6 +81,23 @@ def data_dirs(tmp_path_factory, docs):
     execute(shards_stage.SPEC, shards_stage.Config(val_docs=40, shard_tokens=4000, workers=1),
             {"corpus": corpus, "tokenizer": root / "tokenizer"}, root / "shards")
     return {"corpus": corpus, "tokenizer": root / "tokenizer", "shards": root / "shards", "root": root}
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def stage_env(**extra: str) -> dict:
+    """The environment of a stage run as a subprocess: this checkout's code, no PGOLF_ switches."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PGOLF_")}
+    return {**env, "PYTHONPATH": str(ROOT), **extra}
+
+
+def write_params(path: Path, **sections) -> Path:
+    """A params file with these stages' configs, for a stage run as a subprocess."""
+    import yaml
+
+    path.write_text(yaml.safe_dump({name: asdict(cfg) for name, cfg in sections.items()}))
+    return path
 
 
 TINY_MODEL = dict(vocab_size=400, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1)

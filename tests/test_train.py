@@ -1,7 +1,10 @@
-"""The train stage under torchrun on CPU: two gloo ranks, outputs, vocab check, rank invariance."""
+"""The train stage on CPU: in-process, two gloo ranks, two nodes; outputs, vocab check, rank invariance."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ from pgolf.params import from_dict
 from pgolf.errors import ConfigError, TrainingError
 from tasks import train as train_stage
 from tasks.common import execute
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, stage_env, write_params
 
 
 def config(**kw) -> train_stage.Config:
@@ -45,7 +48,9 @@ def test_two_gloo_ranks_train_and_write_everything(two_rank_run):
     model, cfg = load_model(out)
     assert cfg == ModelConfig(**TINY_MODEL)
     resolved = json.loads((out / "config.json").read_text())
-    assert resolved["train"]["nproc"] == 2 and "code_version" in resolved
+    assert resolved["train"]["nproc"] == 2 and "code_version" not in resolved  # the commit: the run record's
+    assert "tokens_per_s" not in json.loads((out / "metrics.json").read_text())
+    assert all("elapsed_ms" not in json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines())
 
 
 def test_one_process_matches_two_on_the_same_global_batch(two_rank_run, data_dirs, tmp_path):
@@ -189,3 +194,29 @@ def test_a_healthy_run_passes_the_learning_check(data_dirs, tmp_path):
     trainer = train_stage.Trainer(config(nproc=1, grad_accum_steps=2, iterations=8, warmup_steps=0, learn_check_step=8),
                                   data_dirs["shards"], tmp_path)
     assert trainer.train()["final_train_loss"] < 5.9915 - 0.05
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_localhost_train_what_one_node_trains(two_rank_run, data_dirs, tmp_path):
+    """Two "nodes" of one rank each (c10d on 127.0.0.1, gloo) against one node of two ranks: the
+    same world, so the same losses and the same weights, byte for byte; node 1 writes nothing."""
+    one = two_rank_run[0]
+    params = write_params(tmp_path / "params.yaml", train=config(nproc=1, nnodes=2))
+    endpoint = f"127.0.0.1:{free_port()}"
+    common = ["--params", str(params), "--shards", str(data_dirs["shards"])]
+    node1 = subprocess.Popen([sys.executable, "-m", "tasks.ranks", "train", *common], cwd=tmp_path,
+                             env=stage_env(PGOLF_NODE_RANK="1", PGOLF_RDZV_ENDPOINT=endpoint),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    node0 = subprocess.run([sys.executable, "-m", "tasks.train", *common, "--out", str(tmp_path / "two")], cwd=tmp_path,
+                           env=stage_env(PGOLF_NODE_RANK="0", PGOLF_RDZV_ENDPOINT=endpoint),
+                           capture_output=True, text=True, timeout=300)
+    node1_output, _ = node1.communicate(timeout=120)
+    assert node0.returncode == 0, node0.stderr
+    assert node1.returncode == 0, node1_output
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
+    assert losses(tmp_path / "two") == losses(one)
+    assert (tmp_path / "two" / "model.safetensors").read_bytes() == (one / "model.safetensors").read_bytes()
+    assert not (tmp_path / "artifacts" / "train").exists()

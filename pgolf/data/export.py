@@ -23,6 +23,7 @@ import sentencepiece as spm
 from pgolf.data.shards import (SPLIT_FOLDERS, list_shards, read_header, read_shard, sha256_file, shard_entry_name,
                                shard_name, shard_path, write_shard)
 from pgolf.errors import FormatError, InputError
+from pgolf.progress import Progress
 from pgolf.tokenize.bytes import original_byte_counts
 from pgolf.tokenize.variants import VARIANTS
 
@@ -230,9 +231,11 @@ def build_shards(docs: Iterable[str], model_bytes: bytes, variant: str, bos_id: 
     doc_counts = {"val": 0, "train": 0}
     items = ((chunk, variant, bos_id, with_bytes and split == "val", split) for split, chunk in _chunks(docs, val_docs))
 
-    for split, n_docs, encoded in _ordered_map(_encode_with_split, items, workers, (model_bytes,), dask_address):
-        doc_counts[split] += n_docs
-        writers[split].add(encoded.tokens, encoded.byte_counts)
+    with Progress("shards documents", len(docs) if hasattr(docs, "__len__") else None) as progress:
+        for split, n_docs, encoded in _ordered_map(_encode_with_split, items, workers, (model_bytes,), dask_address):
+            doc_counts[split] += n_docs
+            writers[split].add(encoded.tokens, encoded.byte_counts)
+            progress.update(n_docs)
     for writer in writers.values():
         writer.flush()
     if doc_counts["train"] == 0:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pgolf import dist
+from pgolf.progress import tracked
 from pgolf.tokenize.bytes import ByteLUTs, target_bytes
 
 
@@ -98,7 +99,8 @@ def evaluate_bpb(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len: in
     row_losses: list[tuple[int, list[float]]] = []
     scored_tokens, scored_bytes = 0, 0
     model.eval()
-    for index in range(dist.rank(), len(batches), dist.world_size()):
+    for index in tracked(range(dist.rank(), len(batches), dist.world_size()),
+                         f"eval batches of {batch_seqs} windows (this rank's)"):
         losses = []
         for first, end, nll in score_windows(model, stream, batches[index], seq_len, device):
             losses.append(float(nll.sum()))

@@ -28,6 +28,7 @@ from pgolf.evaluate.audit import GLOBAL, Audit
 from pgolf.evaluate.bpb import BpbResult, score_windows, windows
 from pgolf.evaluate.budget import Budget, unlimited
 from pgolf.params import check_range
+from pgolf.progress import tracked
 
 
 @dataclass
@@ -88,7 +89,7 @@ def evaluate_sgd_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len
     scoring_seconds, training_seconds, trained_targets = 0.0, 0.0, 0
     chunks_trained, steps = 0, 0
     skipped_from = -1
-    for c in range(n_chunks):
+    for c in tracked(range(n_chunks), "eval SGD TTT chunks"):
         audit.tick += 1
         started = time.perf_counter()
         model.eval()

@@ -31,6 +31,7 @@ from pgolf.evaluate.bpb import BpbResult
 from pgolf.evaluate.budget import Budget, unlimited
 from pgolf.model.lora import DocumentAdapters
 from pgolf.params import check_range
+from pgolf.progress import tracked
 
 
 @dataclass
@@ -153,7 +154,7 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: T
     phases: list[dict] = []
     skipped: list[int] = []
     scoring_started = time.perf_counter()
-    for round_index in range(math.ceil(len(batches) / world)):
+    for round_index in tracked(range(math.ceil(len(batches) / world)), f"eval TTT rounds of {world} document batches"):
         done = batches[:round_index * world]
         docs_done = sum(len(b) for b in done)
         while boundaries and docs_done >= boundaries[0]:

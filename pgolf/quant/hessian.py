@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from pgolf import dist
+from pgolf.progress import tracked
 from pgolf.data.shards import list_shards, read_shard
 from pgolf.errors import InputError
 from pgolf.model.gpt import GPT, CastedLinear
@@ -73,7 +74,7 @@ def collect_hessians(model: GPT, batches, device: torch.device) -> tuple[dict[st
     model.eval()
     tokens = 0
     try:
-        for batch in this_ranks_share(batches):
+        for batch in tracked(this_ranks_share(batches), "gptq calibration batches (this rank's)"):
             add(head_name, model.hidden(batch.to(device)))
             for name, h in batch_sums.items():
                 totals[name] = h.double() if name not in totals else totals[name].add_(h)
