@@ -100,12 +100,31 @@ def last_pipeline_run(workspace: str | Path = ".") -> tuple[dict | None, list[St
     return None, results
 
 
+def default_remote(workspace: Path) -> str | None:
+    """The DVC remote every worker shares (`dvc remote add -d NAME URL`), or None."""
+    proc = subprocess.run(dvc_command() + ["config", "core.remote"], cwd=workspace, env=dvc_env(),
+                          capture_output=True, text=True)
+    return proc.stdout.strip() or None if proc.returncode == 0 else None
+
+
 def dvc_repro(workspace: Path, stage: str | None = None, force: bool = False, echo: bool = True) -> None:
-    cmd = dvc_command() + ["repro"]
+    """`dvc repro`; with a default remote, one cache for every worker: what a stage's run-cache entry
+    on the remote holds is pulled instead of recomputed (`--pull`), and what ran is pushed after."""
+    cmd = ["repro"]
     if force:
         cmd.append("--force")
     if stage:
         cmd += ["--single-item", stage]
+    remote = default_remote(workspace)
+    if remote:
+        cmd.append("--pull")
+    _dvc(workspace, cmd, echo)
+    if remote:
+        _dvc(workspace, ["push", "--run-cache"] + ([stage] if stage else []), echo)
+
+
+def _dvc(workspace: Path, args: list[str], echo: bool) -> None:
+    cmd = dvc_command() + args
     proc = subprocess.Popen(cmd, cwd=workspace, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
     assert proc.stdout is not None
@@ -115,7 +134,7 @@ def dvc_repro(workspace: Path, stage: str | None = None, force: bool = False, ec
             sys.stdout.flush()
         tail = (tail + [line])[-40:]
     if proc.wait() != 0:
-        raise ReproError(f"`dvc {' '.join(cmd[len(dvc_command()):])}` failed in {workspace} (exit {proc.returncode}):\n{''.join(tail)}")
+        raise ReproError(f"`dvc {' '.join(args)}` failed in {workspace} (exit {proc.returncode}):\n{''.join(tail)}")
 
 
 def reproduce(workspace: str | Path = ".", stage: str | None = None, force: bool = False, echo: bool = True) -> list[StageResult]:

@@ -155,7 +155,7 @@ def test_judge_reruns_eval_from_a_fresh_clone_and_a_remote(user):
         ".venv/bin/dvc push -q")
     judge = user["base"] / "judge"
     run(f"git clone -q {repo} {judge}")
-    (judge / ".venv").symlink_to(VENV)
+    (judge / ".venv").symlink_to(VENV)  # what `make install` makes there
     jrun = lambda cmd, **kw: shell(cmd, judge, user["fake_bin"], **kw)  # noqa: E731
     jrun(".venv/bin/dvc pull artifacts/pack artifacts/shards/val artifacts/shards/manifest.json artifacts/tokenizer")
     assert not (judge / "artifacts/shards/train").exists() and not (judge / "artifacts/train").exists()
@@ -164,3 +164,20 @@ def test_judge_reruns_eval_from_a_fresh_clone_and_a_remote(user):
     assert eval_metrics(judge) == pinned
     assert jrun("git status --porcelain dvc.lock").stdout == ""
     assert jrun(".venv/bin/dvc status eval").stdout.strip() == UP_TO_DATE
+
+
+def test_a_second_worker_restores_every_stage_from_the_shared_remote(user):
+    """One cache for every worker: with a default remote, `pgolf run` pushes what it computed (and
+    the run-cache), and another clone pulls each stage instead of recomputing it."""
+    repo, run = user["repo"], user["run"]
+    run(".venv/bin/pgolf run")  # nothing to compute here; pushes outputs and run-cache
+    second = user["base"] / "worker2"
+    run(f"git clone -q {repo} {second}")
+    (second / ".venv").symlink_to(VENV)
+    out = shell(".venv/bin/pgolf run", second, user["fake_bin"]).stdout
+    assert "Running stage" not in out, out
+    summary = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in
+               ("corpus", "tokenizer", "shards", "train", "gptq", "pack", "eval")]
+    assert len(summary) == 7 and all(row[1] == "cached" for row in summary), out
+    assert eval_metrics(second) == eval_metrics(repo)
+    assert shell(".venv/bin/dvc status", second, user["fake_bin"]).stdout.strip() == UP_TO_DATE

@@ -107,7 +107,8 @@ def test_resume_after_a_kill_continues_with_identical_state(data_dirs, tmp_path,
     (tmp_path / "resumed").mkdir()
     resumed = train_stage.Trainer(cfg, shards, tmp_path / "resumed")
     metrics = resumed.train()
-    assert metrics["resumed_from_step"] == 6 and metrics["steps"] == 8
+    timings = json.loads((tmp_path / "resumed" / ".timings.json").read_text())  # for the run record
+    assert timings["resumed_from_step"] == 6 and metrics["steps"] == 8
     assert metrics["looping_enabled_at_step"] == ref_metrics["looping_enabled_at_step"] == 4
     for (name, a), (_, b) in zip(reference.model.state_dict().items(), resumed.model.state_dict().items()):
         assert torch.equal(a, b), name
