@@ -56,6 +56,7 @@ def user(tmp_path_factory):
         (repo / rel).write_bytes(src.read_bytes())
         (repo / rel).chmod(src.stat().st_mode)
     (repo / ".venv").symlink_to(VENV)
+    os.utime(repo / "pyproject.toml", (0, 0))  # older than the venv's install stamp: make installs nothing
     run = lambda cmd, **kw: shell(cmd, repo, fake_bin, **kw)  # noqa: E731
     run("git init -q && git add -A && git commit -qm pgolf")
     return {"repo": repo, "run": run, "fake_bin": fake_bin, "base": base}
@@ -155,8 +156,10 @@ def test_judge_reruns_eval_from_a_fresh_clone_and_a_remote(user):
         ".venv/bin/dvc push -q")
     judge = user["base"] / "judge"
     run(f"git clone -q {repo} {judge}")
-    (judge / ".venv").symlink_to(VENV)  # what `make install` makes there
+    (judge / ".venv").symlink_to(VENV)
+    os.utime(judge / "pyproject.toml", (0, 0))
     jrun = lambda cmd, **kw: shell(cmd, judge, user["fake_bin"], **kw)  # noqa: E731
+    jrun("make install")  # the venv is there already: nothing to do
     jrun(".venv/bin/dvc pull artifacts/pack artifacts/shards/val artifacts/shards/manifest.json artifacts/tokenizer")
     assert not (judge / "artifacts/shards/train").exists() and not (judge / "artifacts/train").exists()
     assert not (judge / "artifacts/gptq").exists()
@@ -174,6 +177,7 @@ def test_a_second_worker_restores_every_stage_from_the_shared_remote(user):
     second = user["base"] / "worker2"
     run(f"git clone -q {repo} {second}")
     (second / ".venv").symlink_to(VENV)
+    os.utime(second / "pyproject.toml", (0, 0))
     out = shell(".venv/bin/pgolf run", second, user["fake_bin"]).stdout
     assert "Running stage" not in out, out
     summary = [line.split() for line in out.splitlines() if line.split()[:1] and line.split()[0] in
@@ -181,3 +185,19 @@ def test_a_second_worker_restores_every_stage_from_the_shared_remote(user):
     assert len(summary) == 7 and all(row[1] == "cached" for row in summary), out
     assert eval_metrics(second) == eval_metrics(repo)
     assert shell(".venv/bin/dvc status", second, user["fake_bin"]).stdout.strip() == UP_TO_DATE
+
+
+def test_the_readme_one_liners(user):
+    """The export, the Prefect run and a GPU preset's one-line run (up to the data it needs)."""
+    repo, run = user["repo"], user["run"]
+    run('.venv/bin/python -m tasks.export --out records/track_10min_16mb/2026-11-24_MyRun --name "My run" --author Me --github-id me')
+    submission = json.loads((repo / "records/track_10min_16mb/2026-11-24_MyRun/submission.json").read_text())
+    assert submission["val_bpb"] == eval_metrics(repo)["val_bpb"]
+    out = run("make run VIA=prefect").stdout
+    assert "Running stage" not in out and "cached" in out
+    run(".venv/bin/python -m tasks.params --preset baseline --set train.nproc=8 --set train.device=cuda")
+    assert "nproc: 8" in (repo / "params.yaml").read_text()
+    gpu = run('make run PRESET=baseline SET="train.nproc=8 train.device=cuda"', check=False)
+    assert gpu.returncode != 0 and "docs_selected.jsonl" in gpu.stdout + gpu.stderr  # the data is not here
+    params = (repo / "params.yaml").read_text()
+    assert "nproc: 8" in params and "device: cuda" in params and "--set train.nproc=8" in params.splitlines()[0]
