@@ -39,6 +39,11 @@ class Config:
     calib_batch_seqs: int = 8
     calib_source: str = "train"  # "train": training windows; "self": sequences the model generates (R0325)
     calib_temperature: float = 0.8  # sampling temperature of self-generated calibration
+    # Calibrate with the model's document mask (model.doc_attention). R1 calibrates with plain
+    # causal attention across documents inside each window (its collect_hessians passes no
+    # cu_seqlens), so the record preset turns this off; on, the Hessians see the activations the
+    # model is trained and scored with.
+    calib_doc_attention: bool = True
     bits: int = 6  # attention and MLP matrices (and anything else GPTQ'd)
     embed_bits: int = 0  # the tied embedding; 0: same as bits (R1: 7)
     clip_sigmas: float = 12.85  # SDClip k for matrices of no family below
@@ -189,8 +194,10 @@ def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, dev
     else:
         batches = calibration_batches(inputs["shards"], cfg.calib_batches, cfg.calib_batch_seqs, cfg.calib_seq_len,
                                       cfg.seed, model_cfg.vocab_size)
+    model.set_doc_attention(model_cfg.doc_attention and cfg.calib_doc_attention)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         hessians, tokens = collect_hessians(model, batches, device)
+    model.set_doc_attention(model_cfg.doc_attention)
     hessian_seconds = time.perf_counter() - started
     if not dist.is_main():
         return {}

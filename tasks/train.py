@@ -46,6 +46,11 @@ class Config:
     train_seq_len: int = 1024
     grad_accum_steps: int = 0  # 0: 8 // ranks, the baseline's choice for 8 GPUs' worth of micro-batches
     loader: str = "stream"  # "stream" (baseline) or "documents" (R1: spans from each shard's first BOS)
+    # Each rank's micro-batch as one row instead of rows of train_seq_len (R1's layout): with
+    # doc_attention and doc_attention_max_len = train_seq_len, attention is cut where R1's
+    # cu_seqlens cut it and SmearGate runs across those cuts, where fixed rows lose the previous
+    # token at every row start. Rows stay an option: they need no segment mask to be affordable.
+    flat_batches: bool = False
     max_wallclock_seconds: float = 600.0  # 0: no cap
     gptq_reserve_seconds: float = 0.0  # taken out of the cap so calibration fits in the 600 s (R1 0.5, R0429 8)
     warmup_steps: int = 20  # compile warm-up steps, rolled back before the timed run
@@ -65,6 +70,10 @@ class Config:
     muon_row_normalize: bool = False  # MuonEq-R (R0405 on)
     muon_wd: float = 0.0  # decoupled: p *= 1 - lr * wd, with the scheduled lr
     muon_sharded: bool = False  # R1's parallel Muon: reduce-scatter banks, orthogonalize a share, all-gather
+    # R1's Muon precision: momentum buffer, row normalization and Newton-Schulz in bf16 on every
+    # device (one step's update differs by up to ~10% from fp32 state). Off keeps fp32 state, the
+    # baseline's choice, and fp32 Newton-Schulz on CPU, where bf16 matmuls are slow.
+    muon_bf16: bool = False
     embed_wd: float = 0.0  # AdamW weight decay of the embedding group
     adam_wd: float = 0.0  # AdamW weight decay of the scalar/control group
     beta1: float = 0.9
@@ -109,6 +118,9 @@ class Config:
             raise ValueError(f"device {self.device!r} must be auto, cpu or cuda")
         if self.loader not in ("stream", "documents"):
             raise ValueError(f"loader {self.loader!r} must be 'stream' or 'documents'")
+        if self.flat_batches and not (self.model.doc_attention and self.model.doc_attention_max_len > 0):
+            raise ValueError("flat_batches needs model.doc_attention with doc_attention_max_len > 0: a flat row "
+                             "would otherwise attend across all of a rank's tokens")
         if self.muon_coefficients not in COEFFICIENTS:
             raise ValueError(f"muon_coefficients {self.muon_coefficients!r} must be one of {sorted(COEFFICIENTS)}")
         check_range(self, "warmdown_frac min_lr", ge=0, le=1)
@@ -158,7 +170,8 @@ def build_optimizers(model: GPT, cfg: Config, fused: bool):
     muon_cls = ShardedMuon if cfg.muon_sharded else Muon
     muon = muon_cls([p for _, p in groups["matrix"]], lr=cfg.matrix_lr, momentum=cfg.muon_momentum,
                 backend_steps=cfg.muon_backend_steps, coefficients=cfg.muon_coefficients,
-                row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd, compiled=cfg.compile)
+                row_normalize=cfg.muon_row_normalize, weight_decay=cfg.muon_wd, compiled=cfg.compile,
+                bf16=cfg.muon_bf16)
     adam_groups = [
         {"params": [p for _, p in groups["embed"]],
          "lr": cfg.tied_embed_lr if cfg.model.tie_embeddings else cfg.embed_lr, "weight_decay": cfg.embed_wd},
@@ -266,8 +279,9 @@ class Trainer:
     def new_loader(self) -> DistributedTokenLoader | DocumentPackingLoader:
         if self.cfg.loader == "documents":
             return DocumentPackingLoader(self.shards, self.rank, self.world, self.device, self.cfg.model.vocab_size,
-                                         self.cfg.model.bos_id)
-        return DistributedTokenLoader(self.shards, self.rank, self.world, self.device, self.cfg.model.vocab_size)
+                                         self.cfg.model.bos_id, self.cfg.flat_batches)
+        return DistributedTokenLoader(self.shards, self.rank, self.world, self.device, self.cfg.model.vocab_size,
+                                      self.cfg.flat_batches)
 
     def step(self, step: int, lr_scale: float) -> torch.Tensor:
         """One optimizer step; returns this rank's mean loss as a device tensor (no host sync)."""

@@ -352,3 +352,29 @@ def test_imported_baseline_checkpoint_through_int8_baseline_pack_and_eval(data_d
                       {"pack": tmp_path / "p", "shards": data_dirs["shards"], "tokenizer": data_dirs["tokenizer"]},
                       tmp_path / "e")
     assert np.isfinite(metrics["val_bpb"]) and metrics["tokens"] > 0
+
+
+def test_calibration_without_the_document_mask_is_r1s_plain_causal(data_dirs, tmp_path):
+    """calib_doc_attention false (the record preset): a doc_attention model calibrates as the same
+    weights without the mask would (R1's collect_hessians passes no cu_seqlens); on, it differs."""
+    from pgolf.model.config import ModelConfig
+    from pgolf.model.gpt import GPT
+    from pgolf.model.io import save_model
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY_MODEL, doc_attention=True))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    plain = GPT(ModelConfig(**TINY_MODEL))
+    plain.load_state_dict(model.state_dict())
+    for name, m in (("doc", model), ("plain", plain)):
+        (tmp_path / name).mkdir()
+        save_model(m, m.cfg, tmp_path / name)
+    run_gptq(data_dirs, tmp_path / "doc", tmp_path / "off", calib_doc_attention=False, calib_seq_len=128)
+    run_gptq(data_dirs, tmp_path / "doc", tmp_path / "on", calib_seq_len=128)
+    run_gptq(data_dirs, tmp_path / "plain", tmp_path / "ref", calib_seq_len=128)
+    off, on, ref = (load_quantized(tmp_path / f"{n}/quantized.safetensors") for n in ("off", "on", "ref"))
+    assert all(torch.equal(off.tensors[k], ref.tensors[k]) for k in ref.tensors)
+    assert any(not torch.equal(on.tensors[k], ref.tensors[k]) for k in ref.tensors)

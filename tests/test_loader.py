@@ -48,3 +48,14 @@ def test_document_loader_resumes_from_a_saved_position(shards):
     b.stream.seek(*saved)
     got = b.next_batch(8, 4, 1)
     assert torch.equal(got[0], expected[0]) and torch.equal(got[1], expected[1])
+
+
+@pytest.mark.parametrize("cls", [DistributedTokenLoader, DocumentPackingLoader])
+def test_flat_batches_are_each_ranks_tokens_as_one_row(shards, cls):
+    """R1's layout: rank r's micro-batch is one row of its whole slice, the same tokens as rows."""
+    for rank in range(2):
+        rows, flat = cls(shards, rank, 2, CPU), cls(shards, rank, 2, CPU, flat=True)
+        for _ in range(3):
+            (xr, yr), (xf, yf) = rows.next_batch(8, 2, 1), flat.next_batch(8, 2, 1)
+            assert xr.shape == (2, 2) and xf.shape == yf.shape == (1, 4)
+            assert torch.equal(xf.flatten(), xr.flatten()) and torch.equal(yf.flatten(), yr.flatten())

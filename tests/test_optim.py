@@ -64,6 +64,40 @@ def test_polar_express_orthogonalizes_tighter_than_stock():
     assert polar.min() > 0.6 and polar.max() < 1.25
 
 
+def test_muon_bf16_is_r1s_precision():
+    """muon_bf16: R1's Muon step, written out here: gradient and momentum buffer in bf16, Nesterov,
+    row norms taken in fp32 and divided in bf16, Polar-Express Newton-Schulz in bf16 (R1 transposes
+    a tall matrix, then normalizes), the update scaled by sqrt(rows/cols) into the fp32 weights."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(16, 8))
+    ref = p.detach().clone()
+    opt = Muon([p], lr=0.1, momentum=0.9, row_normalize=True, coefficients="polar_express", bf16=True)
+    buf = torch.zeros(16, 8, dtype=torch.bfloat16)
+    for _ in range(3):
+        g = torch.randn(16, 8)
+        p.grad = g.clone()
+        opt.step()
+        gb = g.bfloat16()
+        buf.mul_(0.9).add_(gb)
+        u = gb.add(buf, alpha=0.9)
+        u = u / u.float().norm(dim=-1, keepdim=True).clamp_min(1e-7).to(u.dtype)
+        x = u.bfloat16().mT
+        x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+        for a, b, c in POLAR_EXPRESS_NS5:
+            gram = x @ x.mT
+            x = a * x + (b * gram + c * (gram @ gram)) @ x
+        ref.add_(x.mT, alpha=-0.1 * 2**0.5)
+        assert opt.state[p]["momentum_buffer"].dtype == torch.bfloat16
+        assert torch.allclose(p.data, ref, atol=1e-6, rtol=0)
+    fp32 = torch.nn.Parameter(ref.clone())
+    fp32.grad = torch.randn(16, 8)
+    bf = torch.nn.Parameter(ref.clone())
+    bf.grad = fp32.grad.clone()
+    Muon([fp32], lr=0.1, momentum=0.9, row_normalize=True, coefficients="polar_express").step()
+    Muon([bf], lr=0.1, momentum=0.9, row_normalize=True, coefficients="polar_express", bf16=True).step()
+    assert not torch.allclose(fp32.data, bf.data, atol=1e-5)  # on CPU the default is fp32 throughout
+
+
 def test_row_normalization_and_decoupled_weight_decay():
     p = torch.nn.Parameter(torch.ones(4, 4))
     p.grad = torch.diag(torch.tensor([100.0, 1.0, 1.0, 1.0]))

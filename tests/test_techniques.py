@@ -174,6 +174,51 @@ def test_document_attention_isolates_documents():
     assert not torch.allclose(plain.forward_logits(ids)[:, 5:], plain.forward_logits(changed)[:, 5:])
 
 
+def r1_segments(ids: list[int], max_len: int, bos_id: int = 1) -> list[list[int]]:
+    """R1's _build_cu_seqlens, written out: a segment at position 0 and at every BOS, long ones cut
+    every max_len from their start; returns the positions of each segment."""
+    starts = sorted({0} | {i for i, t in enumerate(ids) if t == bos_id}) + [len(ids)]
+    cuts = [p for a, b in zip(starts, starts[1:]) for p in range(a, b, max_len)] + [len(ids)]
+    return [list(range(a, b)) for a, b in zip(cuts, cuts[1:])]
+
+
+def test_segments_are_r1s_cu_seqlens():
+    from pgolf.model.docmask import segment_ids
+
+    ids = [5, 6, 1, 7, 8, 9, 10, 1, 11]
+    # by hand: bos at 2 and 7, cut every 2 from a document's start -> [0,2) [2,4) [4,6) [6,7) [7,9)
+    assert r1_segments(ids, 2) == [[0, 1], [2, 3], [4, 5], [6], [7, 8]]
+    seg = segment_ids(torch.tensor([ids]), 1, 2)[0].tolist()
+    assert [[i for i in range(len(ids)) if seg[i] == seg[s[0]]] for s in r1_segments(ids, 2)] == r1_segments(ids, 2)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        row = torch.randint(1, 4, (1, 23), generator=g)
+        seg = segment_ids(row, 1, 5)[0].tolist()
+        expected = r1_segments(row[0].tolist(), 5)
+        assert [[i for i in range(23) if seg[i] == seg[s[0]]] for s in expected] == expected
+
+
+def test_flat_row_cuts_attention_but_smear_runs_across_the_cut():
+    """A 12-token document in one row with doc_attention_max_len 4: position 4 attends only to
+    4.. (R1's cut), yet SmearGate still mixes in token 3, as R1's smear runs across cu_seqlens cuts
+    (fixed rows of 4 would give position 4 no previous token)."""
+    model = randomized(ModelConfig(**BASE, doc_attention=True, doc_attention_max_len=4, smear_gate="r1"))
+    ids = torch.randint(2, 64, (1, 12))
+    ids[0, 0] = 1
+    with torch.no_grad():
+        base = model.forward_logits(ids)
+        far = ids.clone()
+        far[0, 1:3] = (ids[0, 1:3] + 1 - 2) % 62 + 2  # before the cut, not adjacent to it
+        assert torch.allclose(model.forward_logits(far)[:, 4:], base[:, 4:], atol=1e-5)
+        near = ids.clone()
+        near[0, 3] = (ids[0, 3] + 1 - 2) % 62 + 2  # the token just before the cut
+        changed = model.forward_logits(near)
+        assert not torch.allclose(changed[:, 4], base[:, 4], atol=1e-4)
+        assert torch.allclose(changed[:, 8:], base[:, 8:], atol=1e-5)  # the next segment: 8..11
+        model.set_doc_attention(False)  # plainly causal: everything before reaches position 4
+        assert not torch.allclose(model.forward_logits(far)[:, 4:], model.forward_logits(ids)[:, 4:], atol=1e-4)
+
+
 def test_flex_document_attention_is_the_dense_mask():
     """doc_attention_kernel flex (FlexAttention block mask) computes what the dense mask does, with
     documents of several lengths in each row and GQA. On CPU only the forward can run flex (no

@@ -24,10 +24,13 @@ def span_per_rank(global_tokens: int, seq_len: int, world_size: int, grad_accum_
     return local_tokens + 1
 
 
-def rank_batch(chunk: np.ndarray, rank: int, span: int, seq_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank r's slice of one global span, as (inputs, targets) rows of seq_len."""
+def rank_batch(chunk: np.ndarray, rank: int, span: int, seq_len: int, device: torch.device,
+               flat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank r's slice of one global span, as (inputs, targets) rows of seq_len, or (`flat`) as one
+    row of all of it, R1's layout: its attention segments come from the model's document mask."""
     local = torch.from_numpy(chunk[rank * span:(rank + 1) * span].astype(np.int64))
-    x, y = local[:-1].reshape(-1, seq_len), local[1:].reshape(-1, seq_len)
+    row = span - 1 if flat else seq_len
+    x, y = local[:-1].reshape(-1, row), local[1:].reshape(-1, row)
     non_blocking = device.type == "cuda"
     return x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
 
@@ -72,13 +75,13 @@ class DistributedTokenLoader:
     """Yields (inputs, targets) of shape [micro_tokens // seq_len, seq_len] for this rank."""
 
     def __init__(self, folder: str | Path, rank: int, world_size: int, device: torch.device,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, flat: bool = False):
         self.stream = TokenStream(folder, "train", vocab_size)
-        self.rank, self.world_size, self.device = rank, world_size, device
+        self.rank, self.world_size, self.device, self.flat = rank, world_size, device, flat
 
     def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
         span = span_per_rank(global_tokens, seq_len, self.world_size, grad_accum_steps)
-        return rank_batch(self.stream.take(span * self.world_size), self.rank, span, seq_len, self.device)
+        return rank_batch(self.stream.take(span * self.world_size), self.rank, span, seq_len, self.device, self.flat)
 
 
 class DocumentPackingLoader:
@@ -86,15 +89,16 @@ class DocumentPackingLoader:
     first BOS (the fragment continued from the previous shard is skipped), every step one
     contiguous global span of world_size x (local tokens + 1), rank r taking the r-th slice; a span
     that does not fit in what is left of a shard skips to the next shard. Pair it with
-    doc_attention so each token sees only its own document."""
+    doc_attention so each token sees only its own document; R1's own rows are `flat` (one row per
+    rank, segments cut at BOS and every train_seq_len from a document's start: doc_attention_max_len)."""
 
     def __init__(self, folder: str | Path, rank: int, world_size: int, device: torch.device,
-                 vocab_size: int | None = None, bos_id: int = 1):
+                 vocab_size: int | None = None, bos_id: int = 1, flat: bool = False):
         self.files = list_shards(folder, "train")
         if not self.files:
             raise InputError("no fineweb_train_*.bin shards found", folder)
         self.rank, self.world_size, self.device = rank, world_size, device
-        self.vocab_size, self.bos_id = vocab_size, bos_id
+        self.vocab_size, self.bos_id, self.flat = vocab_size, bos_id, flat
         self.seek(0, None)
 
     @property
@@ -122,4 +126,4 @@ class DocumentPackingLoader:
                              "use fewer tokens per step or larger shards", self.files[0].parent)
         chunk = self.tokens[self.pos:self.pos + need]
         self.pos += need
-        return rank_batch(chunk, self.rank, span, seq_len, self.device)
+        return rank_batch(chunk, self.rank, span, seq_len, self.device, self.flat)

@@ -55,6 +55,10 @@ class ModelConfig:
     # FlexAttention with a block mask, which skips whole blocks of other documents and is fused into
     # one kernel when the model is compiled (the CUDA training path). Same function, same parameters.
     doc_attention_kernel: Literal["mask", "flex"] = "mask"
+    # > 0: a document's attention segments are also cut every this many tokens from its start, as
+    # R1's cu_seqlens cut them (max_doc_len = train_seq_len); it matters only in rows longer than
+    # this (train.flat_batches), so 2048-token rows see the same mask with or without it.
+    doc_attention_max_len: int = 0
     bigram_vocab: int = 0  # BigramHash table rows; 0: off
     bigram_dim: int = 128
     ve_layers: list[int] = field(default_factory=list)  # physical layers whose V gets value embeddings
@@ -92,6 +96,8 @@ class ModelConfig:
         for name in ("ve_layers", "inhibitor_blocks"):
             if any(not 0 <= i < self.num_layers for i in getattr(self, name)):
                 raise ValueError(f"{name} must name physical layers 0..{self.num_layers - 1}")
+        if self.doc_attention_max_len < 0:
+            raise ValueError(f"doc_attention_max_len {self.doc_attention_max_len} must be >= 0 (0: no cut)")
         if self.attn_gate != "off" and self.attn_gate_width > self.model_dim:
             raise ValueError("attn_gate_width is larger than model_dim")
 

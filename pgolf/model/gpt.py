@@ -151,6 +151,7 @@ class GPT(nn.Module):
         # Recurrence is on by default (evaluation, calibration, TTT); training turns it off until
         # enable_looping_at and then back on for good.
         self.looping = bool(cfg.num_loops)
+        self.doc_attention = cfg.doc_attention
         self.fused_cross_entropy = False
         self.reset_parameters()
 
@@ -195,6 +196,12 @@ class GPT(nn.Module):
             if isinstance(module, CastedLinear) and name.startswith("blocks."):
                 module.qat_bits = bits
 
+    def set_doc_attention(self, on: bool) -> None:
+        """Attend within documents (cfg.doc_attention) or plainly causal across them: R1 trains and
+        evaluates with its varlen segments but calibrates GPTQ with plain causal attention
+        (gptq.calib_doc_attention)."""
+        self.doc_attention = bool(on)
+
     @property
     def plan(self) -> LayerPlan:
         return self.plans[self.looping]
@@ -224,10 +231,11 @@ class GPT(nn.Module):
         x0 = x
         ve = self.value_embed(input_ids).to(x.dtype) if self.value_embed is not None else None
         mask = None
-        if self.cfg.doc_attention:
+        if self.doc_attention:
             # FlexAttention has no backward on CPU: there, training falls back to the dense mask.
             flex = self.cfg.doc_attention_kernel == "flex" and (input_ids.is_cuda or not torch.is_grad_enabled())
-            mask = (document_block_mask if flex else document_causal_mask)(input_ids, self.cfg.bos_id)
+            mask = (document_block_mask if flex else document_causal_mask)(input_ids, self.cfg.bos_id,
+                                                                            self.cfg.doc_attention_max_len)
         plan = self.plan
         skips: list[Tensor] = []
         def lora(step):
