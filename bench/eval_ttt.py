@@ -1,6 +1,6 @@
 """Eval-stage bench on one GPU: the TTT gain (post-quant bpb minus final bpb) on a model the pipeline
 trains, the eval seconds of each mode, and a projection of the TTT time to 8 GPUs against R1's
-455-509 s (reference.md 7.7).
+455-509 s (docs/lineage.md#eval-budget).
 
     python bench/eval_ttt.py --preset record --corpus ../shared/corpus/mixed_large.jsonl.gz \
         --set train.max_wallclock_seconds=300 --set train.nproc=1 --set shards.val_docs=500

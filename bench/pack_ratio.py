@@ -1,4 +1,4 @@
-"""Artifact size of one quantized model in R1's format (per-group streams + lrzip, reference.md 6.3)
+"""Artifact size of one quantized model in R1's format (per-group streams + lrzip, docs/lineage.md#model-formats)
 and in pgolf's `best` (each stream with its smallest compressor, payload byte-shuffled when that
 helps), with pack and unpack seconds; the ratio is best / R1.
 

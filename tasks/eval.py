@@ -48,7 +48,7 @@ class Config:
     lora: TTTSettings = field(default_factory=TTTSettings)
     sgd: SGDTTTSettings = field(default_factory=SGDTTTSettings)
     # > 0: TTT training (global SGD phases, SGD chunks) is skipped where the projection says the eval
-    # would not finish within this many seconds; scoring always completes (reference.md 7.7).
+    # would not finish within this many seconds; scoring always completes (docs/lineage.md#eval-budget).
     budget_s: float = 0.0
     # torch.compile the forward path; compilation runs on random tokens before the clock starts and is
     # reported as warmup_seconds, outside eval_seconds and the budget, as R1 reports it.

@@ -4,7 +4,7 @@
         --author "Ada" --github-id ada [--params params.yaml] [--sweep SWEEP] [--against RECORD]
 
 Writes README.md (configuration, results, lineage of techniques, how to reproduce), submission.json
-(the records' fields, reference.md 6.5), the train and eval logs, requirements.txt, and one
+(the records' fields, docs/lineage.md#submission), the train and eval logs, requirements.txt, and one
 self-contained train_gpt.py generated from the pipeline's own modules that trains, quantizes,
 packs and evaluates under torchrun inside that folder.
 
@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 ENTRY = ROOT / "tasks" / "submission.py"
 REQUIREMENTS = ("torch", "numpy", "sentencepiece", "protobuf", "safetensors", "pyyaml", "brotli", "zstandard",
                 "python-minifier")
-# Where each switch comes from (reference.md section 0 and 4.1), for the README's lineage.
+# Where each switch comes from (docs/lineage.md#codes and #architecture), for the README's lineage.
 LINEAGE = [
     ("num_loops", "depth recurrence (R0409 lineage; R1 loops 3-5 twice from 35% of training)"),
     ("block_map", "explicit block map (PR #1383)"),

@@ -78,7 +78,7 @@ class Config:
         check_range(self, "nproc nnodes", ge=1)
 
     def family(self, name: str) -> tuple[int, float]:
-        """(bits, clip sigmas) of a matrix, by its name (reference.md 5.3)."""
+        """(bits, clip sigmas) of a matrix, by its name (docs/lineage.md#gptq)."""
         if name in ("tok_emb.weight", "lm_head.weight"):
             return self.embed_bits or self.bits, self.embed_clip_sigmas or self.clip_sigmas
         if ".mlp." in name:
@@ -217,7 +217,7 @@ def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, dev
         "tensors_passthrough": sum(e["kind"] == "passthrough" for e in qm.entries.values()),
         "tensors_int8_row": sum(e["kind"] == "int8_row" for e in qm.entries.values()),
         "tensors_lqer": sum("lqer" in e for e in qm.entries.values()),
-        # Recoveries (reference.md 5.3): Hessians that needed more than gptq.damp to factor, and inputs never active.
+        # Recoveries (docs/lineage.md#gptq): Hessians that needed more than gptq.damp to factor, and inputs never active.
         "tensors_damped_more": sum(r.get("damp", cfg.damp) > cfg.damp for r in report.values()),
         "dead_columns": sum(r.get("dead_columns", 0) for r in report.values()),
         "mean_error": sum(r["error"] for r in gptq_errors) / max(len(gptq_errors), 1),

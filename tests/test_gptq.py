@@ -261,7 +261,7 @@ def percentile_clip(a: torch.Tensor) -> torch.Tensor:
 
 
 def test_baseline_int8_is_the_baseline_rule():
-    """int8_clean_per_row_v1 (reference.md 6.3) against the rule computed here step by step: the
+    """int8_clean_per_row_v1 (docs/lineage.md#model-formats) against the rule computed here step by step: the
     codes, the stored scales and the dequantized weights are the same bits."""
     from pgolf.quant.baseline_int8 import quantize_baseline_int8
 

@@ -10,7 +10,7 @@ from pgolf.model.gpt import GPT, count_parameters
 from pgolf.params import from_dict
 from tasks import params as P
 
-# reference.md: R1 4.1 (35,945,671), baseline 4.8 (17,059,912), PR #2116 4.1 (35,991,751).
+# docs/lineage.md: R1 #r1 (35,945,671), baseline #baseline-config (17,059,912), PR #2116 #pr2116 (35,991,751).
 # Derived here: PR #1693 has R1's sizes, PR #1790 adds 8 x 12 gate weights per layer (width 24),
 # PR #1383's count follows from the sizes its preset chooses.
 EXPECTED = {

@@ -158,7 +158,7 @@ def test_reference_parameter_counts():
               mlp_activation="leaky_relu2", rope_dims=16, qk_gain_init=5.0, ln_scale=True, xsa_last_n=11,
               skip_gates=True, parallel_start_layer=8, num_loops=2, loop_start=3, loop_end=5, smear_gate="r1",
               attn_gate="sparse")
-    assert count_parameters(ModelConfig(**r1)) == 35_945_671  # reference.md 4.1
+    assert count_parameters(ModelConfig(**r1)) == 35_945_671  # docs/lineage.md#architecture
     assert count_parameters(ModelConfig(**r1, inhibitor_blocks=[5])) == 35_991_751  # PR #2116
 
 

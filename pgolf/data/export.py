@@ -1,4 +1,4 @@
-"""Documents -> the challenge's shards (reference.md 1.2-1.5), tokenized in parallel processes.
+"""Documents -> the challenge's shards (docs/lineage.md#shards), tokenized in parallel processes.
 
 Each document becomes [BOS] + tokens (no EOS); the first `val_docs` documents are val, the rest
 train; shards of `shard_tokens` tokens, a document may straddle two, val and train never share

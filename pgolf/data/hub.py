@@ -1,5 +1,5 @@
 """The challenge's published documents: `docs_selected.jsonl` with its sidecar
-`docs_selected.source_manifest.json` (num_docs, docs_val, docs_sha256, shuffle_seed; reference.md 1.1),
+`docs_selected.source_manifest.json` (num_docs, docs_val, docs_sha256, shuffle_seed; docs/lineage.md#source-documents),
 from a Hugging Face dataset repository or a local copy, verified before a document is read.
 
     corpus.source: hf://willdepueoai/parameter-golf/datasets/docs_selected.jsonl

@@ -85,7 +85,7 @@ class DistributedTokenLoader:
 
 
 class DocumentPackingLoader:
-    """R1's loader (PR #1530 lineage, reference.md 1.6): shards in sorted order, each read from its
+    """R1's loader (PR #1530 lineage, docs/lineage.md#loader): shards in sorted order, each read from its
     first BOS (the fragment continued from the previous shard is skipped), every step one
     contiguous global span of world_size x (local tokens + 1), rank r taking the r-th slice; a span
     that does not fit in what is left of a shard skips to the next shard. Pair it with

@@ -1,4 +1,4 @@
-"""The challenge's conditions on evaluation (reference.md 7.5), checked from a log of what a run did.
+"""The challenge's conditions on evaluation (docs/lineage.md#compliance), checked from a log of what a run did.
 
 Every TTT mode records each span of targets it scores and each span it trains on (global target
 positions, end exclusive), stamped with a logical time `tick`: events of one tick on different

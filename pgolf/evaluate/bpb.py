@@ -1,4 +1,4 @@
-"""Exact val_loss and val_bpb (reference.md 3.1, 3.2, 3.5).
+"""Exact val_loss and val_bpb (docs/lineage.md#bpb).
 
 val_loss = sum of CE (nats, full-vocabulary softmax, fp32) / targets; val_bpb = val_loss / ln 2 x
 targets / bytes. The val stream is truncated to a multiple of seq_len (+1) as the challenge does;

@@ -1,4 +1,4 @@
-"""eval.budget_s: the eval stage's time budget (the challenge allows 600 s on 8xH100, reference.md 7.7).
+"""eval.budget_s: the eval stage's time budget (the challenge allows 600 s on 8xH100, docs/lineage.md#eval-budget).
 
 Scoring every target is not optional; the training a TTT mode does between scoring steps (a global
 SGD phase, a chunk's SGD epochs) is. Before each such piece of training, the projection "elapsed +

@@ -1,5 +1,5 @@
 """Score-first chunked SGD test-time training over sliding windows (PR #461's recipe): R0409's
-full-weight TTT and PR #1383's FiLM-only TTT (reference.md 7.1, 7.6).
+full-weight TTT and PR #1383's FiLM-only TTT (docs/lineage.md#eval-lineage, #film-ttt).
 
 The val stream's targets are cut into chunks of `chunk_tokens`; each sliding window belongs to the
 chunk of its first scored target. Chunk by chunk: every window of the chunk is scored (no grad),
@@ -34,7 +34,7 @@ from pgolf.progress import tracked
 @dataclass
 class SGDTTTSettings:
     # "all": every weight (R0409); "film": only the FiLM scales and shifts of the shared depths, as
-    # PR #1383 intends (its own code left the shared matrices trainable, reference.md 7.6).
+    # PR #1383 intends (its own code left the shared matrices trainable, docs/lineage.md#film-ttt).
     trainable: Literal["all", "film"] = "all"
     lr: float = 0.005  # R0409; PR #1383: 0.002
     momentum: float = 0.9

@@ -1,4 +1,4 @@
-"""Score-first test-time training with per-document LoRA (R0416 -> R1, reference.md 7.3), with the
+"""Score-first test-time training with per-document LoRA (R0416 -> R1, docs/lineage.md#lora-ttt), with the
 challenge's four conditions (7.5) checked as it runs.
 
 Each document is [BOS_i .. BOS_{i+1}] (its last target is the next BOS: the end of the document);
@@ -48,7 +48,7 @@ class TTTSettings:
     batch_docs: int = 64
     warm_start_a: bool = False  # R1: keep A across batches (B is always reset)
     seed: int = 0
-    # Multi-phase global SGD (PR #1626 -> R1, reference.md 7.4): after the first prefix_docs * k / phases
+    # Multi-phase global SGD (PR #1626 -> R1, docs/lineage.md#phased-ttt): after the first prefix_docs * k / phases
     # documents (in processing order) are scored, all base weights take one SGD epoch on them.
     phases: int = 0
     prefix_docs: int = 2000

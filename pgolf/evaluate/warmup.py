@@ -2,7 +2,7 @@
 
 R1 compiles its TTT forward and warms it up on random tokens (not val data) at the shapes the eval
 will use, backward and optimizer step included, and leaves those seconds out of its eval time
-(reference.md 7.2, 7.7); the eval stage reports them separately as warmup_seconds. Shapes are
+(docs/lineage.md#ttt-warmup, #eval-budget); the eval stage reports them separately as warmup_seconds. Shapes are
 dynamic: LoRA chunks and the last windows vary in width, and one graph serves them all.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The MLP's up-projection with its activation in the GEMM epilogue (R1's fused MLP, reference.md 4.1).
+"""The MLP's up-projection with its activation in the GEMM epilogue (R1's fused MLP, docs/lineage.md#architecture).
 
 Eager, h = x W_fc^T goes to memory, is read back by leaky_relu, whose output is read back by
 square, and autograd keeps h, leaky(h) and the square for the backward: three [tokens, hidden]

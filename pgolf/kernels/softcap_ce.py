@@ -1,4 +1,4 @@
-"""Softcapped cross-entropy in one pass over the logits (R1's FUSED_CE, reference.md 4.4).
+"""Softcapped cross-entropy in one pass over the logits (R1's FUSED_CE, docs/lineage.md#fused-loss).
 
 The eager loss upcasts the [tokens, vocab] logits to fp32, softcaps them into a second fp32 copy
 and lets F.cross_entropy keep a third for its backward: at R1's 98,304 targets per rank and vocab

@@ -1,4 +1,4 @@
-"""The GPT of the challenge's baseline (reference.md 4.8) and of the leading entries (4.1).
+"""The GPT of the challenge's baseline (docs/lineage.md#baseline-config) and of the leading entries (#architecture).
 
 Defaults give the baseline: 9 layers x 512, GQA 8/4 heads, relu^2 MLP x2, U-Net skips, tied
 embeddings, logit softcap 30. Every other technique is switched by ModelConfig and lives in its own
@@ -170,7 +170,7 @@ class GPT(nn.Module):
         self.looping = bool(on and self.cfg.num_loops)
 
     def store_embedding_in_bf16(self) -> None:
-        """Keep tok_emb as a bf16 parameter, as the baseline and R1 train it (reference.md 4.3): the
+        """Keep tok_emb as a bf16 parameter, as the baseline and R1 train it (docs/lineage.md#precision): the
         embedding then feeds the residual stream in bf16 under autocast (every control tensor is
         cast to the activation dtype), where an fp32 embedding would make the whole stream fp32."""
         self.tok_emb.to(torch.bfloat16)

@@ -1,4 +1,4 @@
-"""Per-document LoRA adapters for test-time training (RLORA -> R0416 -> R1, reference.md 7.3).
+"""Per-document LoRA adapters for test-time training (RLORA -> R0416 -> R1, docs/lineage.md#lora-ttt).
 
 Every tensor has a leading document dimension: document b of a batch has its own A and B, so one
 batched forward trains as many independent adapters as there are documents. delta(x) = (x A^T) B^T

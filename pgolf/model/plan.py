@@ -29,7 +29,7 @@ class LayerPlan:
 
 
 def virtual_order(cfg: ModelConfig, looping: bool) -> list[int]:
-    """R1 with layers 3-5 looped twice: [0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10] (reference.md 4.1)."""
+    """R1 with layers 3-5 looped twice: [0,1,2,3,4,5,3,4,5,3,4,5,6,7,8,9,10] (docs/lineage.md#architecture)."""
     if cfg.block_map:
         return list(cfg.block_map)
     layers = list(range(cfg.num_layers))

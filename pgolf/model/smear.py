@@ -1,6 +1,6 @@
 """SmearGate: mix the previous token's embedding into the current one, gated per token.
 
-Variants (reference.md 4.1):
+Variants (docs/lineage.md#architecture):
 - r1 (PR #1855): on raw embeddings before the norm, x_t += lam * sigmoid(w . x_t[:W]) * x_{t-1},
   w and lam zero-init (so identity at init), masked where token_t is BOS so the last token of a
   document never leaks into the next one (R1's fix);

@@ -1,6 +1,6 @@
 """Muon: momentum SGD whose 2-D updates are orthogonalized by a Newton-Schulz iteration.
 
-From Keller Jordan's modded-nanogpt, as the challenge's baseline uses it (reference.md 4.5, 4.8):
+From Keller Jordan's modded-nanogpt, as the challenge's baseline uses it (docs/lineage.md#muon, #baseline-config):
 Nesterov momentum, 5 quintic Newton-Schulz steps, update scaled by sqrt(max(1, rows/cols)). The
 record lineage adds Polar-Express per-iteration coefficients (arXiv:2505.16932), MuonEq-R (each
 row of the update normalized before orthogonalizing, R0405) and decoupled weight decay
@@ -125,7 +125,7 @@ class Muon(torch.optim.Optimizer):
 
 
 class ShardedMuon(Muon):
-    """R1's "parallel Muon" (reference.md 4.5): matrices of one shape form a bank; its gradients are
+    """R1's "parallel Muon" (docs/lineage.md#muon): matrices of one shape form a bank; its gradients are
     reduce-scattered so each rank holds the average of its share, the rank keeps momentum and runs
     Newton-Schulz only for that share (batched), and an all-gather returns every update. Banks go
     largest first. The optimizer does its own gradient averaging: leave its parameters out of any

@@ -8,7 +8,7 @@ def lr_multiplier(step: int, elapsed_ms: float, iterations: int, warmdown_iters:
     """Baseline: 1 until the warmdown, then linear to 0 over the last `warmdown_iters` steps.
 
     With a wallclock cap the baseline does not know how many steps it will get, so it turns
-    `warmdown_iters` into time using the average step time so far (reference.md 4.8).
+    `warmdown_iters` into time using the average step time so far (docs/lineage.md#baseline-config).
     """
     if warmdown_iters <= 0:
         return 1.0
@@ -32,7 +32,7 @@ def training_fraction(step: int, elapsed_ms: float, iterations: int, max_wallclo
 
 def warmdown_multiplier(frac: float, warmdown_frac: float, min_lr: float) -> float:
     """R1: constant for the first 1 - warmdown_frac of training, then linear down to a `min_lr` floor
-    (warmdown_frac 0.85, min_lr 0.1 there; reference.md 4.6)."""
+    (warmdown_frac 0.85, min_lr 0.1 there; docs/lineage.md#schedule)."""
     if warmdown_frac <= 0 or frac < 1.0 - warmdown_frac:
         return 1.0
     return max((1.0 - frac) / warmdown_frac, min_lr)

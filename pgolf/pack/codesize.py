@@ -2,7 +2,7 @@
 
 The files are found by following the imports of the eval stage through this repository's
 packages and counted as they are. `wrapped_size` is the rule the leading entries use for their one
-script (R1, reference.md 6.2): minify, brotli quality 11, base85, and count the two-line
+script (R1, docs/lineage.md#code-size): minify, brotli quality 11, base85, and count the two-line
 self-extracting stub that execs it.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@
                  u8 transform (0: none, 1: 2-byte shuffle) | the stored streams
     payload:   u32 header length | header JSON | tensor bytes, in the header's order (sorted names)
 
-Layout `flat` compresses one payload stream. Layout `pergroup` (R1, reference.md 6.3) gives each
+Layout `flat` compresses one payload stream. Layout `pergroup` (R1, docs/lineage.md#model-formats) gives each
 family of int codes its own stream, layers in order, each matrix optionally row-sorted by greedy
 L1 nearest neighbour and stored transposed (column-major), so the coder sees long runs of
 similar bytes; the payload stream keeps everything else and the row orders go in a last stream.

@@ -1,5 +1,5 @@
 """The challenge baseline's own quantization (`quantize_state_dict_int8`, "int8_clean_per_row_v1",
-reference.md 6.3), so a model trained anywhere can be scored the way the baseline scores itself.
+docs/lineage.md#model-formats), so a model trained anywhere can be scored the way the baseline scores itself.
 
 - non-float tensors: kept as they are;
 - float tensors of at most 65,536 elements: kept, fp32 when the name holds a control pattern

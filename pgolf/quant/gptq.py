@@ -1,5 +1,5 @@
 """GPTQ (Frantar et al., 2022) with per-row SDClip scales, as the leading entries run it
-(reference.md 5.3): dead columns zeroed, 1% damping, act-order by descending diag(H), upper
+(docs/lineage.md#gptq): dead columns zeroed, 1% damping, act-order by descending diag(H), upper
 Cholesky factor of H^-1, 128-column blocks with lazy cross-block error updates."""
 from __future__ import annotations
 

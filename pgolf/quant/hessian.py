@@ -1,4 +1,4 @@
-"""Calibration: H = sum of x x^T over the inputs of every quantized matrix (reference.md 5.2).
+"""Calibration: H = sum of x x^T over the inputs of every quantized matrix (docs/lineage.md#hessians).
 
 Under torchrun the calibration batches are dealt round-robin over ranks (batch i on rank i mod W)
 and the sums and token counts are all-reduced, so every rank ends with the Hessians of all batches,

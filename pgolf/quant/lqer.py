@@ -1,4 +1,4 @@
-"""LQER: low-rank correction of the quantization error (R1, reference.md 5.5).
+"""LQER: low-rank correction of the quantization error (R1, docs/lineage.md#lqer).
 
 For the tensors with the largest ||W - Q s||_F, the error's top-r SVD E ~ A B (A = U_r S_r,
 B = V_r^T) is stored in a few bits: asymmetric packing puts A in INT2 ([-2, 1], one fp16 scale

@@ -1,6 +1,6 @@
 """How many bytes each scored token stands for: the challenge's LUT rule and per-token sidecars.
 
-Plain tokenizers: the organizer's LUT (reference.md 3.2) measures the normalized text the
+Plain tokenizers: the organizer's LUT (docs/lineage.md#bpb) measures the normalized text the
 tokenizer produced. Variants that transform the text first (casefold) ship a per-token sidecar
 of ORIGINAL-text bytes, aligned 1:1 with the val tokens.
 """

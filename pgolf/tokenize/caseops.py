@@ -1,4 +1,4 @@
-"""CaseOps (`lossless_caps_caseops_v1`, PR #1729 -> R1; reference.md 2.3): a bijective case transform.
+"""CaseOps (`lossless_caps_caseops_v1`, PR #1729 -> R1; docs/lineage.md#caseops): a bijective case transform.
 
 Case moves out of the letters into four reserved operator characters, so the tokenizer sees
 lowercase words and the model predicts case as tokens. Rules act on maximal runs of ASCII letters:

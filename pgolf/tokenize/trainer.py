@@ -1,4 +1,4 @@
-"""SentencePiece BPE with the challenge's trainer settings (reference.md section 2.1)."""
+"""SentencePiece BPE with the challenge's trainer settings (docs/lineage.md#tokenizer-training)."""
 from __future__ import annotations
 
 import io
