@@ -12,9 +12,12 @@ from torch import Tensor
 
 
 def low_rank_factors(error: Tensor, rank: int) -> tuple[Tensor, Tensor]:
-    u, s, vh = torch.linalg.svd(error.double(), full_matrices=False)
+    """The SVD in float32, as R1 takes it: a singular vector's sign is the SVD's choice, and with
+    A's lopsided INT2 range [-2, 1] a flipped sign changes the stored codes, so a float64 SVD (a
+    sign of its own) would store other factors than R1 for the same error."""
+    u, s, vh = torch.linalg.svd(error.float(), full_matrices=False)
     r = min(rank, s.numel())
-    return (u[:, :r] * s[:r]).float(), vh[:r].float()
+    return (u[:, :r] * s[:r]).contiguous(), vh[:r].contiguous()
 
 
 def _sym_rows(x: Tensor, levels: float, lo: int, hi: int) -> tuple[Tensor, Tensor]:

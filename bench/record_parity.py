@@ -1,0 +1,471 @@
+"""The record preset against R1's own train_gpt.py (PR #1855), part by part, on CPU at small dims:
+the counterpart of bench/reference_parity.py for the #1 record.
+
+    python bench/record_parity.py                       # R1's script in bench/reference/r1/ (git-ignored)
+    python bench/record_parity.py --reference PATH/train_gpt.py --json out.json
+
+R1's script imports flash_attn_interface (FlashAttention 3, CUDA only): this bench puts its own
+CPU stand-in in sys.modules first (plain causal SDPA per row; varlen: one causal SDPA per
+cu_seqlens segment), and otherwise calls R1's functions as they are: its GPT, loader,
+collect_hessians, gptq_mixed_quantize and Muon (@torch.compile unwrapped to its eager function,
+CUDA streams in its Optimizers made no-ops). Nothing of R1's math is edited. pgolf's side is the
+record preset (presets/record.yaml) with only the sizes shrunk, so a preset value that is not
+R1's shows up here.
+
+Model: 6 layers x 384 (6 heads of 64, 3 KV heads: R1's head size, so its 16 RoPE dims), MLP x4,
+vocab 512, loop 2..3 x2, parallel lanes from 4, XSA everywhere, SmearGate, sparse gate; big
+enough that every matrix is over R1's 65,536-value passthrough threshold, so gptq_mixed_quantize
+runs unmodified. pgolf's weights are drawn at random and copied into R1's banks.
+
+Rows of the table (max abs or relative difference, or counts):
+  logits       R1's forward_logits vs pgolf's, looping on/off, R1's varlen segments (a flat row,
+               cu_seqlens from its _build_cu_seqlens) vs doc_attention + doc_attention_max_len,
+               and plain causal rows; plus pgolf's old layout (rows of train_seq_len) for contrast
+  loader       R1's DocumentPackingLoader vs pgolf's (flat_batches) on the same shards: tokens
+               and attention segments, batch by batch, over shard changes, on 2 ranks
+  hessians     R1's collect_hessians vs pgolf's (calib_doc_attention false) on the same batches
+  gptq         R1's gptq_mixed_quantize vs pgolf's quantize_state (record gptq config): codes,
+               scales, int8 gates, LQER factors
+  step         one optimizer step of every group (Muon banks, token AdamW, scalar AdamW) from the
+               same gradients: R1's Optimizers vs pgolf's build_optimizers (muon_bf16 on and off)
+Not compared yet: EMA and the lr/momentum schedules (R1 keeps them inside train_model), LoRA and
+phased TTT, and R1's serialize() artifact read by pgolf.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import importlib.util
+import json
+import re
+import sys
+import tempfile
+import types
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from pgolf.data.loader import DocumentPackingLoader  # noqa: E402
+from pgolf.data.shards import write_shard  # noqa: E402
+from pgolf.model.config import ModelConfig  # noqa: E402
+from pgolf.model.docmask import segment_ids  # noqa: E402
+from pgolf.model.gpt import GPT  # noqa: E402
+from pgolf.params import from_dict  # noqa: E402
+from pgolf.quant.hessian import collect_hessians  # noqa: E402
+from tasks import gptq as gptq_stage  # noqa: E402
+from tasks import params as presets  # noqa: E402
+from tasks import train as train_stage  # noqa: E402
+
+SIZES = dict(vocab_size=512, num_layers=6, model_dim=384, num_heads=6, num_kv_heads=3, loop_start=2, loop_end=3,
+             parallel_start_layer=4, xsa_last_n=6)
+SEQ_LEN = 128  # train_seq_len (and doc_attention_max_len) at this scale; R1 2048
+BOS = 1
+
+
+# --- R1's script with a CPU FlashAttention -------------------------------------------------------
+
+def _causal(q, k, v):
+    """q [B, T, H, D], k/v [B, T, Hkv, D] (FA3's layout) -> [B, T, H, D]."""
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                                       enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+def flash_attn_func(q, k, v, causal=True, **_):
+    assert causal
+    return _causal(q, k, v)
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, **_):
+    assert causal and torch.equal(cu_seqlens_q, cu_seqlens_k)
+    bounds = sorted(set(cu_seqlens_q.tolist()))  # R1 pads the list by repeating the total length
+    parts = [_causal(q[None, a:b], k[None, a:b], v[None, a:b])[0] for a, b in zip(bounds, bounds[1:])]
+    return torch.cat(parts)
+
+
+def load_r1(script: Path):
+    standin = types.ModuleType("flash_attn_interface")
+    standin.flash_attn_func, standin.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
+    sys.modules["flash_attn_interface"] = standin
+    spec = importlib.util.spec_from_file_location("r1_train_gpt", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # main() runs only as __main__
+    module.BOS_ID = BOS
+    # eager Newton-Schulz: the same function without its @torch.compile wrapper
+    module.zeropower_via_newtonschulz5 = getattr(module.zeropower_via_newtonschulz5, "_torchdynamo_orig_callable",
+                                                 module.zeropower_via_newtonschulz5)
+    return module
+
+
+@contextlib.contextmanager
+def cpu_for_r1():
+    """R1 pins loader memory and steps its Adams on a side CUDA stream: both are no-ops here."""
+    saved = (torch.Tensor.pin_memory, torch.empty, torch.cuda.Stream, torch.cuda.stream, torch.cuda.current_stream)
+    real_empty = torch.empty
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    torch.Tensor.pin_memory = lambda self, *a, **k: self
+    torch.empty = lambda *a, pin_memory=False, **k: real_empty(*a, **k)
+    torch.cuda.Stream, torch.cuda.current_stream = Stream, lambda *a: Stream()
+    torch.cuda.stream = lambda s: contextlib.nullcontext()
+    try:
+        yield
+    finally:
+        torch.Tensor.pin_memory, torch.empty, torch.cuda.Stream, torch.cuda.stream, torch.cuda.current_stream = saved
+
+
+def r1_hyperparameters(ref, cfg: ModelConfig, tcfg: train_stage.Config, qcfg: gptq_stage.Config, shards: Path):
+    """R1's Hyperparameters as its run set them (train_seed42.log), at this bench's sizes."""
+    h = ref.Hyperparameters()
+    values = dict(vocab_size=cfg.vocab_size, num_layers=cfg.num_layers, model_dim=cfg.model_dim,
+                  num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads, mlp_mult=cfg.mlp_mult,
+                  xsa_last_n=cfg.xsa_last_n, rope_dims=cfg.rope_dims, rope_yarn=cfg.rope_yarn,
+                  qk_gain_init=cfg.qk_gain_init, num_loops=cfg.num_loops, loop_start=cfg.loop_start,
+                  loop_end=cfg.loop_end, parallel_start_layer=cfg.parallel_start_layer,
+                  smear_gate_enabled=True, gate_window=cfg.gate_window, sparse_attn_gate_enabled=True,
+                  sparse_attn_gate_scale=cfg.sparse_attn_gate_scale, fused_ce_enabled=False,
+                  train_seq_len=SEQ_LEN, eval_seq_len=SEQ_LEN, train_files=str(shards / "fineweb_train_*.bin"),
+                  matrix_lr=tcfg.matrix_lr, scalar_lr=tcfg.scalar_lr, tied_embed_lr=tcfg.tied_embed_lr,
+                  muon_momentum=tcfg.muon_momentum, muon_wd=tcfg.muon_wd, embed_wd=tcfg.embed_wd,
+                  adam_wd=tcfg.adam_wd, beta1=tcfg.beta1, beta2=tcfg.beta2, adam_eps=tcfg.adam_eps,
+                  muon_row_normalize=True, muon_backend_steps=tcfg.muon_backend_steps,
+                  gated_attn_quant_gate=True, embed_bits=qcfg.embed_bits, matrix_bits=qcfg.bits,
+                  embed_clip_sigmas=qcfg.embed_clip_sigmas, mlp_clip_sigmas=qcfg.mlp_clip_sigmas,
+                  attn_clip_sigmas=qcfg.attn_clip_sigmas, lqer_enabled=True, lqer_rank=qcfg.lqer_rank,
+                  lqer_top_k=qcfg.lqer_top_k, lqer_asym_enabled=True, lqer_asym_group=qcfg.lqer_group,
+                  rank=0, world_size=1, is_main_process=False, logfile=None)
+    for k, v in values.items():
+        setattr(h, k, v)
+    ref.set_logging_hparams(h)  # is_main_process False: its log() stays quiet
+    return h
+
+
+# --- pgolf's record preset at the bench's sizes ----------------------------------------------------
+
+def record_configs() -> tuple[ModelConfig, train_stage.Config, gptq_stage.Config]:
+    rendered = presets.render("record")
+    model = {**rendered["train"]["model"], **SIZES, "doc_attention_max_len": SEQ_LEN}
+    train = from_dict(train_stage.Config, {**rendered["train"], "model": model, "train_seq_len": SEQ_LEN,
+                                           "nproc": 1, "device": "cpu", "compile": False}, "record")
+    model = train.model
+    return model, train, from_dict(gptq_stage.Config, rendered["gptq"], "record")
+
+
+def random_pgolf(cfg: ModelConfig, seed: int = 0) -> GPT:
+    """Every parameter moved off its init (zero-init gates, lambdas and projections act)."""
+    torch.manual_seed(seed)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * (0.02 if p.ndim == 2 and p.numel() > 4096 else 0.1))
+    return model
+
+
+def to_r1_state(model: GPT, r1_model) -> dict[str, torch.Tensor]:
+    """pgolf's parameters under R1's names: matrices into its banks, lane lambdas into its [L, ...]."""
+    n = model.cfg.num_layers
+    sd = {k: v.detach().clone() for k, v in r1_model.state_dict().items()}
+    ours = model.state_dict()
+    for i in range(n):
+        sd["qo_bank"][i], sd["qo_bank"][n + i] = ours[f"blocks.{i}.attn.c_q.weight"], ours[f"blocks.{i}.attn.proj.weight"]
+        sd["kv_bank"][i], sd["kv_bank"][n + i] = ours[f"blocks.{i}.attn.c_k.weight"], ours[f"blocks.{i}.attn.c_v.weight"]
+        sd["mlp_up_bank"][i], sd["mlp_down_bank"][i] = ours[f"blocks.{i}.mlp.fc.weight"], ours[f"blocks.{i}.mlp.proj.weight"]
+    for name, t in ours.items():
+        if re.search(r"\.(c_q|c_k|c_v|proj|fc)\.weight$", name) and name.startswith("blocks."):
+            continue
+        lanes = re.fullmatch(r"blocks\.(\d+)\.(parallel_(?:post|resid)_lambdas)", name)
+        if lanes:
+            sd[lanes.group(2)][int(lanes.group(1))] = t
+            continue
+        r1_name = {"smear.gate": "smear_gate.weight", "smear.lam": "smear_lambda"}.get(name, name.replace(".attn.gate.", ".attn."))
+        if r1_name not in sd or sd[r1_name].shape != t.shape:
+            raise KeyError(f"{name} has no counterpart in R1's GPT ({r1_name})")
+        sd[r1_name] = t.clone()
+    return sd
+
+
+def r1_named_grads(model: GPT, r1_model) -> dict[str, torch.Tensor]:
+    """R1's gradients (or parameters) under pgolf's names, the inverse of to_r1_state."""
+    n = model.cfg.num_layers
+    r1 = dict(r1_model.named_parameters())
+    out = {}
+    for name, _ in model.named_parameters():
+        m = re.fullmatch(r"blocks\.(\d+)\.(attn\.c_q|attn\.proj|attn\.c_k|attn\.c_v|mlp\.fc|mlp\.proj)\.weight", name)
+        lanes = re.fullmatch(r"blocks\.(\d+)\.(parallel_(?:post|resid)_lambdas)", name)
+        if m:
+            i, kind = int(m.group(1)), m.group(2)
+            bank, idx = {"attn.c_q": ("qo_bank", i), "attn.proj": ("qo_bank", n + i), "attn.c_k": ("kv_bank", i),
+                         "attn.c_v": ("kv_bank", n + i), "mlp.fc": ("mlp_up_bank", i), "mlp.proj": ("mlp_down_bank", i)}[kind]
+            out[name] = (r1[bank], idx)
+        elif lanes:
+            out[name] = (r1[lanes.group(2)], int(lanes.group(1)))
+        else:
+            r1_name = {"smear.gate": "smear_gate.weight", "smear.lam": "smear_lambda"}.get(name, name.replace(".attn.gate.", ".attn."))
+            out[name] = (r1[r1_name], None)
+    return out
+
+
+def pick(param_and_index, what: str) -> torch.Tensor:
+    p, idx = param_and_index
+    t = p.grad if what == "grad" else p.detach()
+    return t if idx is None else t[idx]
+
+
+# --- data ------------------------------------------------------------------------------------------
+
+def write_shards(folder: Path, vocab: int, seed: int = 0) -> None:
+    """Two train shards of [BOS] + tokens documents, some longer than SEQ_LEN, the first shard
+    starting inside a document (the fragment R1's loader skips)."""
+    rng = np.random.default_rng(seed)
+    for index in range(2):
+        tokens = list(rng.integers(2, vocab, 37))
+        while len(tokens) < 6000:
+            length = int(rng.choice([5, 40, 90, SEQ_LEN - 1, SEQ_LEN, 300]))
+            tokens += [BOS] + list(rng.integers(2, vocab, length))
+        write_shard(folder / f"fineweb_train_{index:06d}.bin", np.array(tokens, dtype=np.int64))
+
+
+def partition(labels: list[int]) -> list[tuple[int, int]]:
+    """Runs of equal labels as (start, end); segments are contiguous in both codes."""
+    runs, start = [], 0
+    for i in range(1, len(labels) + 1):
+        if i == len(labels) or labels[i] != labels[i - 1]:
+            runs.append((start, i))
+            start = i
+    return runs
+
+
+def cu_partition(cu: torch.Tensor) -> list[tuple[int, int]]:
+    bounds = sorted(set(cu.tolist()))
+    return list(zip(bounds, bounds[1:]))
+
+
+# --- the comparisons -------------------------------------------------------------------------------
+
+@torch.no_grad()
+def compare_logits(ref, ours: GPT, theirs, tokens: torch.Tensor) -> dict:
+    row = tokens[None, : 4 * SEQ_LEN]
+    bos = (row[0] == BOS).nonzero(as_tuple=True)[0].tolist()
+    cu, max_len = ref._build_cu_seqlens(bos, row.size(1), row.device, SEQ_LEN, 64)
+    rows = row.reshape(4, SEQ_LEN)
+    out = {}
+    for looping in (True, False):
+        ours.set_looping(looping)
+        theirs.looping_active = looping
+        tag = "loop" if looping else "noloop"
+        ours.set_doc_attention(True)
+        a, b = ours.forward_logits(row), theirs.forward_logits(row, cu_seqlens=cu, max_seqlen=max_len)
+        out[f"varlen_{tag}"] = float((a - b).abs().max())
+        out[f"max_abs_logit_{tag}"] = float(b.abs().max())
+        if looping:
+            old = ours.forward_logits(rows).reshape(1, -1, a.size(-1))  # pgolf before issue 13: rows of seq_len
+            out["rows_layout_positions_differing"] = int(((old - b).abs().amax(-1) > 1e-3).sum())
+            out["positions"] = row.size(1)
+        ours.set_doc_attention(False)
+        a, b = ours.forward_logits(rows), theirs.forward_logits(rows)
+        out[f"causal_{tag}"] = float((a - b).abs().max())
+    ours.set_doc_attention(True)
+    ours.set_looping(True)
+    theirs.looping_active = True
+    return out
+
+
+def compare_loaders(ref, h, shards: Path, cfg: ModelConfig, batches: int = 12) -> dict:
+    world, global_tokens = 2, 2 * 4 * SEQ_LEN
+    equal_tokens = equal_segments = total = 0
+    shard_changes = 0
+    with cpu_for_r1():
+        r1_loaders = []
+        for rank in range(world):
+            h.rank, h.world_size = rank, world
+            r1_loaders.append(ref.DocumentPackingLoader(h, torch.device("cpu")))
+        h.rank, h.world_size = 0, 1
+        ours = [DocumentPackingLoader(shards, r, world, torch.device("cpu"), cfg.vocab_size, BOS, flat=True)
+                for r in range(world)]
+        last_file = ours[0].file_index
+        for _ in range(batches):
+            for rank in range(world):
+                x, y, cu, _ = r1_loaders[rank].next_batch(global_tokens, 1)
+                ox, oy = ours[rank].next_batch(global_tokens, SEQ_LEN, 1)
+                total += 1
+                equal_tokens += int(torch.equal(x, ox) and torch.equal(y, oy))
+                seg = segment_ids(ox, BOS, cfg.doc_attention_max_len)[0].tolist()
+                equal_segments += int(partition(seg) == cu_partition(cu))
+            shard_changes += int(ours[0].file_index != last_file)
+            last_file = ours[0].file_index
+    return {"batches": total, "tokens_equal": equal_tokens, "segments_equal": equal_segments,
+            "shard_changes": shard_changes}
+
+
+def calibration_rows(shards: Path, count: int, seed: int = 1) -> list[torch.Tensor]:
+    tokens = np.fromfile(sorted(shards.glob("fineweb_train_*.bin"))[0], dtype="<u2", offset=1024).astype(np.int64)
+    rng = np.random.default_rng(seed)
+    return [torch.from_numpy(np.stack([tokens[s:s + SEQ_LEN] for s in rng.integers(0, len(tokens) - SEQ_LEN, 4)]))
+            for _ in range(count)]
+
+
+def compare_hessians(ref, h, ours: GPT, theirs, batches: list[torch.Tensor]) -> tuple[dict, dict, dict]:
+    class Batches:  # R1's collect_hessians asks its loader for (x, y)
+        def __init__(self):
+            self.it = iter(batches)
+
+        def next_batch(self, *_):
+            return next(self.it), None
+
+    r1_h = ref.collect_hessians(theirs, Batches(), h, torch.device("cpu"), n_calibration_batches=len(batches))
+    per_batch = batches[0].numel()
+    ours.set_doc_attention(False)
+    plain, _ = collect_hessians(ours, batches, torch.device("cpu"))
+    ours.set_doc_attention(True)
+    masked, _ = collect_hessians(ours, batches, torch.device("cpu"))
+
+    def rel(a, b):
+        return float((a - b).abs().max() / b.abs().max())
+
+    names = sorted(r1_h)
+    assert set(names) == set(plain), (sorted(set(names) ^ set(plain)))[:5]
+    scaled = {n: r1_h[n] / per_batch for n in names}  # R1 averages per batch, pgolf per token
+    out = {"hessians": len(names), "max_rel_calib_doc_attention_false": max(rel(plain[n], scaled[n]) for n in names),
+           "differing_with_doc_mask": sum(rel(masked[n], scaled[n]) > 1e-4 for n in names),
+           "max_rel_with_doc_mask": max(rel(masked[n], scaled[n]) for n in names)}
+    return out, r1_h, plain
+
+
+def compare_gptq(ref, h, ours: GPT, theirs, r1_h: dict, our_h: dict, qcfg: gptq_stage.Config) -> dict:
+    r1_state = ref._unbank_state_dict(theirs.state_dict(), ours.cfg.num_layers)
+    r1_q, meta = ref.gptq_mixed_quantize(r1_state, r1_h, h)
+    state = {k: v.detach().cpu() for k, v in ours.state_dict().items()}
+    qm, _ = gptq_stage.quantize_state(state, our_h, qcfg, {})
+    ours_t = qm.tensors
+    codes = same_codes = 0
+    scales_equal = gates_equal = True
+    lqer = {"tensors_r1": 0, "tensors_pgolf": 0, "factors_equal": 0}
+    for name, kind in meta.items():
+        pg = name.replace(".attn.attn_gate_w", ".attn.gate.attn_gate_w")
+        pg = {"smear_gate.weight": "smear.gate", "smear_lambda": "smear.lam"}.get(pg, pg)
+        if kind.startswith("gptq"):
+            a, b = r1_q[name + ".q"], ours_t[pg + ".q"]
+            codes += a.numel()
+            same_codes += int((a == b).sum())
+            scales_equal &= torch.equal(r1_q[name + ".scale"], ours_t[pg + ".scale"])
+            if "lqer" in kind:
+                lqer["tensors_r1"] += 1
+                keys = [".lqA_a", ".lqAs_a", ".lqB_a", ".lqBs_a"] if "asym" in kind else [".lqA", ".lqAs", ".lqB", ".lqBs"]
+                lqer["factors_equal"] += int(all(pg + k in ours_t and torch.equal(r1_q[name + k].flatten(),
+                                                                                   ours_t[pg + k].flatten()) for k in keys))
+        elif kind == "gate_int8_row":
+            gates_equal &= torch.equal(r1_q[name + ".gq"], ours_t[pg + ".q"]) and torch.equal(r1_q[name + ".gs"], ours_t[pg + ".scale"])
+    lqer["tensors_pgolf"] = sum(1 for k in ours_t if k.endswith((".lqA_a", ".lqA")))
+    return {"codes": codes, "codes_equal_fraction": same_codes / max(codes, 1), "scales_bit_equal": bool(scales_equal),
+            "gates_int8_equal": bool(gates_equal), "lqer": lqer}
+
+
+def compare_step(ref, h, cfg: ModelConfig, tcfg: train_stage.Config, batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    x, y = batch
+    out = {}
+    for bf16 in (True, False):
+        ours = random_pgolf(cfg)
+        theirs = ref.GPT(h)
+        theirs.load_state_dict(to_r1_state(ours, theirs))
+        for block in theirs.blocks:
+            block.mlp.use_fused = False  # its Triton MLP needs CUDA; the eager one is its own math too
+        theirs.looping_active = True
+        ours.set_looping(True)
+        ours.train(), theirs.train()
+        loss_ours = ours(x, y)
+        loss_ours.backward()
+        bos = (x[0] == BOS).nonzero(as_tuple=True)[0].tolist()
+        cu, _ = ref._build_cu_seqlens(bos, x.size(1), x.device, SEQ_LEN, 64)
+        loss_theirs = theirs(x, y, cu_seqlens=cu, max_seqlen=SEQ_LEN)
+        loss_theirs.backward()
+        mapping = r1_named_grads(ours, theirs)
+        if bf16:
+            out["loss_abs"] = abs(float(loss_ours) - float(loss_theirs))
+            out["grad_max_rel"] = max(float((p.grad - pick(mapping[n], "grad")).abs().max()
+                                            / pick(mapping[n], "grad").abs().max().clamp_min(1e-30))
+                                      for n, p in ours.named_parameters() if p.grad is not None)
+        torch.nn.utils.clip_grad_norm_(ours.parameters(), tcfg.grad_clip_norm)
+        torch.nn.utils.clip_grad_norm_(theirs.parameters(), tcfg.grad_clip_norm)
+        before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+        cfg_step = dataclasses.replace(tcfg, muon_bf16=bf16)
+        optimizers = train_stage.build_optimizers(ours, cfg_step, fused=False)
+        optimizers[0].param_groups[0]["momentum"] = tcfg.muon_momentum_warmup_start
+        for opt in optimizers:
+            opt.step()
+        with cpu_for_r1():
+            r1_opt = ref.Optimizers(h, theirs)
+            for group in r1_opt.optimizer_muon.param_groups:
+                group["momentum"] = tcfg.muon_momentum_warmup_start
+            r1_opt.step(distributed=False)
+        groups = {"muon": [], "embed": [], "scalar": []}
+        for n, p in ours.named_parameters():
+            theirs_delta = pick(mapping[n], "param") - before[n]
+            ours_delta = p.detach() - before[n]
+            kind = "embed" if n == "tok_emb.weight" else "muon" if p.ndim == 2 and re.search(r"\.(c_q|c_k|c_v|proj|fc)\.weight$", n) else "scalar"
+            groups[kind].append(float((ours_delta - theirs_delta).abs().max() / theirs_delta.abs().max().clamp_min(1e-30)))
+        tag = "muon_bf16" if bf16 else "muon_fp32"
+        out[tag] = {k: max(v) for k, v in groups.items()}
+    return out
+
+
+def progress(what: str, started: list[float]) -> None:
+    import time
+    now = time.perf_counter()
+    print(f"[{now - started[0]:7.1f} s] {what}", file=sys.stderr, flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reference", type=Path, default=ROOT / "bench/reference/r1/train_gpt.py")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    if not args.reference.is_file():
+        parser.error(f"{args.reference}: R1's train_gpt.py is not there (bench/reference/ is git-ignored; copy "
+                     "records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_9HpStack_1.0611/ there)")
+    import time
+    t0 = [time.perf_counter()]
+    ref = load_r1(args.reference)
+    progress("R1 loaded", t0)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    cfg, tcfg, qcfg = record_configs()
+    report = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp)
+        write_shards(shards, cfg.vocab_size)
+        h = r1_hyperparameters(ref, cfg, tcfg, qcfg, shards)
+        ours = random_pgolf(cfg)
+        theirs = ref.GPT(h)
+        theirs.load_state_dict(to_r1_state(ours, theirs))
+        theirs.eval(), ours.eval()
+        report["params"] = {"pgolf": sum(p.numel() for p in ours.parameters()),
+                            "r1_used": sum(p.numel() for p in theirs.parameters())}
+        stream = torch.from_numpy(np.fromfile(shards / "fineweb_train_000000.bin", dtype="<u2", offset=1024).astype(np.int64))
+        progress('report["logits"]', t0)
+        report["logits"] = compare_logits(ref, ours, theirs, stream[37:])
+        progress('report["loader"]', t0)
+        report["loader"] = compare_loaders(ref, h, shards, cfg)
+        progress('batches', t0)
+        batches = calibration_rows(shards, 4)
+        report["hessians"], r1_h, our_h = compare_hessians(ref, h, ours, theirs, batches)
+        progress('report["gptq"]', t0)
+        report["gptq"] = compare_gptq(ref, h, ours, theirs, r1_h, our_h, qcfg)
+        progress('loader', t0)
+        loader = DocumentPackingLoader(shards, 0, 1, torch.device("cpu"), cfg.vocab_size, BOS, flat=True)
+        report["step"] = compare_step(ref, h, cfg, tcfg, loader.next_batch(2 * SEQ_LEN, SEQ_LEN, 1))
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
