@@ -104,7 +104,9 @@ def default_remote(workspace: Path) -> str | None:
     """The DVC remote every worker shares (`dvc remote add -d NAME URL`), or None."""
     proc = subprocess.run(dvc_command() + ["config", "core.remote"], cwd=workspace, env=dvc_env(),
                           capture_output=True, text=True)
-    return proc.stdout.strip() or None if proc.returncode == 0 else None
+    if proc.returncode != 0:  # no core.remote set
+        return None
+    return proc.stdout.strip() or None
 
 
 def dvc_repro(workspace: Path, stage: str | None = None, force: bool = False, echo: bool = True) -> None:
