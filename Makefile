@@ -8,12 +8,17 @@ PRESET ?=
 SET    ?=
 VIA    ?= dvc
 STAMP  := $(VENV)/.installed-stamp
+# The local Prefect server the deployment targets use (make prefect-server / deploy / worker).
+PREFECT_PORT ?= 4200
+PREFECT_API  := http://127.0.0.1:$(PREFECT_PORT)/api
 OVERRIDES := $(foreach s,$(SET),--set $(s))
 # bin/stage (dvc.yaml's commands) runs stages with this interpreter, so VENV=elsewhere works too.
 export PGOLF_PYTHON := $(abspath $(PY))
 export DVC_NO_ANALYTICS := 1
 export PYTHONUNBUFFERED := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# An in-process run's temporary Prefect server migrates its database first: slow on a busy machine.
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
 .PHONY: run test install params repro prefect-server deploy worker clean help
 
@@ -43,13 +48,14 @@ params: $(STAMP)
 	$(PY) -m tasks.params $(if $(PRESET),--preset $(PRESET)) $(OVERRIDES)
 
 prefect-server: $(STAMP)
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 deploy: $(STAMP)
-	PREFECT_API_URL=http://127.0.0.1:4200/api $(PY) -m flows.deploy
+	PREFECT_API_URL=$(PREFECT_API) $(PY) -m flows.deploy
 
+# --limit 1: a worker stands for one GPU node, which runs one job at a time; start one per node.
 worker: $(STAMP)
-	PREFECT_API_URL=http://127.0.0.1:4200/api $(VENV)/bin/prefect worker start --pool pgolf-process
+	PREFECT_API_URL=$(PREFECT_API) $(VENV)/bin/prefect worker start --pool pgolf-process --limit 1
 
 clean:
 	rm -rf artifacts/* data/corpus dvc.lock .dvc/cache .dvc/tmp

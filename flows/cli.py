@@ -4,6 +4,7 @@
     pgolf params --preset baseline          (same as python -m tasks.params)
     pgolf summary                            (the last run: each stage ran or cached, its seconds; the score)
     pgolf exp show [--all] [DVC ARGS]        (DVC's experiments: changed params, val_bpb, bytes, seconds)
+    pgolf sweep --preset record --seeds 42,0,1234 [--set k=v] [--deployment pgolf-pipeline/NAME] [--out F]
     pgolf significance OURS AGAINST [--json] [--via-bpb]   (the record test; exit 0 met, 1 not, 2 bad input)
 """
 from __future__ import annotations
@@ -26,7 +27,8 @@ def cmd_run(args) -> int:
     if args.via == "prefect":
         from flows.pipeline import pipeline
 
-        pipeline(preset=args.preset, overrides=args.overrides, workspace=".",
+        # This checkout is the workspace, as with dvc: the user's own run, not a deployment's.
+        pipeline(preset=args.preset, overrides=args.overrides, workspace=".", isolate=False,
                  stages=[args.stage] if args.stage else None)
         results = results_since(".", started, [args.stage] if args.stage else STAGES)
     else:
@@ -47,6 +49,35 @@ def cmd_summary(args) -> int:
         print("no pipeline run recorded here (pgolf run writes one); each stage's last run:")
     print(format_summary(results, "."))
     return 0
+
+
+def cmd_sweep(args) -> int:
+    from flows.sweep import parse_seeds, sweep
+
+    seeds = parse_seeds(args.seeds)
+    table = sweep(preset=args.preset, seeds=seeds, overrides=args.overrides, workspace=".",
+                  deployment=args.deployment, revision=args.revision, out=args.out)
+    print(f"\n{'seed':>8} {'val_loss':>10} {'val_bpb':>10} {'bytes':>12}")
+    for row in table["seeds"]:
+        print(f"{row['seed']:>8} {row['val_loss']:>10.6f} {row['val_bpb']:>10.6f} {row['total_bytes'] or 0:>12,}")
+    for stat in ("mean", "std"):
+        values = [table[stat][m] for m in ("val_loss", "val_bpb")]
+        print(f"{stat:>8} " + " ".join("         -" if v is None else f"{v:>10.6f}" for v in values))
+    print(f"\nwritten to {table['path']}")
+    return 0
+
+
+def add_sweep(sub) -> None:
+    sw = sub.add_parser("sweep", help="one pipeline run per seed; the per-seed table with mean and std (sweep.json)",
+                        description="Runs the pipeline once per seed (train.seed), each in a slot of this checkout, or as "
+                                    "runs of a Prefect deployment started at once (--deployment), and writes sweep.json.")
+    sw.add_argument("--preset", default=None, help=f"preset to render for every seed: {', '.join(list_presets())}")
+    sw.add_argument("--seeds", required=True, help="comma-separated integers, e.g. 42,0,1234")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    sw.add_argument("--deployment", default=None, help="run each seed as a run of this deployment (FLOW/NAME)")
+    sw.add_argument("--revision", default="HEAD", help="the commit every seed runs (default HEAD)")
+    sw.add_argument("--out", default=None, help="where sweep.json goes (default artifacts/sweeps/<preset+overrides>/)")
+    sw.set_defaults(func=cmd_sweep)
 
 
 # ---- significance: the record test (pgolf.significance) ----
@@ -86,6 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     run.set_defaults(func=cmd_run)
     summ = sub.add_parser("summary", help="print the outputs of the last run")
     summ.set_defaults(func=cmd_summary)
+    add_sweep(sub)
     add_significance(sub)
     prm = sub.add_parser("params", help="render params.yaml (see python -m tasks.params -h)", add_help=False)
     prm.set_defaults(func=None)

@@ -2,13 +2,14 @@
 
     make prefect-server   # terminal 1: Prefect API + UI on http://127.0.0.1:4200
     make deploy           # work pool 'pgolf-process' (type process) + deployment 'pgolf-pipeline/smoke'
-    make worker           # terminal 2: a process worker that polls the pool and runs flow runs
+    make worker           # terminal 2: a process worker that polls the pool, one flow run at a time
     PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run 'pgolf-pipeline/smoke' \
         -p preset=baseline -p workspace=/path/to/checkout
 
-Each flow run renders params.yaml in its `workspace` (a checkout or git worktree of this repo,
-by default this one) and asks DVC for each stage there, so runs in different worktrees never share
-a params.yaml, and all of them share what DVC has cached in that checkout.
+Each flow run takes a slot of its `workspace` checkout (flows/workspace.py: a git worktree at the
+run's commit, under .pgolf/runs/), renders params.yaml there and asks DVC for each stage, so runs
+started at once never share a params.yaml, the checkout itself is never rewritten, and every slot
+shares the checkout's DVC cache (and, with a default remote, every worker's).
 """
 from __future__ import annotations
 

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -100,16 +104,48 @@ def last_pipeline_run(workspace: str | Path = ".") -> tuple[dict | None, list[St
     return None, results
 
 
+_CWD_LOCK = threading.Lock()
+
+
+@contextmanager
+def dvc_repo(workspace: str | Path) -> Iterator:
+    """DVC's Repo for in-process questions (a dvc launch costs a second, most of an all-cached run's
+    time). DVC resolves stage paths against the current directory, as its CLI runs from the repo
+    root, so the block runs there; the lock keeps two threads from moving the process's cwd at once."""
+    from dvc.repo import Repo
+
+    with _CWD_LOCK:
+        before = os.getcwd()
+        os.chdir(workspace)
+        try:
+            with Repo(str(workspace)) as repo:
+                yield repo
+        finally:
+            os.chdir(before)
+
+
 def default_remote(workspace: Path) -> str | None:
     """The DVC remote every worker shares (`dvc remote add -d NAME URL`), or None."""
-    proc = subprocess.run(dvc_command() + ["config", "core.remote"], cwd=workspace, env=dvc_env(),
-                          capture_output=True, text=True)
-    if proc.returncode != 0:  # no core.remote set
-        return None
-    return proc.stdout.strip() or None
+    with dvc_repo(workspace) as repo:
+        return repo.config["core"].get("remote") or None
 
 
-def dvc_repro(workspace: Path, stage: str | None = None, force: bool = False, echo: bool = True) -> None:
+def stages_up_to_date(workspace: Path, stages: list[str] | tuple[str, ...] = STAGES) -> set[str]:
+    """The stages whose outputs in the workspace match dvc.lock, deps and params included: what
+    `dvc status` reports clean, asked in-process (a tenth of a second a stage, no dvc launch)."""
+    with dvc_repo(workspace) as repo:
+        changed = {name.rsplit(":", 1)[-1] for name in repo.status(targets=list(stages))}
+    return {stage for stage in stages if stage not in changed}
+
+
+class StageCrash(RuntimeError):
+    """A stage's process died for no reason of its inputs (killed, out of memory, a lost rank): worth
+    a retry. Not a PgolfError: a stage exits 2 on bad input (tasks.common.stage_main), which a retry
+    cannot mend, and that is a ReproError."""
+
+
+def dvc_repro(workspace: Path, stage: str | None = None, force: bool = False, echo: bool = True,
+              on_line=None) -> None:
     """`dvc repro`; with a default remote, one cache for every worker: what a stage's run-cache entry
     on the remote holds is pulled instead of recomputed (`--pull`), and what ran is pushed after."""
     cmd = ["repro"]
@@ -120,31 +156,47 @@ def dvc_repro(workspace: Path, stage: str | None = None, force: bool = False, ec
     remote = default_remote(workspace)
     if remote:
         cmd.append("--pull")
-    _dvc(workspace, cmd, echo)
+    _dvc(workspace, cmd, echo, on_line)
     if remote:
-        _dvc(workspace, ["push", "--run-cache"] + ([stage] if stage else []), echo)
+        _dvc(workspace, ["push", "--run-cache"] + ([stage] if stage else []), echo, on_line)
 
 
-def _dvc(workspace: Path, args: list[str], echo: bool) -> None:
+def _dvc(workspace: Path, args: list[str], echo: bool, on_line=None) -> None:
     cmd = dvc_command() + args
     proc = subprocess.Popen(cmd, cwd=workspace, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
-        if echo:
+        if on_line is not None:
+            on_line(line.rstrip("\n"))
+        elif echo:
             sys.stdout.write(line)
             sys.stdout.flush()
         tail = (tail + [line])[-40:]
     if proc.wait() != 0:
-        raise ReproError(f"`dvc {' '.join(args)}` failed in {workspace} (exit {proc.returncode}):\n{''.join(tail)}")
+        message = f"`dvc {' '.join(args)}` failed in {workspace} (exit {proc.returncode}):\n{''.join(tail)}"
+        exited = re.findall(r"exited with (-?\d+)", "".join(tail))
+        if exited and int(exited[-1]) != 2:
+            raise StageCrash(message)
+        raise ReproError(message)
 
 
-def reproduce(workspace: str | Path = ".", stage: str | None = None, force: bool = False, echo: bool = True) -> list[StageResult]:
+def reproduce(workspace: str | Path = ".", stage: str | None = None, force: bool = False, echo: bool = True,
+              on_line=None) -> list[StageResult]:
     """Reproduce the whole pipeline (stage=None) or exactly one stage; report what ran."""
     workspace = Path(workspace).resolve()
     started = time.time()
-    dvc_repro(workspace, stage, force, echo)
+    dvc_repro(workspace, stage, force, echo, on_line)
     return results_since(workspace, started, [stage] if stage else STAGES)
+
+
+def reproduce_stage(workspace: str | Path, stage: str, known_up_to_date: bool = False, on_line=None) -> StageResult:
+    """One stage, launching dvc only when it has something to do: a stage that `stages_up_to_date`
+    found clean (and nothing upstream has run since) is reported cached at no cost."""
+    if known_up_to_date:
+        return StageResult(stage, "cached", 0.0)
+    (result,) = reproduce(workspace, stage=stage, on_line=on_line)
+    return result
 
 
 def set_params(workspace: str | Path, preset: str | None, overrides: list[str] | tuple[str, ...] = ()) -> Path:
@@ -156,20 +208,30 @@ def set_params(workspace: str | Path, preset: str | None, overrides: list[str] |
     return path
 
 
-def format_summary(results: list[StageResult], workspace: str | Path = ".") -> str:
+def score_of(workspace: str | Path = ".") -> dict:
+    """What a run scored and weighs, from the eval and pack outputs there (keys absent where a stage
+    has not run)."""
     workspace = Path(workspace)
+    metrics = _read_json(workspace / "artifacts/eval/metrics.json") or {}
+    size = _read_json(workspace / "artifacts/pack/size.json") or {}
+    score = {k: metrics[k] for k in ("val_bpb", "val_loss", "tokens", "bytes", "mode") if k in metrics}
+    score.update({k: size[k] for k in ("total_bytes", "model_bytes", "code_bytes", "margin_bytes", "cap_bytes") if k in size})
+    return score
+
+
+def format_summary(results: list[StageResult], workspace: str | Path = ".") -> str:
     width = max([7] + [len(r.status) for r in results])
     lines = [f"{'stage':<10} {'status':<{width}} {'seconds':>8}", f"{'-' * 10} {'-' * width} {'-' * 8}"]
     for r in results:
         lines.append(f"{r.stage:<10} {r.status:<{width}} {r.seconds:>8.1f}")
-    metrics = _read_json(workspace / "artifacts/eval/metrics.json")
-    size = _read_json(workspace / "artifacts/pack/size.json")
+    score = score_of(workspace)
     lines.append("")
-    if metrics:
-        lines.append(f"val_bpb         {metrics['val_bpb']:.4f}  (val_loss {metrics['val_loss']:.4f}, {metrics['tokens']:,} tokens, {metrics['bytes']:,} bytes, mode {metrics.get('mode')})")
-    if size:
-        lines.append(f"artifact bytes  {size['total_bytes']:,}  (model {size['model_bytes']:,} + code {size['code_bytes']:,})")
-        lines.append(f"cap margin      {size['margin_bytes']:,} bytes under {size['cap_bytes']:,}")
+    if "val_bpb" in score:
+        lines.append(f"val_bpb         {score['val_bpb']:.4f}  (val_loss {score['val_loss']:.4f}, {score['tokens']:,} tokens, "
+                     f"{score['bytes']:,} bytes, mode {score.get('mode')})")
+    if "total_bytes" in score:
+        lines.append(f"artifact bytes  {score['total_bytes']:,}  (model {score['model_bytes']:,} + code {score['code_bytes']:,})")
+        lines.append(f"cap margin      {score['margin_bytes']:,} bytes under {score['cap_bytes']:,}")
     return "\n".join(lines)
 
 

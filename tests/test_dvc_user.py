@@ -10,29 +10,19 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from tests.userenv import VENV, copy_checkout, fake_python_bin, shell
+
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV = ROOT / ".venv"
 TINY = ("--preset smoke --set corpus.max_docs=400 --set shards.val_docs=12 --set train.iterations=4 "
         "--set gptq.calib_batches=1 --set eval.seq_len=128")
 UP_TO_DATE = "Data and pipelines are up to date."
-
-
-def shell(cmd: str, cwd: Path, fake_bin: Path, check: bool = True, timeout: int = 900) -> subprocess.CompletedProcess:
-    env = {"HOME": os.environ.get("HOME", "/root"), "PATH": f"{fake_bin}:/usr/bin:/bin", "LANG": "C.UTF-8",
-           "DVC_NO_ANALYTICS": "1", "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
-    proc = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"`{cmd}` failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
 
 
 @pytest.fixture(scope="module")
@@ -40,23 +30,8 @@ def user(tmp_path_factory):
     if not (VENV / "bin" / "dvc").is_file():
         pytest.skip("needs the project's .venv (make install)")
     base = tmp_path_factory.mktemp("dvcuser")
-    fake_bin = base / "bin"
-    fake_bin.mkdir()
-    for name in ("python", "python3"):  # the interpreter a user's PATH finds first: not the project's
-        (fake_bin / name).write_text("#!/bin/sh\necho 'not the project interpreter' >&2\nexit 97\n")
-        (fake_bin / name).chmod(0o755)
-    repo = base / "repo"
-    files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
-                           check=True).stdout.split()
-    for rel in files:
-        src = ROOT / rel
-        if rel == "dvc.lock" or not src.is_file():
-            continue
-        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
-        (repo / rel).write_bytes(src.read_bytes())
-        (repo / rel).chmod(src.stat().st_mode)
-    (repo / ".venv").symlink_to(VENV)
-    os.utime(repo / "pyproject.toml", (0, 0))  # older than the venv's install stamp: make installs nothing
+    fake_bin = fake_python_bin(base)
+    repo = copy_checkout(base / "repo")
     run = lambda cmd, **kw: shell(cmd, repo, fake_bin, **kw)  # noqa: E731
     run("git init -q && git add -A && git commit -qm pgolf")
     return {"repo": repo, "run": run, "fake_bin": fake_bin, "base": base}

@@ -58,8 +58,8 @@ def prefect_harness():
 def test_prefect_flow_runs_whole_pipeline(workspace, prefect_harness):
     from flows.pipeline import pipeline
 
-    results = pipeline(preset="smoke", overrides=TINY, workspace=str(workspace))
-    assert ran(results) == list(STAGES)
+    outcome = pipeline(preset="smoke", overrides=TINY, workspace=str(workspace), isolate=False)
+    assert ran(outcome["stages"]) == list(STAGES)
     metrics = json.loads((workspace / "artifacts/eval/metrics.json").read_text())
     size = json.loads((workspace / "artifacts/pack/size.json").read_text())
     assert math.isfinite(metrics["val_bpb"]) and 0 < metrics["val_bpb"] < 20
@@ -68,6 +68,7 @@ def test_prefect_flow_runs_whole_pipeline(workspace, prefect_harness):
     assert (workspace / "artifacts/pack/artifact.bin").stat().st_size == size["model_bytes"]
     leftovers = [p.name for p in (workspace / "artifacts").iterdir() if ".tmp-" in p.name or ".old-" in p.name]
     assert leftovers == []
+    assert outcome["val_bpb"] == metrics["val_bpb"] and outcome["total_bytes"] == size["total_bytes"]
 
 
 def test_dvc_after_prefect_recomputes_nothing(workspace):
@@ -83,8 +84,39 @@ def test_eval_param_reruns_eval_only(workspace):
 def test_prefect_after_dvc_recomputes_nothing(workspace, prefect_harness):
     from flows.pipeline import pipeline
 
-    results = pipeline(preset="smoke", overrides=TINY + ["eval.stride=64"], workspace=str(workspace))
-    assert ran(results) == []
+    outcome = pipeline(preset="smoke", overrides=TINY + ["eval.stride=64"], workspace=str(workspace), isolate=False)
+    assert ran(outcome["stages"]) == []
+
+
+def test_a_crashed_stage_is_retried_and_a_refusal_is_final(workspace, prefect_harness, monkeypatch):
+    import flows.pipeline as flow_module
+    from flows.repro import StageCrash
+    from pgolf.errors import InputError
+
+    calls = []
+    real = flow_module.reproduce_stage
+
+    def crashes_once(ws, stage, known_up_to_date=False, on_line=None):
+        calls.append(stage)
+        if calls.count(stage) == 1:
+            raise StageCrash("rank 1 was killed")
+        return real(ws, stage, known_up_to_date, on_line)
+
+    def refuses(ws, stage, known_up_to_date=False, on_line=None):
+        calls.append(stage)
+        raise InputError("header does not match the manifest", "artifacts/shards/val/val_000000.bin")
+
+    monkeypatch.setattr(flow_module, "stage_task", flow_module.stage_task.with_options(retry_delay_seconds=0))
+    monkeypatch.setattr(flow_module, "reproduce_stage", crashes_once)
+    outcome = flow_module.pipeline(preset="smoke", overrides=TINY + ["eval.stride=64"], workspace=str(workspace),
+                                   isolate=False, stages=["eval"])
+    assert calls == ["eval", "eval"] and outcome["stages"][0]["status"] == "cached"
+    calls.clear()
+    monkeypatch.setattr(flow_module, "reproduce_stage", refuses)
+    with pytest.raises(InputError, match="val_000000.bin"):
+        flow_module.pipeline(preset="smoke", overrides=TINY + ["eval.stride=64"], workspace=str(workspace),
+                             isolate=False, stages=["eval"])
+    assert calls == ["eval"]
 
 
 def test_train_param_reruns_train_and_downstream_only(workspace):

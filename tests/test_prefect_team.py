@@ -1,0 +1,185 @@
+"""Prefect as a team drives it: the README's server, deployment and two workers, runs started at once.
+
+A git copy of this checkout (smoke preset shrunk further, committed: runs take their commit), a
+local Prefect server on 127.0.0.1 with its own PREFECT_HOME, `make deploy`, and two `make worker`s
+(two GPU nodes, one job each). The README's commands run as written; only the server's port is
+another than the README's 4200, so that a server a developer has running is never touched. The
+tests run in file order and build on each other.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.userenv import VENV, copy_checkout, fake_python_bin, shell, user_env
+
+pytestmark = pytest.mark.slow
+
+PORT = "4211"
+API = f"http://127.0.0.1:{PORT}/api"
+README_RUN = "PREFECT_API_URL=http://127.0.0.1:4211/api .venv/bin/prefect deployment run pgolf-pipeline/smoke -p preset=smoke"
+SHRUNK = {"corpus": {"max_docs": 400}, "shards": {"val_docs": 12}, "train": {"iterations": 4},
+          "gptq": {"calib_batches": 1}, "eval": {"seq_len": 128}}
+
+
+def api(path: str, body: dict | None = None):
+    request = urllib.request.Request(API + path, data=None if body is None else json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def wait_for(run_id: str, timeout: float = 900) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        run = api(f"/flow_runs/{run_id}")
+        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
+            return run
+        time.sleep(2)
+    raise AssertionError(f"flow run {run_id} did not finish in {timeout} s: {run['state_type']}")
+
+
+def started_run_id(output: str) -> str:
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", output)
+    assert match, output
+    return match.group(1)
+
+
+def score_of(run_id: str) -> dict:
+    artifacts = api("/artifacts/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+    tables = [json.loads(a["data"]) for a in artifacts if a["type"] == "table"]
+    assert tables, artifacts
+    return tables[0][0]
+
+
+def logs_of(run_id: str) -> str:
+    messages, offset = [], 0
+    while True:  # the API hands out at most 200 a call
+        page = api("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "offset": offset,
+                                    "sort": "TIMESTAMP_ASC"})
+        messages += [entry["message"] for entry in page]
+        if len(page) < 200:
+            return "\n".join(messages)
+        offset += len(page)
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory):
+    if not (VENV / "bin" / "prefect").is_file():
+        pytest.skip("needs the project's .venv (make install)")
+    base = tmp_path_factory.mktemp("team")
+    fake_bin = fake_python_bin(base)
+    repo = copy_checkout(base / "repo")
+    preset = repo / "presets" / "smoke.yaml"
+    data = yaml.safe_load(preset.read_text())
+    for section, values in SHRUNK.items():
+        data.setdefault(section, {}).update(values)
+    preset.write_text(yaml.safe_dump(data, sort_keys=False))
+    env = {"PREFECT_HOME": str(base / "prefect-home"), "PREFECT_PORT": PORT}
+    run = lambda cmd, **kw: shell(cmd, repo, fake_bin, **env, **kw)  # noqa: E731
+    run("git init -q && git add -A && git commit -qm pgolf")
+    background = []
+
+    def start(cmd: str, log: str) -> subprocess.Popen:
+        proc = subprocess.Popen(["bash", "-c", cmd], cwd=repo, env=user_env(fake_bin, **env), start_new_session=True,
+                                stdout=open(base / log, "w"), stderr=subprocess.STDOUT)
+        background.append(proc)
+        return proc
+
+    try:
+        server = start("make prefect-server", "server.log")
+        deadline = time.time() + 300
+        while True:
+            try:
+                api("/health")
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"the Prefect server did not come up:\n{(base / 'server.log').read_text()[-3000:]}")
+                time.sleep(2)
+        run("make deploy")
+        start("make worker", "worker1.log")
+        start("make worker", "worker2.log")
+        yield {"repo": repo, "run": run, "base": base, "fake_bin": fake_bin}
+    finally:
+        for proc in reversed(background):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_readme_deployment_run(team):
+    repo, run = team["repo"], team["run"]
+    params_before = (repo / "params.yaml").read_bytes()
+    run_id = started_run_id(run(README_RUN).stdout)
+    flow_run = wait_for(run_id)
+    assert flow_run["state_type"] == "COMPLETED", logs_of(run_id)[-3000:]
+    assert flow_run["name"] == "smoke"
+    assert {"pgolf", "preset:smoke"} <= set(flow_run["tags"])
+    score = score_of(run_id)
+    assert 0 < score["val_bpb"] < 20 and score["total_bytes"] > 0 and score["margin_bytes"] > 0
+    logs = logs_of(run_id)
+    assert "Running stage 'train'" in logs and '"stage": "eval"' in logs  # each stage's own lines
+    # the deployer's checkout is never rewritten: the run worked in a slot of it
+    assert (repo / "params.yaml").read_bytes() == params_before
+    assert run("git status --porcelain").stdout.strip() == ""
+    assert (repo / ".pgolf/runs/slot-0/artifacts/eval/metrics.json").is_file()
+    assert not (repo / "artifacts/eval").exists()
+    # saved as an experiment of the checkout, its outputs in the checkout's cache
+    assert score["experiment"] in run(".venv/bin/dvc exp list --name-only").stdout
+
+
+def test_runs_started_at_once_each_report_their_own_parameters(team):
+    repo, run = team["repo"], team["run"]
+    variants = {"stride": '["eval.stride=64"]', "seq": '["eval.seq_len=64"]'}
+    ids = {}
+    for key, overrides in variants.items():
+        ids[key] = started_run_id(run(README_RUN.replace(" -p preset=smoke", f" -p preset=smoke -p overrides='{overrides}'")).stdout)
+    runs = {key: wait_for(run_id) for key, run_id in ids.items()}
+    for key, flow_run in runs.items():
+        assert flow_run["state_type"] == "COMPLETED", logs_of(ids[key])[-3000:]
+    assert runs["stride"]["name"] == "smoke eval.stride=64" and runs["seq"]["name"] == "smoke eval.seq_len=64"
+    # side by side on the two workers, in two slots
+    slots = {key: re.search(r"\(slot (\d+) of", logs_of(ids[key])).group(1) for key in ids}
+    assert slots["stride"] != slots["seq"]
+    (a_start, a_end), (b_start, b_end) = ((api(f"/flow_runs/{ids[k]}")["start_time"], api(f"/flow_runs/{ids[k]}")["end_time"])
+                                          for k in ("stride", "seq"))
+    assert a_start < b_end and b_start < a_end, "the two runs did not overlap"
+    # each equals a lone run of its overrides, recomputed (-f) in the checkout itself
+    for key, override in (("stride", "eval.stride=64"), ("seq", "eval.seq_len=64")):
+        run(f".venv/bin/python -m tasks.params --preset smoke --set {override}")
+        run(".venv/bin/dvc repro eval")
+        run(".venv/bin/dvc repro -f -s eval")
+        lone = json.loads((repo / "artifacts/eval/metrics.json").read_text())
+        assert score_of(ids[key])["val_bpb"] == lone["val_bpb"], key
+    assert score_of(ids["stride"])["val_bpb"] != score_of(ids["seq"])["val_bpb"]
+    run("git checkout -- params.yaml dvc.lock 2>/dev/null || git checkout -- params.yaml")
+
+
+def test_a_seed_sweep_across_the_workers_and_in_process(team):
+    repo, run = team["repo"], team["run"]
+    out = run(".venv/bin/pgolf sweep --preset smoke --seeds 42,0 --deployment pgolf-pipeline/smoke "
+              "--out sweeps/deployed/sweep.json", PREFECT_API_URL=API).stdout
+    deployed = json.loads((repo / "sweeps/deployed/sweep.json").read_text())
+    assert [s["seed"] for s in deployed["seeds"]] == [42, 0] and "mean" in out
+    runs = api("/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["seed:42"]}}})
+    assert [r["name"] for r in runs] == ["smoke seed=42"]
+    # the README's sweep, in this process: the same numbers for the seeds both ran
+    run(".venv/bin/pgolf sweep --preset smoke --seeds 42,0,1234", PREFECT_API_URL=API)
+    local = json.loads((repo / "artifacts/sweeps/smoke/sweep.json").read_text())
+    assert local["kind"] == "pgolf-sweep" and [s["seed"] for s in local["seeds"]] == [42, 0, 1234]
+    assert [s["val_bpb"] for s in local["seeds"][:2]] == [s["val_bpb"] for s in deployed["seeds"]]
+    assert local["seeds"][2]["val_bpb"] != local["seeds"][0]["val_bpb"]  # the seed reached training
+    verdict = run(".venv/bin/pgolf significance artifacts/sweeps/smoke sweeps/deployed", check=False)
+    assert verdict.returncode in (0, 1), verdict.stderr
