@@ -104,7 +104,12 @@ torchrun --standalone --nproc_per_node={t['nproc']} train_gpt.py --shards DATA/s
 
 `train_gpt.py` is the pipeline's own code (pgolf), bundled: it trains, quantizes, packs (counting
 itself as code, minified + brotli + base85 as the records do) and evaluates, and prints a
-`pgolf_final` line with the numbers above.
+`pgolf_final` line with the numbers above. The code bytes above, submission.json's and size.json's
+are that one count of this `train_gpt.py`; the pipeline's own run counted its eval code's files as
+they are ({size['pipeline_code_bytes']:,} bytes, `pipeline_code_bytes` in size.json). Each stage runs
+with the CPU threads the pipeline gives it (the machine's cores over the stage's processes, whatever
+OMP_NUM_THREADS torchrun sets): on CPU the thread count changes how float sums round. A pipeline run
+under another OMP_NUM_THREADS, or on another machine or GPU, can give other last digits.
 """
 
 
