@@ -216,6 +216,12 @@ class Nodes:
                 f"--rdzv-conf=is_host={'true' if self.rank == 0 else 'false'}"]
 
 
+def threads_per_process(nproc: int) -> int:
+    """CPU threads each of a stage's `nproc` processes gets unless OMP_NUM_THREADS says otherwise:
+    the machine's cores shared among them (for nproc 1 all of them, torch's own default)."""
+    return max(1, (os.cpu_count() or 1) // nproc)
+
+
 def launch(module: str, args: list[str], nproc: int, nodes: Nodes = Nodes()) -> None:
     """Run `python -m module args` on `nproc` torchrun processes on this node (of `nodes`); raise
     LaunchError with the first failing rank's own message. The workers write to this process's
@@ -224,7 +230,7 @@ def launch(module: str, args: list[str], nproc: int, nodes: Nodes = Nodes()) -> 
         cmd = [sys.executable, "-m", "pgolf.agent", *nodes.torchrun_args(f"pgolf-{module}"),
                f"--nproc-per-node={nproc}", "-m", module, *args]
         env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+        env.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc)))
         env.setdefault("PYTHONUNBUFFERED", "1")
         env[RANK_ERRORS_ENV] = errors
         env.pop(NODE_RANK_ENV, None)

@@ -33,9 +33,10 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     digest = hashlib.sha256()
     num_docs = text_bytes = 0
     with open(out / DOCS_NAME, "wb") as f:
+        # Every document is kept, empty and whitespace-only ones too (a lone BOS in the shards), as the
+        # challenge's export keeps every line: the val split is then the first N documents, the same
+        # documents as the challenge's (docs/lineage.md#shards).
         for text in read_documents(source, cfg.text_field):
-            if not text.strip():
-                continue
             line = encode_doc(text)
             f.write(line)
             digest.update(line)
@@ -44,7 +45,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
             if cfg.max_docs and num_docs >= cfg.max_docs:
                 break
     if num_docs == 0:
-        raise InputError("the corpus has no non-empty documents", cfg.source)
+        raise InputError("the corpus has no documents", cfg.source)
     meta = {"source": cfg.source, "num_docs": num_docs, "text_bytes": text_bytes, "sha256": digest.hexdigest(),
             "source_manifest": manifest}
     write_json(out / "meta.json", meta)

@@ -49,6 +49,14 @@ def meets_challenge_cap(total_bytes: int) -> bool:
     return total_bytes <= CHALLENGE_CAP_BYTES
 
 
+def counted_bytes(model_bytes: int, code_bytes: int, cap_bytes: int) -> dict:
+    """The artifact's size as the challenge counts it: the one place size.json, an exported README
+    and submission.json take their model, code and total bytes from, so they cannot disagree."""
+    total = model_bytes + code_bytes
+    return {"model_bytes": model_bytes, "code_bytes": code_bytes, "total_bytes": total, "cap_bytes": cap_bytes,
+            "margin_bytes": cap_bytes - total, "meets_challenge_cap": meets_challenge_cap(total)}
+
+
 def tensor_group(name: str) -> str:
     base = name.removesuffix(".q").removesuffix(".scale")
     if name.endswith(".scale"):
@@ -89,19 +97,15 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     else:
         files = import_closure(EVAL_ENTRY, ROOT)
         code = code_bytes(files)
-    total = len(blob) + code
+    counted = counted_bytes(len(blob), code, cfg.cap_bytes)
+    total = counted["total_bytes"]
     size = {
-        "model_bytes": len(blob),
-        "code_bytes": code,
+        **counted,
         "code_files": [str(f.relative_to(ROOT)) if f.is_relative_to(ROOT) else f.name for f in files],
         # What the same code would count as one self-extracting script (R1's rule); the count above
         # stays the files as they are until the export bundles them into that script.
         "code_bytes_wrapped_estimate": wrapped_size("\n".join(f.read_text(encoding="utf-8") for f in files)),
-        "total_bytes": total,
-        "cap_bytes": cfg.cap_bytes,
-        "margin_bytes": cfg.cap_bytes - total,
         "non_record": cfg.non_record,
-        "meets_challenge_cap": meets_challenge_cap(total),
         "compressor": cfg.compressor,
         "layout": cfg.layout,
         "payload_bytes": sum(raw_sizes.values()),

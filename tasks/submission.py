@@ -12,9 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import replace
 from pathlib import Path
+
+import torch
 
 from pgolf import dist
 from pgolf.params import from_dict
@@ -22,8 +24,24 @@ from tasks import eval as eval_stage, gptq, pack, train
 from tasks.common import execute, write_json
 
 
+@contextmanager
 def spread_or_solo(nproc: int):
-    return nullcontext() if nproc > 1 else dist.solo()
+    with nullcontext() if nproc > 1 else dist.solo(), pipeline_threads(nproc):
+        yield
+
+
+@contextmanager
+def pipeline_threads(nproc: int):
+    """The CPU threads the pipeline gives a stage of `nproc` processes (pgolf.dist.threads_per_process).
+    torchrun sets OMP_NUM_THREADS=1 in every process, and on CPU the thread count changes how float
+    sums round: a GPTQ or eval stage with fewer threads than the pipeline's gives a val_bpb a few
+    1e-6 off and other model bytes. So each stage here runs with the pipeline's count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(dist.threads_per_process(nproc))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def main(params: dict, script: str, argv: list[str] | None = None) -> int:
@@ -39,7 +57,8 @@ def main(params: dict, script: str, argv: list[str] | None = None) -> int:
     train_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"model": params["train"]["model"], "train": params["train"], "code_version": "exported"}
     write_json(train_dir / "config.json", resolved)
-    train.train_in_process(train_cfg, Path(args.shards), train_dir, resolved, keep_group=True)
+    with pipeline_threads(train_cfg.nproc):
+        train.train_in_process(train_cfg, Path(args.shards), train_dir, resolved, keep_group=True)
     # Already under torchrun: gptq and eval run in this process group, on every rank when their
     # nproc asks for more than one process (calibration and scoring spread), else on rank 0 alone,
     # as the pipeline's stages would. Only rank 0 writes.
@@ -51,13 +70,15 @@ def main(params: dict, script: str, argv: list[str] | None = None) -> int:
         pack_cfg = from_dict(pack.Config, {**params["pack"], "code_file": str(Path(script).resolve())}, "pack")
         execute(pack.SPEC, pack_cfg, {"gptq": out / "gptq"}, out / "pack")
     elif gptq_cfg.nproc > 1:
-        gptq.calibrate_and_quantize(gptq_cfg, gptq_inputs, out / "gptq")
+        with pipeline_threads(gptq_cfg.nproc):
+            gptq.calibrate_and_quantize(gptq_cfg, gptq_inputs, out / "gptq")
     dist.barrier()
     eval_cfg = from_dict(eval_stage.Config, params["eval"], "eval")
     eval_inputs = {"pack": out / "pack", "shards": Path(args.shards), "tokenizer": Path(args.tokenizer)}
     if not dist.is_main():
         if eval_cfg.nproc > 1:
-            eval_stage.evaluate(eval_cfg, eval_inputs, out / "eval")
+            with pipeline_threads(eval_cfg.nproc):
+                eval_stage.evaluate(eval_cfg, eval_inputs, out / "eval")
         return 0
     with spread_or_solo(eval_cfg.nproc):
         metrics = execute(replace(eval_stage.SPEC, run=eval_stage.evaluate), eval_cfg, eval_inputs, out / "eval")

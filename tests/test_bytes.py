@@ -69,12 +69,37 @@ ADVERSARIAL = [
 ]
 
 
+def covered_bytes(sp, transformed: str, original: str) -> int:
+    """Original UTF-8 bytes of the text the tokens cover: all of it but the whitespace
+    SentencePiece drops at the ends (these texts' casefold keeps every such character as it is)."""
+    raw = transformed.encode("utf-8")
+    pieces = [p for p in sp.encode(transformed, return_type="proto").pieces if p.begin < p.end]
+    if not pieces:
+        return 0
+    lead, trail = raw[:pieces[0].begin].decode(), raw[pieces[-1].end:].decode()
+    assert not (lead + trail).strip(" \t\n"), "only ASCII whitespace is dropped at the ends"
+    return len(original.encode("utf-8")) - len(lead) - len(trail)
+
+
 @pytest.mark.parametrize("text", ADVERSARIAL)
-def test_casefold_sidecar_sums_to_original_bytes(sp, text):
+def test_casefold_sidecar_sums_to_the_bytes_its_tokens_cover(sp, text):
     ids, counts = original_byte_counts(sp, text)
     assert ids == sp.encode(casefold(text))
-    assert sum(counts) == len(text.encode("utf-8"))
+    assert sum(counts) == covered_bytes(sp, casefold(text), text)
     assert all(c >= 0 for c in counts)
+
+
+def test_sidecar_skips_whitespace_no_token_covers_as_the_lut_does(sp):
+    """Leading/trailing whitespace SentencePiece drops is predicted by no token: neither the plain
+    LUT nor the sidecar may count it (one rule for every variant, as R1's)."""
+    luts = build_byte_luts(sp, sp.vocab_size())
+    for pad in ("  ", "\n\n", " \t\n"):
+        text = pad + "the people" + pad
+        ids, counts = original_byte_counts(sp, text)
+        stream = np.array([BOS] + sp.encode(text))
+        lut_total = int(target_bytes(stream[:-1], stream[1:], luts).sum())
+        assert sum(counts) == lut_total == len("the people"), repr(text)
+    assert original_byte_counts(sp, " \n ") == ([], [])
 
 
 @pytest.mark.parametrize("text", ADVERSARIAL)

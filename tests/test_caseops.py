@@ -41,7 +41,8 @@ def test_provenance_charges_original_bytes_and_nothing_to_operators():
         assert sum(sizes) == len(text.encode("utf-8"))
         raw = encoded.encode("utf-8")
         for start, size in zip(starts, sizes):
-            if raw[start:start + 3].decode("utf-8", "ignore")[:1] in (TITLE, ALLCAPS, CAPNEXT) and size:
+            escaped = raw[start - 3:start].decode("utf-8", "ignore") == ESC
+            if raw[start:start + 3].decode("utf-8", "ignore")[:1] in OPERATORS and size and not escaped:
                 raise AssertionError(f"an operator carries bytes in {text!r}")
 
 
@@ -79,3 +80,53 @@ def test_fast_transforms_equal_the_provenance_paths():
         assert casefold(text) == casefold_with_provenance(text)[0], repr(text)
     long_lower = "a" * 200_000 + "B"
     assert encode(long_lower) == encode_with_provenance(long_lower)[0]
+
+
+def r1_surface_bytes(surfaces: list[str]) -> list[int]:
+    """R1's rule (surface_piece_original_byte_counts for caseops v1), written out again: each piece
+    is charged its own surface's bytes; operators and ESC are 0, an escaped character its own bytes."""
+    counts, pending_escape = [], False
+    for surface in surfaces:
+        n = 0
+        for ch in surface:
+            if pending_escape:
+                n, pending_escape = n + len(ch.encode("utf-8")), False
+            elif ch == ESC:
+                pending_escape = True
+            elif ch not in OPERATORS:
+                n += len(ch.encode("utf-8"))
+        counts.append(n)
+    return counts
+
+
+SPLIT_WORDS = ["Antidisestablishmentarianism", "iPhone OpenAI McDonald", "NASA SPACEX quixotically",
+               f"x{TITLE}y {ESC}{ESC}z {CAPNEXT}Q", "  Leading and trailing Words  \n", "日本 😀Xy naïve Résumé",
+               "a  B\n\nCd\t\tEFG"]
+
+
+def test_sidecar_charges_each_token_its_own_text_as_r1(tmp_path):
+    """A word SentencePiece splits into several pieces charges each piece its own letters (not the
+    whole run to the first), an escaped operator's bytes go to the escaped piece (not to ESC), and
+    whitespace no piece covers counts nowhere: per token equal to R1's rule, so a window or chunk
+    starting inside a word counts R1's bytes."""
+    docs = make_docs(80, seed=9)
+    corpus = write_corpus(tmp_path / "corpus", docs)
+    execute(tok_stage.SPEC, tok_stage.Config(variant="caseops", vocab_size=380, num_threads=1), {"corpus": corpus},
+            tmp_path / "tok")
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok/tokenizer.model"))
+    split_inside_a_word = 0
+    for text in SPLIT_WORDS:
+        ids, counts = original_byte_counts(sp, text, encode_with_provenance)
+        pieces = sp.encode(encode(text), return_type="proto").pieces
+        assert ids == [p.id for p in pieces]
+        assert counts == r1_surface_bytes([p.surface for p in pieces]), repr(text)
+        assert sum(counts) == len(text.strip(" \t\n").encode("utf-8"))
+        split_inside_a_word += sum(1 for a, b in zip(pieces, pieces[1:])
+                                   if a.surface[-1:].isalpha() and b.surface[:1].isalpha())
+        # a window that starts at any token inside the text counts R1's bytes from there on
+        for start in range(len(ids)):
+            assert sum(counts[start:]) == sum(r1_surface_bytes([p.surface for p in pieces])[start:])
+    assert split_inside_a_word >= 10, "the tiny tokenizer should split these long words"
+    escaped = original_byte_counts(sp, f"x{TITLE}y", encode_with_provenance)
+    assert escaped[1][escaped[0].index(sp.piece_to_id(ESC))] == 0
+    assert escaped[1][escaped[0].index(sp.piece_to_id(TITLE))] == 3

@@ -257,3 +257,38 @@ def test_a_non_record_cap_is_recorded_in_size_json_and_submission(tmp_path):
     assert submission["non_record"] is True and submission["meets_challenge_cap"] is False
     assert submission["bytes_total"] > 16_000_000
     assert not pack_stage.meets_challenge_cap(16_000_001) and pack_stage.meets_challenge_cap(16_000_000)
+
+
+def test_exported_readme_submission_and_size_json_count_the_same_bytes(tmp_path):
+    """The records folder's three byte counts are one count (tasks.pack.counted_bytes): its code is
+    the exported train_gpt.py as the records count it, and the script's own pack stage, given the
+    same quantized model, writes the same size."""
+    import shutil
+
+    from tasks import export, params as P
+
+    run_pack(tmp_path)
+    art = tmp_path / "artifacts"
+    (art / "eval").mkdir(parents=True)
+    (art / "train").mkdir()
+    shutil.copytree(tmp_path / "pack", art / "pack")
+    (art / "eval/metrics.json").write_text(json.dumps({"val_bpb": 1.5, "val_loss": 2.5, "mode": "flat",
+                                                       "seq_len": 64, "tokens": 10, "bytes": 20}))
+    (art / "train/metrics.json").write_text(json.dumps({"steps": 5, "ms_per_step": 1.0}))
+    params = P.render("smoke", [])
+    submission = export.export(tmp_path / "records", params, "tiny", "a", "a", art)
+    records = tmp_path / "records"
+    size = json.loads((records / "size.json").read_text())
+    written = json.loads((records / "submission.json").read_text())
+    model = len((art / "pack/artifact.bin").read_bytes())
+    judged = execute(pack_stage.SPEC, pack_stage.Config(code_file=str(records / "train_gpt.py")),
+                     {"gptq": tmp_path / "gptq"}, tmp_path / "judge_pack")
+    code, total = judged["code_bytes"], judged["total_bytes"]
+    assert judged["model_bytes"] == model and total == model + code
+    assert (size["code_bytes"], size["total_bytes"], size["model_bytes"]) == (code, total, model)
+    assert (written["bytes_code"], written["bytes_total"]) == (submission["bytes_code"], submission["bytes_total"])
+    assert (written["bytes_code"], written["bytes_total"]) == (code, total)
+    assert written["seed_results"][str(params["train"]["seed"])]["artifact_bytes"] == total
+    assert size["margin_bytes"] == size["cap_bytes"] - total and size["code_files"] == ["train_gpt.py"]
+    readme = (records / "README.md").read_text()
+    assert f"| {total:,} | {model:,} | {code:,} |" in readme

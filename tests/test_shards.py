@@ -158,3 +158,55 @@ def test_header_only_verification_skips_the_hash_and_says_so(data_dirs, tmp_path
     monkeypatch.setenv(shards.VERIFY_ENV, "md5")
     with pytest.raises(InputError, match="PGOLF_VERIFY_SHARDS='md5'"):
         shards.verify_shards(folder, ("train",))
+
+
+@pytest.mark.parametrize("variant", ["plain", "caseops"])
+def test_blank_documents_stay_lone_bos_so_val_is_the_first_n_documents(tmp_path, variant):
+    """The challenge's export keeps every line as a document, so empty and whitespace-only ones are
+    a lone BOS (0 bytes) and the val split is the first N documents, blank ones counted; the eval
+    byte rule and TTT's document split take such documents."""
+    import math
+
+    import torch
+
+    from pgolf.evaluate.bpb import bytes_per_position, evaluate_bpb, truncate_val
+    from pgolf.evaluate.ttt import find_documents
+    from pgolf.tokenize.bytes import build_byte_luts, load_tokenizer, load_val_byte_sidecar
+    from tasks import corpus as corpus_stage, shards as shards_stage, tokenizer as tok_stage
+    from tasks.common import execute
+    from tests.conftest import make_docs
+    from tests.test_corpus import write_jsonl
+    from tests.test_eval import UniformModel
+
+    docs = make_docs(40, seed=3)
+    for i, blank in [(0, ""), (3, "   "), (4, "\n\n"), (9, ""), (20, " \t ")]:
+        docs.insert(i, blank)
+    execute(corpus_stage.SPEC, corpus_stage.Config(source=str(write_jsonl(tmp_path / "d.jsonl", docs))), {},
+            tmp_path / "corpus")
+    execute(tok_stage.SPEC, tok_stage.Config(variant=variant, vocab_size=380, num_threads=1),
+            {"corpus": tmp_path / "corpus"}, tmp_path / "tok")
+    execute(shards_stage.SPEC, shards_stage.Config(val_docs=12, shard_tokens=3000, workers=1),
+            {"corpus": tmp_path / "corpus", "tokenizer": tmp_path / "tok"}, tmp_path / "shards")
+    val = load_split(tmp_path / "shards", "val")
+    starts = list(np.flatnonzero(val == 1)) + [len(val)]
+    assert len(starts) - 1 == 12 and starts[0] == 0
+    lengths = [b - a for a, b in zip(starts[:-1], starts[1:])]
+    assert [i for i, n in enumerate(lengths) if n == 1] == [0, 3, 4, 9]
+    sp, _ = load_tokenizer(tmp_path / "tok")
+    sidecar = load_val_byte_sidecar(tmp_path / "shards")
+    per_position = bytes_per_position(val, None if variant == "caseops" else build_byte_luts(sp, sp.vocab_size()),
+                                      sidecar)
+    # bytes of every document's own targets: its tokens after its BOS
+    doc_bytes = [int(per_position[a + 1:b].sum()) for a, b in zip(starts[:-1], starts[1:])]
+    assert [doc_bytes[i] for i in (0, 3, 4, 9)] == [0, 0, 0, 0]
+    # plain: the normalized text the LUT measures; caseops: the original text its tokens cover
+    measured = (lambda d: sp.decode(sp.encode(d))) if variant == "plain" else (lambda d: d.strip(" \t\n"))
+    assert sum(doc_bytes) == sum(len(measured(d).encode()) for d in docs[:12])
+    documents = find_documents(val, 1)
+    assert len(documents) == 12 and all(e - s == 2 for s, e in (documents[i] for i in (0, 3, 4, 9)))
+    scored = truncate_val(val, 8)
+    result = evaluate_bpb(UniformModel(sp.vocab_size()), scored, per_position[:len(scored)], seq_len=8, stride=0,
+                          batch_seqs=4, device=torch.device("cpu"))
+    assert result.tokens == len(scored) - 1 and result.bytes == int(per_position[1:len(scored)].sum())
+    assert result.val_bpb == pytest.approx(math.log2(sp.vocab_size()) * result.tokens / result.bytes)
+

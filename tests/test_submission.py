@@ -73,3 +73,26 @@ def test_the_exported_script_serves_the_fused_kernels_from_its_own_source(tmp_pa
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert proc.returncode == 0 and "bundled kernels ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_each_stage_of_the_script_runs_with_the_pipelines_threads(monkeypatch):
+    """torchrun sets OMP_NUM_THREADS=1 in every process; the script's stages take the thread count the
+    pipeline gives them instead (its eval and GPTQ round otherwise differently on CPU)."""
+    import torch
+
+    from pgolf import dist
+    from tasks import submission
+
+    monkeypatch.setattr("os.cpu_count", lambda: 6)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with submission.pipeline_threads(1):
+            assert torch.get_num_threads() == dist.threads_per_process(1) == 6
+        with submission.pipeline_threads(2):
+            assert torch.get_num_threads() == dist.threads_per_process(2) == 3
+        with submission.spread_or_solo(1):
+            assert torch.get_num_threads() == 6 and dist.world_size() == 1
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

@@ -61,24 +61,28 @@ def original_byte_counts(sp: spm.SentencePieceProcessor, original: str,
     """Transform `original` (casefold by default), encode it, and return (token ids, original UTF-8
     bytes per token).
 
-    Each original segment (for casefold a character and its combining marks; for CaseOps a character
-    or an operator, which carries 0 bytes) is charged to the token whose
-    span in the transformed text covers the segment's first byte; segments no token covers
-    (whitespace SentencePiece drops at the ends) go to the next token, or the last one. So the
-    counts of a document always sum to len(original.encode("utf-8"))."""
+    Each original segment (for casefold a character and its combining marks; for CaseOps one
+    character, or an operator, which carries 0 bytes) is charged to the token whose span in the
+    transformed text covers the segment's first byte: each token gets the bytes of its own text, as
+    R1's surface_piece_original_byte_counts (docs/lineage.md#caseops). A segment no token covers
+    (leading or trailing whitespace SentencePiece's normalizer drops) is charged to none, as the
+    plain LUT rule charges nothing for it: the model never predicts those bytes. So a document's
+    counts sum to the UTF-8 bytes of the text its tokens cover."""
     transformed, starts, sizes = with_provenance(original)
     proto = sp.encode(transformed, return_type="proto")
     ids = [p.id for p in proto.pieces]
     counts = [0] * len(ids)
-    if not ids:
-        return ids, counts
-    ends = [p.end for p in proto.pieces]
-    begins = [p.begin for p in proto.pieces]
-    token = 0
+    # Byte-fallback pieces before a character's last byte have an empty span; the last one carries it.
+    spans = [(p.begin, p.end, i) for i, p in enumerate(proto.pieces) if p.begin < p.end]
+    k = 0
     for start, size in zip(starts, sizes):
-        while token < len(ids) - 1 and (ends[token] <= start or begins[token] == ends[token]):
-            token += 1
-        counts[token] += size
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        if k == len(spans):
+            break
+        begin, _, token = spans[k]
+        if size and begin <= start:
+            counts[token] += size
     return ids, counts
 
 

@@ -21,18 +21,23 @@ _CASED_RUN = re.compile(r"(?<![A-Za-z])[a-z]*[A-Z][A-Za-z]*")
 
 
 def _encode_run(run: str) -> list[tuple[str, int]]:
-    """(output text, original UTF-8 bytes) per output piece; operators carry 0 bytes."""
+    """(output text, original UTF-8 bytes) per output piece; operators carry 0 bytes. Every letter is
+    a piece of its own (1 byte), so a word that SentencePiece splits charges each token its own
+    letters, as R1's surface_piece_original_byte_counts does (docs/lineage.md#caseops)."""
+    lower = run.lower()
     if run.islower():
-        return [(run, len(run))]
-    if len(run) >= 2 and run.isupper():
-        return [(ALLCAPS, 0), (run.lower(), len(run))]
-    if run[0].isupper() and (len(run) == 1 or run[1:].islower()):
-        return [(TITLE, 0), (run.lower(), len(run))]
+        ops = {}
+    elif len(run) >= 2 and run.isupper():
+        ops = {0: ALLCAPS}
+    elif run[0].isupper() and (len(run) == 1 or run[1:].islower()):
+        ops = {0: TITLE}
+    else:
+        ops = {i: TITLE if i == 0 else CAPNEXT for i, ch in enumerate(run) if ch.isupper()}
     out: list[tuple[str, int]] = []
-    for i, ch in enumerate(run):
-        if ch.isupper():
-            out.append((TITLE if i == 0 else CAPNEXT, 0))
-        out.append((ch.lower(), 1))
+    for i, ch in enumerate(lower):
+        if i in ops:
+            out.append((ops[i], 0))
+        out.append((ch, 1))
     return out
 
 
@@ -58,7 +63,9 @@ def _encode_other(chunk: str) -> list[tuple[str, int]]:
     pieces = []
     for ch in chunk:
         if ch in OPERATORS:
-            pieces.append((ESC + ch, len(ch.encode("utf-8"))))
+            # The escaped character, not the ESC piece, carries its bytes, as in R1's sidecar.
+            pieces.append((ESC, 0))
+            pieces.append((ch, len(ch.encode("utf-8"))))
         else:
             pieces.append((ch, len(ch.encode("utf-8"))))
     return pieces
