@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pgolf.errors import PgolfError
+from tasks.cache_check import repro_checked
 from tasks.common import RUNS_DIR_NAME, run_record_path
 from tasks.params import STAGES, render_file, spec_of, write_params
 
@@ -143,7 +144,7 @@ def reproduce(workspace: str | Path = ".", stage: str | None = None, force: bool
     """Reproduce the whole pipeline (stage=None) or exactly one stage; report what ran."""
     workspace = Path(workspace).resolve()
     started = time.time()
-    dvc_repro(workspace, stage, force, echo)
+    repro_checked(workspace, stage, force, echo, dvc_repro)
     return results_since(workspace, started, [stage] if stage else STAGES)
 
 
