@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from pgolf.errors import PgolfError
+from tasks.cache_check import repro_checked
 from tasks.common import RUNS_DIR_NAME, run_record_path
 from tasks.params import STAGES, render_file, spec_of, write_params
 
@@ -186,7 +187,8 @@ def reproduce(workspace: str | Path = ".", stage: str | None = None, force: bool
     """Reproduce the whole pipeline (stage=None) or exactly one stage; report what ran."""
     workspace = Path(workspace).resolve()
     started = time.time()
-    dvc_repro(workspace, stage, force, echo, on_line)
+    repro_checked(workspace, stage, force, echo,
+                  lambda ws, st, f, e: dvc_repro(ws, st, f, e, on_line))
     return results_since(workspace, started, [stage] if stage else STAGES)
 
 

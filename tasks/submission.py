@@ -58,7 +58,8 @@ def main(params: dict, script: str, argv: list[str] | None = None) -> int:
     resolved = {"model": params["train"]["model"], "train": params["train"], "code_version": "exported"}
     write_json(train_dir / "config.json", resolved)
     with pipeline_threads(train_cfg.nproc):
-        train.train_in_process(train_cfg, Path(args.shards), train_dir, resolved, keep_group=True)
+        train.train_in_process(train_cfg, Path(args.shards), train_dir, resolved, keep_group=True,
+                               tokenizer=Path(args.tokenizer))
     # Already under torchrun: gptq and eval run in this process group, on every rank when their
     # nproc asks for more than one process (calibration and scoring spread), else on rank 0 alone,
     # as the pipeline's stages would. Only rank 0 writes.

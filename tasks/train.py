@@ -19,8 +19,9 @@ import torch
 
 from pgolf import checkpoint, dist
 from pgolf.data.loader import DistributedTokenLoader, DocumentPackingLoader
-from pgolf.data.shards import check_vocab, verify_shards
-from pgolf.errors import TrainingError
+from pgolf.data.shards import check_vocab, load_split, verify_shards
+from pgolf.errors import FormatError, TrainingError
+from pgolf.evaluate.bpb import bytes_per_position, evaluate_bpb, truncate_val
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, param_groups
 from pgolf.model.io import import_state_dict, save_model
@@ -30,6 +31,7 @@ from pgolf.optim.muon import COEFFICIENTS, Muon, ShardedMuon
 from pgolf.optim.schedule import lr_multiplier, muon_momentum, training_fraction, warmdown_multiplier
 from pgolf.params import check_range, from_dict
 from pgolf.progress import Progress
+from pgolf.tokenize.bytes import build_byte_luts, load_tokenizer, load_val_byte_sidecar
 from tasks.common import StageSpec, record_timings, stage_main, write_json
 from tasks.ranks import run_on_ranks, worker_main
 
@@ -98,6 +100,12 @@ class Config:
     fused_cross_entropy: bool = False
     fused_mlp: bool = False
     log_every: int = 200
+    # > 0: val_loss and val_bpb every this many steps (and at the last), scored as the eval stage
+    # scores (flat windows of train_seq_len, the same byte counting) on the live weights, into
+    # val_log.json, the val bpb plot; the seconds it takes are kept off the wallclock cap, as the
+    # baseline keeps its validation off it. 0: off (R1).
+    val_every: int = 0
+    val_tokens: int = 0  # the first this many val tokens (0: the whole val split)
     # A run whose loss at this step is still within learn_margin nats of ln(vocab_size), the loss of
     # a uniform guess, is not learning (a learning rate far too high or too low, broken data): it
     # stops there with an error instead of writing an untrained model. 0: no check.
@@ -107,7 +115,7 @@ class Config:
     def validate(self) -> None:
         check_range(self, "nproc nnodes iterations train_batch_tokens train_seq_len muon_backend_steps log_every", ge=1)
         check_range(self, "seed grad_accum_steps warmup_steps warmdown_iters muon_momentum_warmup_steps swa_every "
-                    "checkpoint_every learn_check_step", ge=0)
+                    "checkpoint_every learn_check_step val_every val_tokens", ge=0)
         check_range(self, "max_wallclock_seconds gptq_reserve_seconds matrix_lr scalar_lr tied_embed_lr embed_lr "
                     "head_lr muon_wd embed_wd adam_wd grad_clip_norm learn_margin", ge=0)
         check_range(self, "muon_momentum muon_momentum_warmup_start beta1 beta2 ema_decay", ge=0, lt=1)
@@ -141,7 +149,7 @@ class Config:
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     check_vocab(inputs["shards"], cfg.model.vocab_size)
     if not cfg.import_checkpoint:
-        verify_shards(inputs["shards"], ("train",))
+        verify_shards(inputs["shards"], ("train", "val", "val_bytes") if cfg.val_every else ("train",))
     if cfg.import_checkpoint:
         resolved = resolved_config(cfg)
         model, dtypes = import_state_dict(cfg.import_checkpoint, cfg.model)
@@ -162,7 +170,7 @@ def resolved_config(cfg: Config) -> dict:
 
 def train_rank(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     """This rank's share of the training run (all of it on one process)."""
-    return train_in_process(cfg, inputs["shards"], out, resolved_config(cfg))
+    return train_in_process(cfg, inputs["shards"], out, resolved_config(cfg), tokenizer=inputs.get("tokenizer"))
 
 
 def build_optimizers(model: GPT, cfg: Config, fused: bool):
@@ -254,7 +262,7 @@ class HostPace:
 class Trainer:
     """One training process; all ranks run the same steps and stop together."""
 
-    def __init__(self, cfg: Config, shards: Path, out: Path):
+    def __init__(self, cfg: Config, shards: Path, out: Path, tokenizer: Path | None = None):
         self.cfg, self.shards, self.out = cfg, shards, out
         self.device = dist.resolve_device(cfg.device)
         dist.init(self.device)
@@ -275,6 +283,27 @@ class Trainer:
         self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.swa = SWA(self.model) if cfg.swa_every > 0 else None
         self.model.set_looping(cfg.model.num_loops > 0 and cfg.model.enable_looping_at <= 0)
+        self.val = self.load_val(tokenizer) if cfg.val_every else None
+
+    def load_val(self, tokenizer: Path | None) -> tuple:
+        """The val tokens (capped at val_tokens) and each target's bytes, as the eval stage counts them."""
+        cfg = self.cfg
+        if tokenizer is None:
+            raise FormatError("train.val_every > 0 needs the tokenizer (input 'tokenizer') to count val bytes", self.shards)
+        tokens = load_split(self.shards, "val", cfg.model.vocab_size)
+        tokens = truncate_val(tokens[:cfg.val_tokens + 1] if cfg.val_tokens else tokens, cfg.train_seq_len)
+        sidecar = load_val_byte_sidecar(self.shards)
+        luts = None if sidecar is not None else build_byte_luts(load_tokenizer(tokenizer)[0], cfg.model.vocab_size)
+        return tokens, bytes_per_position(tokens, luts, sidecar)
+
+    def validate(self, step: int) -> dict:
+        """val_loss and val_bpb of the live weights; every rank scores its share of the windows."""
+        tokens, byte_counts = self.val
+        rows = max(1, self.cfg.train_batch_tokens // (self.world * self.accum * self.cfg.train_seq_len))
+        result = evaluate_bpb(self.model, tokens, byte_counts, self.cfg.train_seq_len, 0, rows, self.device)
+        self.model.train()
+        return {"step": step, "val_loss": round(result.val_loss, 6), "val_bpb": round(result.val_bpb, 6),
+                "tokens": result.tokens, "bytes": result.bytes}
 
     def new_loader(self) -> DistributedTokenLoader | DocumentPackingLoader:
         if self.cfg.loader == "documents":
@@ -399,10 +428,12 @@ class Trainer:
         looping_step = 0 if self.model.looping else None
         qat_on = False
         records: list[dict] = []
+        val_records: list[dict] = []
         resumed = self.load_checkpoint()
         if resumed:
             step, elapsed_ms, looping_step, qat_on, records = (resumed["step"], resumed["elapsed_ms"],
                                                                resumed["looping_step"], resumed["qat"], resumed["log"])
+            val_records = resumed.get("val_log", [])
         log = open(self.out / "train_log.jsonl", "w") if dist.is_main() else None
         if log:
             log.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
@@ -458,13 +489,23 @@ class Trainer:
                     for name, value in self.learning_rates().items():
                         live.log_metric(f"lr/{name.removeprefix('lr_')}", value)
                     live.next_step()
+            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations):
+                self.sync()
+                val_started = time.perf_counter()
+                val_records.append(self.validate(step))
+                if dist.is_main():
+                    write_json(self.out / VAL_LOG_NAME, val_records)
+                    print(f"step {step}/{cfg.iterations} val_loss {val_records[-1]['val_loss']:.4f} "
+                          f"val_bpb {val_records[-1]['val_bpb']:.4f}", flush=True)
+                t0 += time.perf_counter() - val_started
             progress.update(1, f"loss {loss:.4f}, {step * tokens_per_step / max(elapsed_ms, 1e-9) * 1000:,.0f} tokens/s",
                             remaining_seconds(step, elapsed_ms, cfg.iterations, cap_ms))
             if pace.stop_vote(cap_ms is not None and elapsed_ms >= cap_ms):
                 break
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.iterations:
                 self.save_checkpoint({"step": step, "elapsed_ms": elapsed_ms, "looping_step": looping_step,
-                                      "looping": self.model.looping, "qat": qat_on, "log": records})
+                                      "looping": self.model.looping, "qat": qat_on, "log": records,
+                                      "val_log": val_records})
         progress.close()
         self.sync()
         elapsed_ms = (time.perf_counter() - t0) * 1000.0
@@ -523,10 +564,11 @@ class Trainer:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict, keep_group: bool = False) -> dict:
+def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict, keep_group: bool = False,
+                     tokenizer: Path | None = None) -> dict:
     """This process's share of a (torchrun) training run; rank 0 writes the weights and metrics.
     `keep_group`: stay in the process group for the stages that follow in the same processes."""
-    trainer = Trainer(cfg, shards, out)
+    trainer = Trainer(cfg, shards, out, tokenizer)
     metrics = trainer.train()
     if dist.is_main():
         save_model(trainer.model, cfg.model, out, extra_config={k: v for k, v in resolved.items() if k != "model"})
@@ -536,9 +578,14 @@ def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict, keep_
     return metrics
 
 
+# DVC deps cannot depend on a param, so the val shards and the tokenizer that val_every reads are
+# deps always. That reruns nothing extra: both come from the stages that write the train shards
+# (val_docs and the tokenizer change them too), so any change to them changes a train dep anyway.
 SPEC = StageSpec(name="train", config_cls=Config, run=run, out="artifacts/train",
-                 inputs={"shards": "artifacts/shards"}, producers={"shards": "shards"},
-                 input_parts={"shards": ("train", "manifest.json")})
+                 inputs={"shards": "artifacts/shards", "tokenizer": "artifacts/tokenizer"},
+                 producers={"shards": "shards", "tokenizer": "tokenizer"},
+                 input_parts={"shards": ("train", "val", "manifest.json")})
+VAL_LOG_NAME = "val_log.json"
 
 if __name__ == "__main__":
     if "--worker" in sys.argv[1:]:

@@ -75,8 +75,10 @@ def test_deps_exist_and_are_not_too_broad():
 
 
 def test_quantization_code_is_not_a_train_dep():
+    """Of the eval code, train runs only the val_bpb metric (train.val_every)."""
     deps = dvc_stages()["train"]["deps"]
-    assert not any(d.startswith(("pgolf/quant", "pgolf/pack", "pgolf/evaluate")) for d in deps)
+    assert not any(d.startswith(("pgolf/quant", "pgolf/pack", "pgolf/evaluate")) for d in deps
+                   if d != "pgolf/evaluate/bpb.py")
     assert "pgolf/model" in deps
 
 

@@ -221,3 +221,37 @@ def test_two_nodes_on_localhost_train_what_one_node_trains(two_rank_run, data_di
     assert losses(tmp_path / "two") == losses(one)
     assert (tmp_path / "two" / "model.safetensors").read_bytes() == (one / "model.safetensors").read_bytes()
     assert not (tmp_path / "artifacts" / "train").exists()
+
+
+def test_val_every_logs_val_bpb_as_the_eval_stage_scores_it(data_dirs, tmp_path):
+    from pgolf.data.shards import load_split
+    from pgolf.evaluate.bpb import bytes_per_position, evaluate_bpb, truncate_val
+    from pgolf.tokenize.bytes import build_byte_luts, load_tokenizer
+
+    inputs = {"shards": data_dirs["shards"], "tokenizer": data_dirs["tokenizer"]}
+    common = dict(nproc=1, grad_accum_steps=2, iterations=12, warmup_steps=0)
+    out = tmp_path / "val"
+    execute(train_stage.SPEC, config(**common, val_every=5, val_tokens=1024), inputs, out)
+    log = json.loads((out / train_stage.VAL_LOG_NAME).read_text())
+    assert [r["step"] for r in log] == [5, 10, 12]
+    assert log[0]["tokens"] == 1024 and log[-1]["val_bpb"] < log[0]["val_bpb"]
+    # The last entry is the saved model scored the eval stage's way (flat windows, its byte counts).
+    model, cfg = load_model(out)
+    tokens = truncate_val(load_split(data_dirs["shards"], "val", cfg.vocab_size)[:1025], 64)
+    counts = bytes_per_position(tokens, build_byte_luts(load_tokenizer(data_dirs["tokenizer"])[0], cfg.vocab_size), None)
+    result = evaluate_bpb(model, tokens, counts, 64, 0, 4, torch.device("cpu"))
+    assert log[-1] == {"step": 12, "val_loss": round(result.val_loss, 6), "val_bpb": round(result.val_bpb, 6),
+                       "tokens": 1024, "bytes": result.bytes}
+    # Scoring leaves training as it was.
+    plain = tmp_path / "plain"
+    execute(train_stage.SPEC, config(**common), inputs, plain)
+    assert losses(out) == losses(plain)
+    assert not (plain / train_stage.VAL_LOG_NAME).exists()
+
+
+def test_val_every_needs_the_tokenizer_and_ranges_are_checked(data_dirs, tmp_path):
+    with pytest.raises(FormatError, match="needs the tokenizer"):
+        train_stage.Trainer(config(nproc=1, grad_accum_steps=2, val_every=5), data_dirs["shards"], tmp_path)
+    for field in ("val_every", "val_tokens"):
+        with pytest.raises(ConfigError, match=field):
+            from_dict(train_stage.Config, {field: -1}, "params.yaml: train")
