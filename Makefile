@@ -20,11 +20,12 @@ export PREFECT_SERVER_ANALYTICS_ENABLED := false
 # An in-process run's temporary Prefect server migrates its database first: slow on a busy machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 180
 
-.PHONY: run test install params repro prefect-server deploy worker clean help
+.PHONY: run test test-e2e install params repro prefect-server deploy worker clean help
 
 help:
 	@echo "make run [PRESET=smoke] [SET='k=v ...'] [VIA=dvc|prefect]   run the pipeline (changed stages only)"
-	@echo "make test                                   CPU test suite"
+	@echo "make test                                   CPU test suite, in-process (a few minutes)"
+	@echo "make test-e2e                               end-to-end tests: DVC/Prefect runs, exported scripts, subprocesses"
 	@echo "make install                                create .venv with pgolf and its tools"
 	@echo "make params PRESET=baseline [SET='k=v ...'] render params.yaml from a preset"
 	@echo "make prefect-server / deploy / worker       serve the flow on a local Prefect server"
@@ -42,7 +43,10 @@ run: $(STAMP)
 	$(VENV)/bin/pgolf run $(if $(PRESET),--preset $(PRESET)) $(OVERRIDES) --via $(VIA)
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m 'not e2e'
+
+test-e2e: $(STAMP)
+	$(PY) -m pytest -q -m e2e
 
 params: $(STAMP)
 	$(PY) -m tasks.params $(if $(PRESET),--preset $(PRESET)) $(OVERRIDES)

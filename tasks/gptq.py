@@ -17,6 +17,7 @@ import torch
 
 from pgolf import dist
 from pgolf.data.shards import check_vocab, verify_shards
+from pgolf.model.families import Family, block_part, family_of, is_embedding
 from pgolf.model.io import load_model, source_dtypes
 from pgolf.params import check_range
 from pgolf.progress import tracked
@@ -79,20 +80,14 @@ class Config:
 
     def family(self, name: str) -> tuple[int, float]:
         """(bits, clip sigmas) of a matrix, by its name (docs/lineage.md#gptq)."""
-        if name in ("tok_emb.weight", "lm_head.weight"):
+        if is_embedding(name):
             return self.embed_bits or self.bits, self.embed_clip_sigmas or self.clip_sigmas
-        if ".mlp." in name:
+        part = block_part(name)
+        if part == "mlp":
             return self.bits, self.mlp_clip_sigmas or self.clip_sigmas
-        if ".attn." in name:
+        if part == "attention":
             return self.bits, self.attn_clip_sigmas or self.clip_sigmas
         return self.bits, self.clip_sigmas
-
-
-GATE_NAMES = ("attn_gate_w", "_inhibitor.")
-
-
-def is_gate(name: str, tensor: torch.Tensor) -> bool:
-    return any(g in name for g in GATE_NAMES) and tensor.ndim == 2 and 32 <= tensor.numel() <= 8192
 
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], cfg: Config,
@@ -100,7 +95,7 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
     tensors, entries, report = {}, {}, {}
     for name, tensor in tracked(sorted(state.items()), "gptq tensors"):
         entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
-        if cfg.gate_int8 and tensor.is_floating_point() and is_gate(name, tensor):
+        if cfg.gate_int8 and tensor.is_floating_point() and family_of(name, tensor) is Family.GATE:
             # R1's GATED_ATTN_QUANT_GATE: symmetric int8 per row, s = max|row| / 127.
             scale = (tensor.float().abs().amax(dim=1) / 127).clamp_min(1e-12).half()
             tensors[f"{name}.q"] = torch.clamp(torch.round(tensor.float() / scale.float()[:, None]), -127, 127).to(torch.int8)

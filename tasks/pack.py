@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from pgolf.errors import CapExceededError
+from pgolf.model.families import block_part, is_embedding
 from pgolf.pack.chart import bytes_chart
 from pgolf.pack.codesize import code_bytes, import_closure, wrapped_size
 from pgolf.pack.serialize import pack, store_stream, stream_choices, tensor_bytes, unpack
@@ -61,12 +62,11 @@ def tensor_group(name: str) -> str:
     base = name.removesuffix(".q").removesuffix(".scale")
     if name.endswith(".scale"):
         return "scales"
-    if base in ("tok_emb.weight", "lm_head.weight"):
+    if is_embedding(base):
         return "embedding"
-    if ".attn." in base and name.endswith(".q"):
-        return "attention"
-    if ".mlp." in base and name.endswith(".q"):
-        return "mlp"
+    part = block_part(base)
+    if part is not None and name.endswith(".q"):
+        return part
     return "passthrough"
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from tests.userenv import VENV, copy_checkout, fake_python_bin, shell
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ("--preset smoke --set corpus.max_docs=400 --set shards.val_docs=12 --set train.iterations=4 "

@@ -16,7 +16,7 @@ import pytest
 from flows.repro import reproduce, set_params
 from tasks.params import STAGES
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 # The smoke preset, smaller still: the point here is the chain and the cache, not the numbers.

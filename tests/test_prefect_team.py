@@ -22,7 +22,7 @@ import yaml
 
 from tests.userenv import VENV, copy_checkout, fake_python_bin, shell, user_env
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 PORT = "4211"
 API = f"http://127.0.0.1:{PORT}/api"

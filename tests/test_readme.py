@@ -55,6 +55,8 @@ def test_every_readme_command_is_run_somewhere():
     assert stale == set(), f"commands listed here that the README no longer shows: {stale}"
 
 
+# A subprocess each (torch imports included): the e2e target.
+@pytest.mark.e2e
 @pytest.mark.parametrize("command", sorted(UP_TO_THE_DEVICE))
 def test_device_benchmarks_take_their_readme_arguments(command):
     """Each benchmark's parser accepts what the README passes (up to running it on the device)."""

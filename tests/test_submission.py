@@ -12,7 +12,7 @@ from pgolf.params import from_dict
 from tasks import eval as eval_stage, export, gptq, pack, params as P, train
 from tasks.common import execute
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 TINY = ["tokenizer.vocab_size=400", "train.model.vocab_size=400", "train.model.num_layers=2",
         "train.model.model_dim=32", "train.model.num_heads=2", "train.model.num_kv_heads=1", "train.iterations=5",

@@ -18,6 +18,7 @@ from pgolf import kernels as fused_kernels
 from pgolf.model.config import ModelConfig
 from pgolf.model.docmask import Mask, document_block_mask, document_causal_mask, masked_attention
 from pgolf.model.embeddings import BigramHashEmbedding, ValueEmbedding
+from pgolf.model.families import Family, family_of
 from pgolf.model.film import FiLM
 from pgolf.model.gates import AttnOutputGate
 from pgolf.model.inhibitor import InhibitorGate
@@ -308,11 +309,10 @@ def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     (scales, mixes, gains, gates, lane lambdas, skip weights, small embeddings) to the scalar Adam."""
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
-        if name == "tok_emb.weight":
-            groups["embed"].append((name, p))
-        elif name == "lm_head.weight":
-            groups["head"].append((name, p))
-        elif name.startswith("blocks.") and (".attn.c_" in name or ".attn.proj." in name or ".mlp." in name):
+        family = family_of(name, p)
+        if family is Family.EMBEDDING:
+            groups["embed" if name == "tok_emb.weight" else "head"].append((name, p))
+        elif family is Family.MATRIX:
             groups["matrix"].append((name, p))
         else:
             groups["scalar"].append((name, p))

@@ -15,10 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from pgolf.model.families import Family, family_of
 from pgolf.quant.format import QuantizedModel
 
-CONTROL_PATTERNS = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
-                    "skip_weight", "skip_weights")
 KEEP_FLOAT_MAX_NUMEL = 65_536
 CLIP_QUANTILE = 99.99984 / 100.0
 
@@ -49,7 +48,7 @@ def quantize_baseline_int8(state: dict[str, torch.Tensor], model_config: dict,
         dtype = (source_dtypes or {}).get(name, str(tensor.dtype).removeprefix("torch."))
         entry = {"shape": list(tensor.shape), "dtype": dtype}
         if not tensor.is_floating_point() or tensor.numel() <= KEEP_FLOAT_MAX_NUMEL:
-            control = any(p in name for p in CONTROL_PATTERNS)
+            control = family_of(name, tensor) is Family.SCALAR
             kept = tensor.float() if control else tensor.to(torch.float16) if tensor.is_floating_point() else tensor
             tensors[name] = kept.contiguous()
             entries[name] = {**entry, "kind": "passthrough"}

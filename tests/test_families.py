@@ -1,0 +1,79 @@
+"""Tensor families (pgolf.model.families): every parameter of every preset falls in exactly one, and
+the optimizer groups, GPTQ, the pack's size groups and the int8 baseline all follow it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pgolf.model.config import ModelConfig
+from pgolf.model.families import Family, family_of, family_rules
+from pgolf.model.gpt import GPT, param_groups
+from pgolf.params import from_dict
+from pgolf.quant.baseline_int8 import quantize_baseline_int8
+from tasks import gptq as gptq_stage, params as P
+from tasks.pack import tensor_group
+
+PRESETS = sorted(p.stem for p in P.PRESETS_DIR.glob("*.yaml"))
+TINY = dict(vocab_size=400, model_dim=32, num_heads=2, num_kv_heads=1)
+
+
+def tiny_model(preset: str) -> GPT:
+    section = P.render(preset, [f"train.model.{k}={v}" for k, v in TINY.items()] + ["tokenizer.vocab_size=400"])
+    torch.manual_seed(0)
+    return GPT(from_dict(ModelConfig, section["train"]["model"], preset))
+
+
+@pytest.fixture(scope="module", params=PRESETS)
+def model(request) -> GPT:
+    return tiny_model(request.param)
+
+
+def test_every_parameter_falls_in_exactly_one_family(model):
+    overlaps = {n: rules for n, p in model.named_parameters() if len(rules := family_rules(n, p)) > 1}
+    assert overlaps == {}
+    families = {family_of(n, p) for n, p in model.named_parameters()}
+    assert {Family.EMBEDDING, Family.MATRIX, Family.SCALAR} <= families
+
+
+def test_the_presets_cover_every_family():
+    families = {family_of(n, p) for preset in PRESETS for n, p in tiny_model(preset).named_parameters()}
+    assert families == set(Family)
+
+
+def test_optimizer_groups_follow_the_families(model):
+    expect = {Family.EMBEDDING: {"embed", "head"}, Family.MATRIX: {"matrix"}}
+    for group, members in param_groups(model).items():
+        for name, p in members:
+            assert group in expect.get(family_of(name, p), {"scalar"}), (name, group)
+
+
+def test_gptq_quantizes_gates_and_embeddings_by_family(model):
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    cfg = gptq_stage.Config(gate_int8=True, passthrough_max_numel=0, embed_bits=7, embed_clip_sigmas=14.0,
+                            mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0)
+    qm, _ = gptq_stage.quantize_state(state, {}, cfg, model.cfg.__dict__)
+    for name, tensor in state.items():
+        family, kind = family_of(name, tensor), qm.entries[name]["kind"]
+        assert (kind == "int8_row") == (family is Family.GATE), name
+        if family is Family.EMBEDDING:
+            assert qm.entries[name]["bits"] == 7
+        if family is Family.MATRIX:
+            assert cfg.family(name)[1] == (11.5 if ".mlp." in name else 13.0), name
+
+
+def test_pack_groups_follow_the_families(model):
+    for name, p in model.named_parameters():
+        family, group = family_of(name, p), tensor_group(f"{name}.q")
+        assert (group == "embedding") == (family is Family.EMBEDDING), name
+        if family is Family.MATRIX:
+            assert group in ("attention", "mlp"), name
+        assert tensor_group(f"{name}.scale") == "scales"
+
+
+def test_the_int8_baseline_keeps_scalars_in_fp32(model):
+    state = {n: p.detach() for n, p in model.named_parameters()}
+    qm, _ = quantize_baseline_int8(state, model.cfg.__dict__)
+    for name, tensor in state.items():
+        if qm.entries[name]["kind"] == "passthrough":
+            scalar = family_of(name, tensor) is Family.SCALAR
+            assert qm.tensors[name].dtype == (torch.float32 if scalar else torch.float16), name
