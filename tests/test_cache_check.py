@@ -18,7 +18,7 @@ import yaml
 from flows.repro import dvc_command, dvc_env, reproduce, set_params
 from tasks.cache_check import Hasher, cache_dir, object_path, tree_digest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["corpus.max_docs=300", "tokenizer.vocab_size=512", "train.model.vocab_size=512"]
