@@ -61,6 +61,9 @@ class StageSpec:
     # judge can pull exactly those (eval reads the val shards, never the training ones).
     dvc_outs: tuple[str, ...] = ()
     input_parts: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # Inputs DVC tracks always but the stage reads only when its config asks (train's tokenizer,
+    # for val_every): missing, they are left out and the stage says when it needs one.
+    optional_inputs: tuple[str, ...] = ()
 
     def outs_for_dvc(self) -> list[str]:
         return [f"{self.out}/{part}" for part in self.dvc_outs] or [self.out]
@@ -75,12 +78,17 @@ def load_config(spec: StageSpec, params_path: str | Path = "params.yaml"):
     return from_dict(spec.config_cls, params.get(spec.name, {}), f"{params_path}: {spec.name}")
 
 
-def check_inputs(spec: StageSpec, inputs: dict[str, Path]) -> None:
+def check_inputs(spec: StageSpec, inputs: dict[str, Path]) -> dict[str, Path]:
+    """The inputs the stage gets: every required one exists, a missing optional one is left out."""
+    present = {}
     for name, path in inputs.items():
-        if not Path(path).exists():
+        if Path(path).exists():
+            present[name] = path
+        elif name not in spec.optional_inputs:
             producer = spec.producers.get(name)
             hint = f"; run the '{producer}' stage first (dvc repro {producer})" if producer else ""
             raise InputError(f"input '{name}' of stage '{spec.name}' does not exist{hint}", path)
+    return present
 
 
 def _replace_dir(tmp: Path, out: Path) -> None:
@@ -121,7 +129,7 @@ def execute(spec: StageSpec, cfg: Any, inputs: dict[str, Path] | None = None, ou
     """Run one stage into a temporary folder and rename it into place on success."""
     inputs = {k: Path(v) for k, v in (inputs or {k: v for k, v in spec.inputs.items()}).items()}
     out = Path(out or spec.out)
-    check_inputs(spec, inputs)
+    inputs = check_inputs(spec, inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     for path in remove_leftovers(out):
         print(f"pgolf {spec.name}: removed {path}, left by a run that was killed", file=sys.stderr)

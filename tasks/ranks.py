@@ -26,7 +26,7 @@ from typing import Any, Callable
 from pgolf import dist
 from pgolf.errors import ConfigError, PgolfError
 from pgolf.params import from_dict
-from tasks.common import StageSpec, load_config, write_json
+from tasks.common import StageSpec, check_inputs, load_config, write_json
 
 # Hidden: train's own outputs include a config.json.
 WORKER_CONFIG = ".ranks-config.json"
@@ -66,14 +66,14 @@ def worker_main(spec: StageSpec, body: Body, argv: list[str]) -> int:
         parser.add_argument("--worker", action="store_true")
         parser.add_argument("--out", required=True)
         for name in spec.inputs:
-            parser.add_argument(f"--{name}", required=True)
+            parser.add_argument(f"--{name}", required=name not in spec.optional_inputs, default=None)
         args = parser.parse_args(argv)
         out = Path(args.out)
         text = (out / WORKER_CONFIG).read_text()
         cfg = from_dict(spec.config_cls, json.loads(text), str(out / WORKER_CONFIG))
         with dist.process_group(dist.resolve_device(cfg.device)):
             check_same_config(text)
-            body(cfg, {name: Path(getattr(args, name)) for name in spec.inputs}, out)
+            body(cfg, {name: Path(getattr(args, name)) for name in spec.inputs if getattr(args, name) is not None}, out)
     except BaseException as err:
         if isinstance(err, (SystemExit, KeyboardInterrupt)) or not dist.report_rank_error(err):
             raise
@@ -111,7 +111,8 @@ def join_main(argv: list[str]) -> int:
                               f"{spec.name}`); `python -m tasks.ranks` is for the other nodes")
         # Only global rank 0, on node 0, writes the stage's files; this node's ranks write nothing.
         with tempfile.TemporaryDirectory(prefix=f"pgolf-{spec.name}-node{nodes.rank}-") as scratch:
-            launch_ranks(spec, cfg, {n: Path(getattr(args, f"input_{n}")) for n in spec.inputs}, Path(scratch), nodes)
+            inputs = check_inputs(spec, {n: Path(getattr(args, f"input_{n}")) for n in spec.inputs})
+            launch_ranks(spec, cfg, inputs, Path(scratch), nodes)
     except PgolfError as err:
         print(f"pgolf {spec.name} (node {os.environ.get(dist.NODE_RANK_ENV)}): error: {err}", file=sys.stderr)
         return 2

@@ -583,7 +583,7 @@ def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict, keep_
 # (val_docs and the tokenizer change them too), so any change to them changes a train dep anyway.
 SPEC = StageSpec(name="train", config_cls=Config, run=run, out="artifacts/train",
                  inputs={"shards": "artifacts/shards", "tokenizer": "artifacts/tokenizer"},
-                 producers={"shards": "shards", "tokenizer": "tokenizer"},
+                 producers={"shards": "shards", "tokenizer": "tokenizer"}, optional_inputs=("tokenizer",),
                  input_parts={"shards": ("train", "val", "manifest.json")})
 VAL_LOG_NAME = "val_log.json"
 

@@ -176,7 +176,7 @@ def test_a_seed_sweep_across_the_workers_and_in_process(team):
     runs = api("/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["seed:42"]}}})
     assert [r["name"] for r in runs] == ["smoke seed=42"]
     # the README's sweep, in this process: the same numbers for the seeds both ran
-    run(".venv/bin/pgolf sweep --preset smoke --seeds 42,0,1234", PREFECT_API_URL=API)
+    run(".venv/bin/pgolf sweep --preset smoke --seeds 42,0,1234", PREFECT_API_URL=API, timeout=1800)
     local = json.loads((repo / "artifacts/sweeps/smoke/sweep.json").read_text())
     assert local["kind"] == "pgolf-sweep" and [s["seed"] for s in local["seeds"]] == [42, 0, 1234]
     assert [s["val_bpb"] for s in local["seeds"][:2]] == [s["val_bpb"] for s in deployed["seeds"]]

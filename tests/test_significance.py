@@ -283,7 +283,7 @@ def run_artifacts(tmp_path, monkeypatch):
     art = tmp_path / "artifacts"
     write(art / "eval" / "metrics.json", {"val_loss": BETTER[0], "val_bpb": bpb(BETTER[0], CASEOPS_BPT), "mode": "flat",
                                           "seq_len": 64, "tokens": 1000, "bytes": 3157})
-    write(art / "pack" / "size.json", {"total_bytes": 15_000_100, "model_bytes": 15_000_000, "code_bytes": 100})
+    write(art / "pack" / "size.json", {"total_bytes": 15_000_100, "model_bytes": 15_000_000, "code_bytes": 100, "cap_bytes": 16_000_000, "margin_bytes": 999_900})
     write(art / "train" / "metrics.json", {"steps": 10, "ms_per_step": 1.0})
     write(tmp_path / "sweep" / "sweep.json", sweep(BETTER))
     write(tmp_path / "standing" / "submission.json", submission(STANDING))
