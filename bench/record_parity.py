@@ -538,25 +538,32 @@ def main() -> int:
         if "logits" in want:
             progress("logits", t0)
             report["logits"] = compare_logits(ref, ours, theirs, stream[37:])
+            print(json.dumps({"logits": report["logits"]}), file=sys.stderr, flush=True)
         if "loader" in want:
             progress("loader", t0)
             report["loader"] = compare_loaders(ref, h, shards, cfg)
+            print(json.dumps({"loader": report["loader"]}), file=sys.stderr, flush=True)
         if want & {"hessians", "gptq"}:
             progress("hessians", t0)
             report["hessians"], r1_h, our_h = compare_hessians(ref, h, ours, theirs, calibration_rows(shards, 4))
+            print(json.dumps({"hessians": report["hessians"]}), file=sys.stderr, flush=True)
         if "gptq" in want:
             progress("gptq", t0)
             report["gptq"] = compare_gptq(ref, h, ours, theirs, r1_h, our_h, qcfg)
+            print(json.dumps({"gptq": report["gptq"]}), file=sys.stderr, flush=True)
         if "step" in want:
             progress("step", t0)
             loader = DocumentPackingLoader(shards, 0, 1, torch.device("cpu"), cfg.vocab_size, BOS, flat=True)
             report["step"] = compare_step(ref, h, cfg, tcfg, loader.next_batch(2 * SEQ_LEN, SEQ_LEN, 1))
+            print(json.dumps({"step": report["step"]}), file=sys.stderr, flush=True)
         if "schedules" in want:
             progress("schedules", t0)
             report["schedules"] = compare_schedules(ref, h, tcfg)
+            print(json.dumps({"schedules": report["schedules"]}), file=sys.stderr, flush=True)
         if "ema" in want:
             progress("ema", t0)
             report["ema"] = compare_ema(ref, cfg, tcfg)
+            print(json.dumps({"ema": report["ema"]}), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
