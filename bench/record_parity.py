@@ -66,6 +66,7 @@ SIZES = dict(vocab_size=512, num_layers=6, model_dim=384, num_heads=6, num_kv_he
              parallel_start_layer=4, xsa_last_n=6)
 SEQ_LEN = 128  # train_seq_len (and doc_attention_max_len) at this scale; R1 2048
 BOS = 1
+ROWS = ("logits", "loader", "hessians", "gptq", "step", "schedules", "ema")
 
 
 # --- R1's script with a CPU FlashAttention -------------------------------------------------------
@@ -417,6 +418,87 @@ def compare_step(ref, h, cfg: ModelConfig, tcfg: train_stage.Config, batch: tupl
     return out
 
 
+# --- whole-run schedules and EMA: R1 keeps them inside train_model ----------------------------------
+
+R1_RUN = dict(steps=4945, train_ms=599_592.0)  # R1's train_seed42.log: stopping_early at step 4945, 599,592 ms
+
+
+def r1_inner(ref, names: tuple[str, ...]) -> dict:
+    """Statements of R1's train_model taken out of its source as they are (ast, not edited):
+    the nested functions `names`, the Muon momentum warm-up (the `if step <= ...` in step_fn) and
+    the EMA update (the `with torch.no_grad()` over _ema_pairs), each compiled on its own."""
+    import ast
+    import inspect
+    tree = ast.parse(inspect.getsource(ref))
+    train_model = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "train_model")
+    found = {}
+    for node in ast.walk(train_model):
+        if isinstance(node, ast.FunctionDef) and node.name in names:
+            found[node.name] = node
+        elif isinstance(node, ast.If) and "muon_momentum_warmup_steps" in ast.unparse(node.test):
+            found["momentum"] = node
+        elif isinstance(node, ast.With) and "_ema_pairs" in ast.unparse(node):
+            found["ema"] = node
+    missing = (set(names) | {"momentum", "ema"}) - set(found)
+    if missing:
+        raise SystemExit(f"R1's train_model has no {sorted(missing)}: another version of its script?")
+    return {k: compile(ast.Module([v], []), f"r1:train_model:{k}", "exec") for k, v in found.items()}
+
+
+def compare_schedules(ref, h, tcfg: train_stage.Config) -> dict:
+    from pgolf.optim.schedule import muon_momentum, training_fraction, warmdown_multiplier
+    code = r1_inner(ref, ("training_frac", "lr_mul"))
+    cap_ms = 1e3 * tcfg.max_wallclock_seconds - 1e3 * tcfg.gptq_reserve_seconds
+    for k in ("warmdown_frac", "min_lr", "muon_momentum", "muon_momentum_warmup_start",
+              "muon_momentum_warmup_steps", "iterations", "enable_looping_at"):
+        setattr(h, k, getattr(tcfg, k) if hasattr(tcfg, k) else getattr(tcfg.model, k))
+    space = {"h": h, "max_wallclock_ms": cap_ms}
+    exec(code["training_frac"], space)
+    exec(code["lr_mul"], space)
+
+    class Group(dict):
+        pass
+
+    groups = [Group()]
+    space["optimizers"] = types.SimpleNamespace(optimizer_muon=types.SimpleNamespace(param_groups=groups))
+    step_ms = R1_RUN["train_ms"] / R1_RUN["steps"]
+    lr_diff = mom_diff = 0.0
+    loop_r1 = loop_ours = None
+    for step in range(R1_RUN["steps"]):
+        elapsed = step * step_ms
+        frac_r1 = space["training_frac"](step, elapsed)
+        frac = training_fraction(step, elapsed, tcfg.iterations, cap_ms)
+        lr_diff = max(lr_diff, abs(space["lr_mul"](frac_r1) - warmdown_multiplier(frac, tcfg.warmdown_frac, tcfg.min_lr)))
+        space["step"] = step
+        exec(code["momentum"], space)  # R1 leaves the momentum as it was after its warm-up
+        ours = muon_momentum(step, tcfg.muon_momentum_warmup_start, tcfg.muon_momentum, tcfg.muon_momentum_warmup_steps)
+        mom_diff = max(mom_diff, abs(groups[0]["momentum"] - ours))
+        loop_r1 = step if loop_r1 is None and frac_r1 >= h.enable_looping_at else loop_r1
+        loop_ours = step if loop_ours is None and frac >= tcfg.model.enable_looping_at else loop_ours
+    return {"steps": R1_RUN["steps"], "lr_scale_max_abs": lr_diff, "muon_momentum_max_abs": mom_diff,
+            "looping_from_step": {"r1": loop_r1, "pgolf": loop_ours}}
+
+
+def compare_ema(ref, cfg: ModelConfig, tcfg: train_stage.Config, steps: int = 20) -> dict:
+    """pgolf's EMA and R1's update statement over the same parameter trajectory."""
+    from pgolf.optim.ema import EMA
+    code = r1_inner(ref, ())
+    model = random_pgolf(cfg, seed=3)
+    ema = EMA(model, tcfg.ema_decay)
+    live = model.state_dict(keep_vars=True)
+    ema_state = {name: t.detach().float().clone() for name, t in live.items()}  # R1's initial copy
+    space = {"torch": torch, "ema_decay": tcfg.ema_decay, "_ema_pairs": [(ema_state[n], t) for n, t in live.items()]}
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for _ in range(steps):
+            for p in model.parameters():
+                p.add_(torch.randn(p.shape, generator=gen) * 0.01)
+            ema.update(model)
+            exec(code["ema"], space)
+    diff = max(float((ema.shadow[n] - ema_state[n]).abs().max()) for n in ema_state)
+    return {"steps": steps, "decay": tcfg.ema_decay, "tensors": len(ema_state), "max_abs": diff}
+
+
 def progress(what: str, started: list[float]) -> None:
     import time
     now = time.perf_counter()
@@ -427,6 +509,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reference", type=Path, default=ROOT / "bench/reference/r1/train_gpt.py")
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)} (default: all)")
     args = parser.parse_args()
     if not args.reference.is_file():
         parser.error(f"{args.reference}: R1's train_gpt.py is not there (bench/reference/ is git-ignored; copy "
@@ -448,19 +531,39 @@ def main() -> int:
         theirs.eval(), ours.eval()
         report["params"] = {"pgolf": sum(p.numel() for p in ours.parameters()),
                             "r1_used": sum(p.numel() for p in theirs.parameters())}
+        want = set(args.rows.split(",")) if args.rows else set(ROWS)
+        if want - set(ROWS):
+            parser.error(f"--rows: unknown {sorted(want - set(ROWS))}; rows are {','.join(ROWS)}")
         stream = torch.from_numpy(np.fromfile(shards / "fineweb_train_000000.bin", dtype="<u2", offset=1024).astype(np.int64))
-        progress('report["logits"]', t0)
-        report["logits"] = compare_logits(ref, ours, theirs, stream[37:])
-        progress('report["loader"]', t0)
-        report["loader"] = compare_loaders(ref, h, shards, cfg)
-        progress('batches', t0)
-        batches = calibration_rows(shards, 4)
-        report["hessians"], r1_h, our_h = compare_hessians(ref, h, ours, theirs, batches)
-        progress('report["gptq"]', t0)
-        report["gptq"] = compare_gptq(ref, h, ours, theirs, r1_h, our_h, qcfg)
-        progress('loader', t0)
-        loader = DocumentPackingLoader(shards, 0, 1, torch.device("cpu"), cfg.vocab_size, BOS, flat=True)
-        report["step"] = compare_step(ref, h, cfg, tcfg, loader.next_batch(2 * SEQ_LEN, SEQ_LEN, 1))
+        if "logits" in want:
+            progress("logits", t0)
+            report["logits"] = compare_logits(ref, ours, theirs, stream[37:])
+            print(json.dumps({"logits": report["logits"]}), file=sys.stderr, flush=True)
+        if "loader" in want:
+            progress("loader", t0)
+            report["loader"] = compare_loaders(ref, h, shards, cfg)
+            print(json.dumps({"loader": report["loader"]}), file=sys.stderr, flush=True)
+        if want & {"hessians", "gptq"}:
+            progress("hessians", t0)
+            report["hessians"], r1_h, our_h = compare_hessians(ref, h, ours, theirs, calibration_rows(shards, 4))
+            print(json.dumps({"hessians": report["hessians"]}), file=sys.stderr, flush=True)
+        if "gptq" in want:
+            progress("gptq", t0)
+            report["gptq"] = compare_gptq(ref, h, ours, theirs, r1_h, our_h, qcfg)
+            print(json.dumps({"gptq": report["gptq"]}), file=sys.stderr, flush=True)
+        if "step" in want:
+            progress("step", t0)
+            loader = DocumentPackingLoader(shards, 0, 1, torch.device("cpu"), cfg.vocab_size, BOS, flat=True)
+            report["step"] = compare_step(ref, h, cfg, tcfg, loader.next_batch(2 * SEQ_LEN, SEQ_LEN, 1))
+            print(json.dumps({"step": report["step"]}), file=sys.stderr, flush=True)
+        if "schedules" in want:
+            progress("schedules", t0)
+            report["schedules"] = compare_schedules(ref, h, tcfg)
+            print(json.dumps({"schedules": report["schedules"]}), file=sys.stderr, flush=True)
+        if "ema" in want:
+            progress("ema", t0)
+            report["ema"] = compare_ema(ref, cfg, tcfg)
+            print(json.dumps({"ema": report["ema"]}), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")
