@@ -30,6 +30,8 @@ UP_TO_THE_DEVICE = {
     ".venv/bin/python bench/reference_int8.py --checkpoint final_model.pt --shards DIR --tokenizer DIR --expect 1.22437",
     ".venv/bin/python bench/reference_int8.py --tiny --reference-code bench/reference/train_gpt.py",
     ".venv/bin/python bench/reference_parity.py",
+    ".venv/bin/python bench/record_parity.py",
+    ".venv/bin/python bench/flow_overhead.py",
     ".venv/bin/python bench/pack_ratio.py --gptq artifacts/gptq",
     ".venv/bin/python bench/shard_throughput.py",
 }
