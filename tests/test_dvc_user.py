@@ -117,7 +117,7 @@ def test_metrics_and_plots_views(user):
     assert "stride" in diff.stdout or "val_bpb" in diff.stdout  # the applied experiment against the commit
     run(".venv/bin/dvc plots show -o plots")
     page = (repo / "plots/index.html").read_text()
-    for title in ("train loss", "learning rate", "bytes_by_group.svg"):
+    for title in ("train loss", "learning rate", "val bpb", "bytes_by_group.svg"):
         assert title in page
 
 
