@@ -23,7 +23,8 @@ TINY = ["tokenizer.vocab_size=400", "train.model.vocab_size=400", "train.model.n
 def test_exported_script_reproduces_the_pipeline(data_dirs, tmp_path):
     params = P.render("smoke", TINY)
     art = tmp_path / "artifacts"
-    execute(train.SPEC, from_dict(train.Config, params["train"], "train"), {"shards": data_dirs["shards"]}, art / "train")
+    execute(train.SPEC, from_dict(train.Config, params["train"], "train"),
+            {"shards": data_dirs["shards"], "tokenizer": data_dirs["tokenizer"]}, art / "train")
     execute(gptq.SPEC, from_dict(gptq.Config, params["gptq"], "gptq"),
             {"train": art / "train", "shards": data_dirs["shards"]}, art / "gptq")
     execute(pack.SPEC, from_dict(pack.Config, params["pack"], "pack"), {"gptq": art / "gptq"}, art / "pack")
