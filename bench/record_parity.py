@@ -26,10 +26,12 @@ Rows of the table (max abs or relative difference, or counts):
   hessians     R1's collect_hessians vs pgolf's (calib_doc_attention false) on the same batches
   gptq         R1's gptq_mixed_quantize vs pgolf's quantize_state (record gptq config): codes,
                scales, int8 gates, LQER factors
-  step         one optimizer step of every group (Muon banks, token AdamW, scalar AdamW) from the
-               same gradients: R1's Optimizers vs pgolf's build_optimizers (muon_bf16 on and off)
-Not compared yet: EMA and the lr/momentum schedules (R1 keeps them inside train_model), LoRA and
-phased TTT, and R1's serialize() artifact read by pgolf.
+  step         one training step: loss and gradients of both models on one batch, the clip norm,
+               then one optimizer step of every group (Muon banks, token AdamW, scalar AdamW)
+               from the same gradients: R1's Optimizers vs pgolf's build_optimizers, in bf16 as
+               R1 runs (muon_bf16) and in fp32 (R1's statements with bf16 read as fp32)
+  schedules    lr multiplier, Muon momentum warm-up and looping start over R1's logged run
+  ema          R1's EMA statements vs pgolf's EMA over a parameter path
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ import contextlib
 import dataclasses
 import importlib.util
 import json
+import math
 import re
 import sys
 import tempfile
@@ -370,51 +373,109 @@ def compare_gptq(ref, h, ours: GPT, theirs, r1_h: dict, our_h: dict, qcfg: gptq_
             "gates_int8_equal": bool(gates_equal), "lqer": lqer}
 
 
+@contextlib.contextmanager
+def r1_in_fp32():
+    """R1's Muon hard-codes bf16 (its buffers, the gradient cast, Newton-Schulz). For the formula
+    check its statements run unchanged with bf16 read as fp32, so both sides round alike."""
+    saved = torch.bfloat16, torch.Tensor.bfloat16
+    torch.bfloat16, torch.Tensor.bfloat16 = torch.float32, lambda self, *a, **k: self.float()
+    try:
+        yield
+    finally:
+        torch.bfloat16, torch.Tensor.bfloat16 = saved
+
+
+def optimizer_kind(name: str, tensor: torch.Tensor) -> str:
+    if name == "tok_emb.weight":
+        return "embed"
+    return "muon" if tensor.ndim == 2 and re.search(r"\.(c_q|c_k|c_v|proj|fc)\.weight$", name) else "scalar"
+
+
+def one_step(ref, h, cfg: ModelConfig, tcfg: train_stage.Config, grads: dict[str, torch.Tensor], bf16: bool) -> tuple[dict, dict]:
+    """Both optimizers, freshly built, take one step from the same weights and the same (clipped)
+    gradients; returns each side's update per pgolf parameter."""
+    ours = random_pgolf(cfg)
+    theirs = ref.GPT(h)
+    theirs.load_state_dict(to_r1_state(ours, theirs))
+    mapping = r1_named_grads(ours, theirs)
+    for p in theirs.parameters():
+        p.grad = torch.zeros_like(p)  # R1's [L, ...] lane lambdas: rows of layers without lanes get zeros
+    for n, p in ours.named_parameters():
+        if n in grads:
+            p.grad = grads[n].clone()
+            r1_param, idx = mapping[n]
+            (r1_param.grad if idx is None else r1_param.grad[idx]).copy_(grads[n])
+    before = {n: p.detach().clone() for n, p in ours.named_parameters()}
+    optimizers = train_stage.build_optimizers(ours, dataclasses.replace(tcfg, muon_bf16=bf16), fused=False)
+    optimizers[0].param_groups[0]["momentum"] = tcfg.muon_momentum_warmup_start
+    for opt in optimizers:
+        opt.step()
+    with cpu_for_r1(), (contextlib.nullcontext() if bf16 else r1_in_fp32()):
+        r1_opt = ref.Optimizers(h, theirs)
+        for group in r1_opt.optimizer_muon.param_groups:
+            group["momentum"] = tcfg.muon_momentum_warmup_start
+        r1_opt.step(distributed=False)
+    ours_delta = {n: p.detach() - before[n] for n, p in ours.named_parameters() if n in grads}
+    theirs_delta = {n: pick(mapping[n], "param") - before[n] for n in ours_delta}
+    return ours_delta, theirs_delta
+
+
 def compare_step(ref, h, cfg: ModelConfig, tcfg: train_stage.Config, batch: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """A training step in two halves. Loss and gradients: both models' backward on the same batch.
+    The update: both optimizers from the same gradients (pgolf's, clipped), so that the step's own
+    arithmetic is compared and not gradient rounding, which Adam's first step g/(|g|+eps) blows up
+    for entries near eps. fp32: R1's Muon read in fp32 (r1_in_fp32), so the formulas are compared
+    at one rounding. bf16: R1 as it runs against muon_bf16; bf16 Newton-Schulz is not bit-stable
+    (a batched and a single CPU matmul already differ), so the gap is set beside R1's own bf16
+    against its fp32 result (`r1_bf16_vs_fp32`), the rounding R1 itself carries."""
     x, y = batch
-    out = {}
-    for bf16 in (True, False):
-        ours = random_pgolf(cfg)
-        theirs = ref.GPT(h)
-        theirs.load_state_dict(to_r1_state(ours, theirs))
-        for block in theirs.blocks:
-            block.mlp.use_fused = False  # its Triton MLP needs CUDA; the eager one is its own math too
-        theirs.looping_active = True
-        ours.set_looping(True)
-        ours.train(), theirs.train()
-        loss_ours = ours(x, y)
-        loss_ours.backward()
-        bos = (x[0] == BOS).nonzero(as_tuple=True)[0].tolist()
-        cu, _ = ref._build_cu_seqlens(bos, x.size(1), x.device, SEQ_LEN, 64)
-        loss_theirs = theirs(x, y, cu_seqlens=cu, max_seqlen=SEQ_LEN)
-        loss_theirs.backward()
-        mapping = r1_named_grads(ours, theirs)
-        if bf16:
-            out["loss_abs"] = abs(float(loss_ours) - float(loss_theirs))
-            out["grad_max_rel"] = max(float((p.grad - pick(mapping[n], "grad")).abs().max()
-                                            / pick(mapping[n], "grad").abs().max().clamp_min(1e-30))
-                                      for n, p in ours.named_parameters() if p.grad is not None)
-        torch.nn.utils.clip_grad_norm_(ours.parameters(), tcfg.grad_clip_norm)
-        torch.nn.utils.clip_grad_norm_(theirs.parameters(), tcfg.grad_clip_norm)
-        before = {n: p.detach().clone() for n, p in ours.named_parameters()}
-        cfg_step = dataclasses.replace(tcfg, muon_bf16=bf16)
-        optimizers = train_stage.build_optimizers(ours, cfg_step, fused=False)
-        optimizers[0].param_groups[0]["momentum"] = tcfg.muon_momentum_warmup_start
-        for opt in optimizers:
-            opt.step()
-        with cpu_for_r1():
-            r1_opt = ref.Optimizers(h, theirs)
-            for group in r1_opt.optimizer_muon.param_groups:
-                group["momentum"] = tcfg.muon_momentum_warmup_start
-            r1_opt.step(distributed=False)
-        groups = {"muon": [], "embed": [], "scalar": []}
-        for n, p in ours.named_parameters():
-            theirs_delta = pick(mapping[n], "param") - before[n]
-            ours_delta = p.detach() - before[n]
-            kind = "embed" if n == "tok_emb.weight" else "muon" if p.ndim == 2 and re.search(r"\.(c_q|c_k|c_v|proj|fc)\.weight$", n) else "scalar"
-            groups[kind].append(float((ours_delta - theirs_delta).abs().max() / theirs_delta.abs().max().clamp_min(1e-30)))
-        tag = "muon_bf16" if bf16 else "muon_fp32"
-        out[tag] = {k: max(v) for k, v in groups.items()}
+    ours = random_pgolf(cfg)
+    theirs = ref.GPT(h)
+    theirs.load_state_dict(to_r1_state(ours, theirs))
+    for block in theirs.blocks:
+        block.mlp.use_fused = False  # its Triton MLP needs CUDA; the eager one is its own math too
+    theirs.looping_active = True
+    ours.set_looping(True)
+    ours.train(), theirs.train()
+    loss_ours = ours(x, y)
+    loss_ours.backward()
+    bos = (x[0] == BOS).nonzero(as_tuple=True)[0].tolist()
+    cu, _ = ref._build_cu_seqlens(bos, x.size(1), x.device, SEQ_LEN, 64)
+    loss_theirs = theirs(x, y, cu_seqlens=cu, max_seqlen=SEQ_LEN)
+    loss_theirs.backward()
+    loss_ours, loss_theirs = loss_ours.detach(), loss_theirs.detach()
+    mapping = r1_named_grads(ours, theirs)
+    used = {n for n, p in ours.named_parameters() if p.grad is not None}
+    out = {"loss_abs": abs(float(loss_ours) - float(loss_theirs)),
+           "grad_max_rel": max(float((p.grad - pick(mapping[n], "grad")).abs().max()
+                                     / pick(mapping[n], "grad").abs().max().clamp_min(1e-30))
+                               for n, p in ours.named_parameters() if n in used),
+           # the clip norm: as both compute it (fp32; torch's reduction over R1's million-entry
+           # banks rounds more than over pgolf's matrices) and exactly (fp64)
+           "clip_norm_fp64_rel": abs(math.sqrt(sum(float(p.grad.double().norm()) ** 2 for p in ours.parameters() if p.grad is not None))
+                                     / math.sqrt(sum(float(p.grad.double().norm()) ** 2 for p in theirs.parameters())) - 1)}
+    norm_ours = torch.nn.utils.clip_grad_norm_(ours.parameters(), tcfg.grad_clip_norm)
+    norm_theirs = torch.nn.utils.clip_grad_norm_(theirs.parameters(), tcfg.grad_clip_norm)
+    out["clip_norm_fp32_rel"] = abs(float(norm_ours) / float(norm_theirs) - 1)
+    grads = {n: p.grad.detach().clone() for n, p in ours.named_parameters() if n in used}
+    # Parameters no forward reads (the lane lambdas of layers without lanes): R1's AdamW decays its
+    # rows of them, pgolf's have no gradient and stay; neither model's output changes.
+    out["unread"] = sorted(n for n, _ in ours.named_parameters() if n not in used)
+    fp32_ours, fp32_theirs = one_step(ref, h, cfg, tcfg, grads, bf16=False)
+    bf16_ours, bf16_theirs = one_step(ref, h, cfg, tcfg, grads, bf16=True)
+
+    def per_kind(a: dict, b: dict, frobenius: bool) -> dict:
+        worst: dict[str, float] = {}
+        for n, delta in a.items():
+            kind = optimizer_kind(n, delta)
+            gap = ((delta - b[n]).norm() / b[n].norm().clamp_min(1e-30) if frobenius
+                   else (delta - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-30))
+            worst[kind] = max(worst.get(kind, 0.0), float(gap))
+        return worst
+
+    out["fp32_max_rel"] = per_kind(fp32_ours, fp32_theirs, frobenius=False)
+    out["bf16_rel_frobenius"] = per_kind(bf16_ours, bf16_theirs, frobenius=True)
+    out["r1_bf16_vs_fp32_rel_frobenius"] = per_kind(bf16_theirs, fp32_theirs, frobenius=True)
     return out
 
 

@@ -111,8 +111,12 @@ def header_for(preset: str | None, overrides: list[str] | tuple[str, ...], previ
 def render_file(path: str | Path, preset: str | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, str]:
     """What `path` becomes: a preset and overrides, or (no preset) overrides on the file as it is."""
     path = Path(path)
+    # The presets of the checkout the file is in: a run in a slot at commit X renders X's presets,
+    # whichever checkout the running code was imported from.
+    local = path.parent / "presets"
+    presets_dir = local if local.is_dir() else PRESETS_DIR
     if preset or not path.is_file():
-        return render(preset, overrides), header_for(preset, overrides)
+        return render(preset, overrides, presets_dir), header_for(preset, overrides)
     return render(None, overrides, base=read_yaml(path)), header_for(None, overrides, path.read_text(encoding="utf-8"))
 
 

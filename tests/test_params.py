@@ -99,6 +99,16 @@ def test_preset_extends_chain(tmp_path):
         P.render("loop", presets_dir=tmp_path)
 
 
+def test_a_checkouts_params_render_from_its_own_presets(tmp_path):
+    """A slot at another commit, or a copy sharing this venv, renders the presets it holds."""
+    (tmp_path / "presets").mkdir()
+    (tmp_path / "presets" / "smoke.yaml").write_text("extends: tiny\ntrain: {iterations: 3}\n")
+    (tmp_path / "presets" / "tiny.yaml").write_text("corpus: {max_docs: 7}\n")
+    params, _ = P.render_file(tmp_path / "params.yaml", "smoke")
+    assert params["train"]["iterations"] == 3 and params["corpus"]["max_docs"] == 7
+    assert P.render_file(tmp_path / "elsewhere" / "params.yaml", "smoke")[0] == P.render("smoke")
+
+
 def test_repo_params_yaml_is_the_rendered_smoke_preset():
     committed = yaml.safe_load((ROOT / "params.yaml").read_text())
     assert committed == P.render("smoke"), "params.yaml is stale: run `python -m tasks.params --preset smoke`"

@@ -169,7 +169,6 @@ def test_runs_started_at_once_each_report_their_own_parameters(team):
 
 # Open bug (issue #12 note): a seed's deployment run started by run_deployment failed with
 # "TypeError: 'NoneType' object is not subscriptable" on 2026-12-02; not yet diagnosed.
-@pytest.mark.xfail(reason="seed runs through run_deployment fail with a TypeError (issue #12)", strict=False)
 def test_a_seed_sweep_across_the_workers_and_in_process(team):
     repo, run = team["repo"], team["run"]
     out = run(".venv/bin/pgolf sweep --preset smoke --seeds 42,0 --deployment pgolf-pipeline/smoke "
