@@ -69,7 +69,7 @@ SIZES = dict(vocab_size=512, num_layers=6, model_dim=384, num_heads=6, num_kv_he
              parallel_start_layer=4, xsa_last_n=6)
 SEQ_LEN = 128  # train_seq_len (and doc_attention_max_len) at this scale; R1 2048
 BOS = 1
-ROWS = ("logits", "loader", "hessians", "gptq", "step", "schedules", "ema")
+ROWS = ("logits", "loader", "hessians", "gptq", "step", "schedules", "ema", "artifact")
 
 
 # --- R1's script with a CPU FlashAttention -------------------------------------------------------
@@ -325,6 +325,9 @@ def compare_hessians(ref, h, ours: GPT, theirs, batches: list[torch.Tensor]) -> 
         def next_batch(self, *_):
             return next(self.it), None
 
+    # calibration follows training, which ends with looping on (R1's serialize gets base_model so)
+    theirs.looping_active = True
+    ours.set_looping(True)
     r1_h = ref.collect_hessians(theirs, Batches(), h, torch.device("cpu"), n_calibration_batches=len(batches))
     per_batch = batches[0].numel()
     ours.set_doc_attention(False)
@@ -560,6 +563,111 @@ def compare_ema(ref, cfg: ModelConfig, tcfg: train_stage.Config, steps: int = 20
     return {"steps": steps, "decay": tcfg.ema_decay, "tensors": len(ema_state), "max_abs": diff}
 
 
+# --- an artifact R1's serialize() wrote, read and scored by pgolf ---------------------------------
+
+LRZIP_STANDIN = '''#!{python}
+"""Stand-in for the lrzip program (not installed here): zlib behind lrzip's command line, for
+R1's _lrzip_compress/_lrzip_decompress and pgolf's reader alike. Only the coder is replaced."""
+import sys, zlib
+args = sys.argv[1:]
+out = args[args.index("-o") + 1]
+data = open(args[-1], "rb").read()
+open(out, "wb").write(zlib.compress(data, 9) if "-z" in args else zlib.decompress(data))
+'''
+
+
+@contextlib.contextmanager
+def lrzip_on_path(folder: Path):
+    """The real lrzip when installed; else the stand-in above, first on PATH."""
+    import os
+    import shutil
+    if shutil.which("lrzip"):
+        yield "lrzip"
+        return
+    script = folder / "lrzip"
+    script.write_text(LRZIP_STANDIN.format(python=sys.executable))
+    script.chmod(0o755)
+    saved = os.environ["PATH"]
+    os.environ["PATH"] = f"{folder}{os.pathsep}{saved}"
+    try:
+        yield "zlib stand-in"
+    finally:
+        os.environ["PATH"] = saved
+
+
+def write_r1_artifact(ref, h, theirs, hessians: dict, form: str, path: Path) -> None:
+    """What R1's serialize() does after collecting Hessians (which needs CUDA there): its
+    _unbank_state_dict, gptq_mixed_quantize, then _serialize_pergroup or torch.save + _compress."""
+    import io
+    quant_result, quant_meta = ref.gptq_mixed_quantize(ref._unbank_state_dict(theirs.state_dict(), h.num_layers), hessians, h)
+    if form == "pergroup":
+        with tempfile.TemporaryDirectory() as tmp:
+            blob = ref._serialize_pergroup(quant_result, quant_meta, h.num_layers, tmp)
+    else:
+        buffer = io.BytesIO()
+        torch.save({"w": quant_result, "m": quant_meta}, buffer)
+        blob = ref._compress(buffer.getvalue(), form)
+    path.write_bytes(blob)
+
+
+def r1_eval(ref, h, path: Path, form: str, tokens: torch.Tensor, byte_counts: torch.Tensor, fp32: bool) -> tuple[float, float]:
+    """R1's deserialize() then eval_val on `tokens`; fp32: its eval model cast to fp32 (its bf16
+    embedding keeps its bf16 values), else as deserialize() leaves it (bf16 activations on CPU)."""
+    import types as _types
+    h.quantized_model_path, h.compressor = str(path), form if form != "pergroup" else "brotli"
+    model = ref.deserialize(h, torch.device("cpu"))
+    model.looping_active = True  # as R1's train_and_eval sets it on its eval model
+    if fp32:
+        model.float()
+    for block in model.blocks:
+        block.mlp.use_fused = False
+    val = _types.SimpleNamespace(val_tokens=tokens, val_bytes=byte_counts)
+    with torch.no_grad():
+        return ref.eval_val(h, torch.device("cpu"), val, model)
+
+
+def pgolf_eval_of_r1(path: Path, cfg: ModelConfig, tokens: torch.Tensor, byte_counts: torch.Tensor, batch_seqs: int):
+    """pgolf's side with nothing of R1: its reader, its model, its flat eval with joined windows."""
+    from pgolf.evaluate.bpb import evaluate_bpb
+    from pgolf.model.io import load_state_dict_into
+    from pgolf.pack.r1_artifact import load_r1_artifact
+    qm, form = load_r1_artifact(path, dataclasses.asdict(cfg))
+    model = GPT(cfg)
+    load_state_dict_into(model, qm.dequantize(), path)
+    result = evaluate_bpb(model, tokens.numpy(), byte_counts.numpy(), SEQ_LEN, 0, batch_seqs, torch.device("cpu"),
+                          join_windows=True)
+    return result.val_loss, result.val_bpb, form
+
+
+def eval_stream(stream: torch.Tensor, windows: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """`windows` flat windows of targets (+1 token) from a token stream with documents, and a byte
+    count per position (R1's sidecar shape: the bytes of the token at that position)."""
+    tokens = stream[: windows * SEQ_LEN + 1].clone()
+    rng = np.random.default_rng(seed)
+    byte_counts = torch.from_numpy(rng.integers(1, 7, tokens.numel()).astype(np.int32))
+    return tokens, byte_counts
+
+
+def compare_artifact(ref, h, theirs, cfg: ModelConfig, hessians: dict, stream: torch.Tensor, folder: Path) -> dict:
+    batch_seqs = 4
+    h.val_batch_tokens = batch_seqs * SEQ_LEN * h.world_size * h.grad_accum_steps  # R1: one row of 4 windows
+    tokens, byte_counts = eval_stream(stream, windows=4 * batch_seqs)
+    out = {}
+    with lrzip_on_path(folder) as coder:
+        for form in ("pergroup", "brotli"):
+            path = folder / f"final_model.{form}.int6.ptz"
+            write_r1_artifact(ref, h, theirs, hessians, form, path)
+            r1_loss, r1_bpb = r1_eval(ref, h, path, form, tokens, byte_counts, fp32=True)
+            r1_bf16_loss, r1_bf16_bpb = r1_eval(ref, h, path, form, tokens, byte_counts, fp32=False)
+            loss, bpb, seen = pgolf_eval_of_r1(path, cfg, tokens, byte_counts, batch_seqs)
+            out[form] = {"bytes": path.stat().st_size, "read_as": seen, "r1_val_bpb": r1_bpb, "pgolf_val_bpb": bpb,
+                         "bpb_abs": abs(bpb - r1_bpb), "loss_abs": abs(loss - r1_loss),
+                         "r1_bf16_bpb_abs": abs(r1_bf16_bpb - r1_bpb)}
+        out["lrzip"] = coder
+    out["targets"] = int(tokens.numel() - 1)
+    return out
+
+
 def progress(what: str, started: list[float]) -> None:
     import time
     now = time.perf_counter()
@@ -604,7 +712,7 @@ def main() -> int:
             progress("loader", t0)
             report["loader"] = compare_loaders(ref, h, shards, cfg)
             print(json.dumps({"loader": report["loader"]}), file=sys.stderr, flush=True)
-        if want & {"hessians", "gptq"}:
+        if want & {"hessians", "gptq", "artifact"}:
             progress("hessians", t0)
             report["hessians"], r1_h, our_h = compare_hessians(ref, h, ours, theirs, calibration_rows(shards, 4))
             print(json.dumps({"hessians": report["hessians"]}), file=sys.stderr, flush=True)
@@ -625,6 +733,10 @@ def main() -> int:
             progress("ema", t0)
             report["ema"] = compare_ema(ref, cfg, tcfg)
             print(json.dumps({"ema": report["ema"]}), file=sys.stderr, flush=True)
+        if "artifact" in want:
+            progress("artifact", t0)
+            report["artifact"] = compare_artifact(ref, h, theirs, cfg, r1_h, stream, shards)
+            print(json.dumps({"artifact": report["artifact"]}), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

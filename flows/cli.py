@@ -6,6 +6,7 @@
     pgolf exp show [--all] [DVC ARGS]        (DVC's experiments: changed params, val_bpb, bytes, seconds)
     pgolf sweep --preset record --seeds 42,0,1234 [--set k=v] [--deployment pgolf-pipeline/NAME] [--out F]
     pgolf significance OURS AGAINST [--json] [--via-bpb]   (the record test; exit 0 met, 1 not, 2 bad input)
+    pgolf import-r1 final_model.int6.ptz [--preset record] [--set train.model.k=v] [--out DIR]   (rescore R1's artifact)
 """
 from __future__ import annotations
 
@@ -105,6 +106,51 @@ def add_significance(sub) -> None:
 # ---- end significance ----
 
 
+# ---- import-r1: rescore a foreign artifact (pgolf.pack.r1_artifact) ----
+def cmd_import_r1(args) -> int:
+    import hashlib
+    import json
+    from pathlib import Path
+
+    from pgolf.pack.r1_artifact import load_r1_artifact
+    from pgolf.pack.serialize import pack
+    from tasks.common import write_json
+
+    model_config = params_cli.render(args.preset, args.overrides)["train"]["model"]
+    qm, form = load_r1_artifact(args.artifact, model_config)
+    source = Path(args.artifact)
+    out = Path(args.out or Path("artifacts/imported") / source.name.split(".")[0])
+    out.mkdir(parents=True, exist_ok=True)
+    blob, _ = pack(qm, "zlib")  # for rescoring, not for size: the submission's bytes are the source's
+    tmp = out / "artifact.bin.tmp"
+    tmp.write_bytes(blob)
+    tmp.replace(out / "artifact.bin")
+    kinds = {}
+    for entry in qm.entries.values():
+        kinds[entry["kind"]] = kinds.get(entry["kind"], 0) + 1
+    record = {"source": str(source), "source_sha256": hashlib.sha256(source.read_bytes()).hexdigest(),
+              "source_bytes": source.stat().st_size, "source_format": f"r1-{form}", "preset": args.preset,
+              "overrides": args.overrides, "tensors": dict(sorted(kinds.items())), "model": model_config}
+    write_json(out / "import.json", record)
+    print(json.dumps({k: record[k] for k in ("source", "source_format", "source_bytes", "tensors")}))
+    print(f"written {out / 'artifact.bin'}; score it: bin/stage eval --pack {out} --out {out / 'eval'}")
+    return 0
+
+
+def add_import_r1(sub) -> None:
+    imp = sub.add_parser("import-r1", help="read an R1-lineage artifact (final_model.int6.ptz) for pgolf's eval",
+                         description="Reads what R1's serialize() wrote (pergroup/lrzip, brotli or lzma) and writes the "
+                                     "same quantized weights as a pgolf artifact.bin (with import.json), which "
+                                     "`bin/stage eval --pack DIR` scores. The model's hyperparameters come from a preset "
+                                     "(record: R1's) and --set train.model.KEY=VALUE.")
+    imp.add_argument("artifact")
+    imp.add_argument("--preset", default="record", help="preset whose train.model is the artifact's (default record)")
+    imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    imp.add_argument("--out", default=None, help="folder for artifact.bin (default artifacts/imported/<name>/)")
+    imp.set_defaults(func=cmd_import_r1)
+# ---- end import-r1 ----
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgolf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -119,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     summ.set_defaults(func=cmd_summary)
     add_sweep(sub)
     add_significance(sub)
+    add_import_r1(sub)
     prm = sub.add_parser("params", help="render params.yaml (see python -m tasks.params -h)", add_help=False)
     prm.set_defaults(func=None)
     exp = sub.add_parser("exp", help="`exp show`: DVC's experiments, the columns a competitor compares (--all: DVC's table)",

@@ -26,7 +26,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.repro import (StageResult, dvc_repo, format_summary, record_pipeline_run, reproduce_stage, score_of, set_params,
                          stages_up_to_date)
-from flows.workspace import run_workspace
+from flows.workspace import run_workspace, shared_git_state
 from pgolf.errors import PgolfError
 from tasks.params import STAGES
 
@@ -113,8 +113,9 @@ def pipeline(preset: str | None = "smoke", overrides: list[str] | None = None, s
         experiment = None
         if slot is not None:
             experiment = experiment_name(name)
-            if any(r.status == "ran" for r in results) or not _has_experiment(ws, slot.commit, experiment):
-                _save_experiment(ws, experiment)
+            with shared_git_state(slot.checkout):
+                if any(r.status == "ran" for r in results) or not _has_experiment(ws, slot.commit, experiment):
+                    _save_experiment(ws, experiment)
         logger.info("\n%s", format_summary(results, ws))
     outcome = {"name": name, "preset": preset, "overrides": overrides, "seed": seed, "workspace": str(ws),
                "commit": slot.commit if slot else None, "experiment": experiment,

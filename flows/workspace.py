@@ -93,6 +93,21 @@ def _prepare_slot(checkout: Path, path: Path, commit: str) -> None:
 
 
 @contextmanager
+def shared_git_state(checkout: Path) -> Iterator[None]:
+    """Held while a run writes what every slot shares, the checkout's git refs and worktree list:
+    DVC's `exp save` goes through refs of its own (refs/exps/exec/...) that two saves at once
+    overwrite under each other (one run's save then fails on the other's experiment ref)."""
+    runs = checkout / RUNS_DIR
+    runs.mkdir(parents=True, exist_ok=True)
+    with open(runs / "git.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+@contextmanager
 def run_workspace(checkout: str | Path, revision: str = "HEAD") -> Iterator[RunWorkspace]:
     """Hold a slot of `checkout` at `revision` for the duration of the block."""
     root = checkout_root(checkout)
@@ -115,7 +130,8 @@ def run_workspace(checkout: str | Path, revision: str = "HEAD") -> Iterator[RunW
         lock.write(f"{os.getpid()}\n")
         lock.flush()
         path = runs / f"slot-{slot}"
-        _prepare_slot(root, path, commit)
+        with shared_git_state(root):
+            _prepare_slot(root, path, commit)
         yield RunWorkspace(path=path, checkout=root, commit=commit, slot=slot, uncommitted=uncommitted)
     finally:
         fcntl.flock(lock, fcntl.LOCK_UN)

@@ -39,6 +39,9 @@ class Config:
     seq_len: int = 1024
     stride: int = 0  # 0: flat non-overlapping windows; > 0: sliding windows scoring `stride` new tokens each
     batch_seqs: int = 32
+    # Flat mode as R1's eval_val: a batch's windows form one row, and documents (BOS to BOS, cut every
+    # doc_attention_max_len tokens) run on across window edges. Needs the model's doc_attention.
+    join_windows: bool = False
     device: str = "auto"
     nproc: int = 1  # > 1: torchrun processes (GPUs) per node, each scoring its share
     nnodes: int = 1  # > 1: nodes joined by torchrun's c10d rendezvous (docs/stages.md)
@@ -57,6 +60,8 @@ class Config:
     def validate(self) -> None:
         check_range(self, "seq_len batch_seqs nproc nnodes", ge=1)
         check_range(self, "stride budget_s", ge=0)
+        if self.join_windows and (self.stride or self.ttt != "off"):
+            raise ValueError("join_windows is a flat-mode layout: it needs stride 0 and ttt off")
         if self.stride >= self.seq_len:
             raise ValueError(f"stride {self.stride} must be smaller than seq_len {self.seq_len} (0 for flat)")
 
@@ -108,7 +113,11 @@ def _evaluate(cfg: Config, inputs: dict[str, Path], out: Path, device: torch.dev
         result, summary, _ = evaluate_sgd_ttt(model, tokens, byte_counts, cfg.seq_len, cfg.stride, cfg.batch_seqs,
                                               cfg.sgd, device, budget)
     else:
-        result = evaluate_bpb(model, tokens, byte_counts, cfg.seq_len, cfg.stride, cfg.batch_seqs, device)
+        if cfg.join_windows and not model.cfg.doc_attention:
+            raise FormatError("eval.join_windows needs a model with doc_attention: without it a joined row is one "
+                              f"causal context of {cfg.batch_seqs * cfg.seq_len} tokens", artifact)
+        result = evaluate_bpb(model, tokens, byte_counts, cfg.seq_len, cfg.stride, cfg.batch_seqs, device,
+                              cfg.join_windows)
     if summary is not None and not summary["passed"]:
         raise AssertionError(f"TTT broke the challenge's conditions: {summary['violations']}")
     eval_seconds = budget.elapsed()

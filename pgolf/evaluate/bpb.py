@@ -77,21 +77,26 @@ def windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]
 
 @torch.no_grad()
 def score_windows(model, stream: torch.Tensor, batch: list[tuple[int, int]], seq_len: int,
-                  device: torch.device) -> list[tuple[int, int, torch.Tensor]]:
+                  device: torch.device, join: bool = False) -> list[tuple[int, int, torch.Tensor]]:
     """One forward over a batch of windows (start, first scored target): for each window, the span
-    of targets it scores [first, end) and their NLLs (float64, CPU)."""
+    of targets it scores [first, end) and their NLLs (float64, CPU). join: the batch's windows
+    (contiguous: flat mode) go in as one row, as R1's eval_val feeds them, so the model's document
+    attention, not the window edge, decides what each token sees."""
     x = torch.stack([stream[w:w + seq_len] for w, _ in batch]).to(device)
     y = torch.stack([stream[w + 1:w + seq_len + 1] for w, _ in batch]).to(device)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model.forward_logits(x)
+        logits = model.forward_logits(x.reshape(1, -1) if join else x)
     nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
     nll = nll.view(len(batch), seq_len).double().cpu()
     return [(first, w + seq_len + 1, nll[row, first - (w + 1):]) for row, (w, first) in enumerate(batch)]
 
 
 def evaluate_bpb(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len: int, stride: int, batch_seqs: int,
-                 device: torch.device) -> BpbResult:
-    """Score every target of `tokens` (already truncated) once; `byte_counts[t]` is the bytes of target t."""
+                 device: torch.device, join_windows: bool = False) -> BpbResult:
+    """Score every target of `tokens` (already truncated) once; `byte_counts[t]` is the bytes of target t.
+    join_windows (flat only): each batch's windows are one row (score_windows)."""
+    if join_windows and stride:
+        raise ValueError("join_windows joins contiguous flat windows: it needs stride 0")
     num_targets = len(tokens) - 1
     stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     plan = windows(num_targets, seq_len, stride)
@@ -102,7 +107,7 @@ def evaluate_bpb(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len: in
     for index in tracked(range(dist.rank(), len(batches), dist.world_size()),
                          f"eval batches of {batch_seqs} windows (this rank's)"):
         losses = []
-        for first, end, nll in score_windows(model, stream, batches[index], seq_len, device):
+        for first, end, nll in score_windows(model, stream, batches[index], seq_len, device, join_windows):
             losses.append(float(nll.sum()))
             scored_tokens += end - first
             scored_bytes += int(byte_counts[first:end].sum())
