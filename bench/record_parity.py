@@ -668,6 +668,53 @@ def compare_artifact(ref, h, theirs, cfg: ModelConfig, hessians: dict, stream: t
     return out
 
 
+TINY = dict(vocab_size=320, num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=17.0, num_loops=0, loop_start=0,
+            loop_end=0, parallel_start_layer=-1, xsa_last_n=1)  # 1,088 x 64 MLP matrices: past the passthrough limit
+
+
+def write_fixture(ref, folder: Path) -> dict:
+    """tests/golden/r1_tiny/: a tiny R1 model's artifact as R1's code writes it (brotli, and
+    pergroup through the lrzip stand-in), eval tokens and bytes, and R1's eval_val of it, for the
+    CPU test of `pgolf import-r1` that runs where R1's script is not."""
+    folder.mkdir(parents=True, exist_ok=True)
+    overrides = ([f"train.model.{k}={v}" for k, v in TINY.items()]
+                 + [f"train.model.doc_attention_max_len={SEQ_LEN}", f"tokenizer.vocab_size={TINY['vocab_size']}"])
+    rendered = presets.render("record", overrides)
+    cfg = from_dict(ModelConfig, rendered["train"]["model"], "tiny")
+    _, tcfg, qcfg = record_configs()
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp)
+        write_shards(shards, cfg.vocab_size, seed=5)
+        h = r1_hyperparameters(ref, cfg, tcfg, qcfg, shards)
+        ours = random_pgolf(cfg, seed=5)
+        with torch.no_grad():  # sparse matrices: a fixture of a few kB that still shapes every logit
+            generator = torch.Generator().manual_seed(5)
+            for p in ours.parameters():
+                if p.ndim == 2 and p.numel() >= 2048:
+                    p.mul_((torch.rand(p.shape, generator=generator) < 0.05).float() * 3)
+        theirs = ref.GPT(h)
+        theirs.load_state_dict(to_r1_state(ours, theirs))
+        theirs.eval()
+        _, r1_h, _ = compare_hessians(ref, h, ours, theirs, calibration_rows(shards, 2))
+        stream = torch.from_numpy(np.fromfile(shards / "fineweb_train_000001.bin", dtype="<u2", offset=1024).astype(np.int64))
+        batch_seqs = 2
+        h.val_batch_tokens = batch_seqs * SEQ_LEN * h.world_size * h.grad_accum_steps
+        tokens, byte_counts = eval_stream(stream, windows=2 * batch_seqs)
+        expected = {"overrides": overrides, "seq_len": SEQ_LEN,
+                    "batch_seqs": batch_seqs, "forms": {}}
+        with lrzip_on_path(shards) as coder:
+            for form in ("brotli", "pergroup"):
+                path = folder / f"final_model.{form}.int6.ptz"
+                write_r1_artifact(ref, h, theirs, r1_h, form, path)
+                loss, bpb = r1_eval(ref, h, path, form, tokens, byte_counts, fp32=True)
+                expected["forms"][form] = {"file": path.name, "r1_val_loss": loss, "r1_val_bpb": bpb,
+                                           "lrzip": coder if form == "pergroup" else None}
+    tokens.numpy().astype("<u2").tofile(folder / "val_tokens.u16")
+    byte_counts.numpy().astype("<u2").tofile(folder / "val_bytes.u16")
+    (folder / "r1_eval.json").write_text(json.dumps(expected, indent=1, sort_keys=True) + "\n")
+    return expected
+
+
 def progress(what: str, started: list[float]) -> None:
     import time
     now = time.perf_counter()
@@ -679,6 +726,8 @@ def main() -> int:
     parser.add_argument("--reference", type=Path, default=ROOT / "bench/reference/r1/train_gpt.py")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--rows", help=f"comma-separated subset of {','.join(ROWS)} (default: all)")
+    parser.add_argument("--write-fixture", type=Path, metavar="DIR",
+                        help="write the R1 artifact fixture of tests/test_r1_artifact.py to DIR (tests/golden/r1_tiny) and stop")
     args = parser.parse_args()
     if not args.reference.is_file():
         parser.error(f"{args.reference}: R1's train_gpt.py is not there (bench/reference/ is git-ignored; copy "
@@ -687,6 +736,9 @@ def main() -> int:
     t0 = [time.perf_counter()]
     ref = load_r1(args.reference)
     progress("R1 loaded", t0)
+    if args.write_fixture:
+        print(json.dumps(write_fixture(ref, args.write_fixture), indent=1))
+        return 0
     torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg, tcfg, qcfg = record_configs()
     report = {}

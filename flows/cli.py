@@ -116,7 +116,7 @@ def cmd_import_r1(args) -> int:
     from pgolf.pack.serialize import pack
     from tasks.common import write_json
 
-    model_config = params_cli.render(args.preset, args.overrides)["train"]["model"]
+    model_config = params_cli.render(args.preset, args.overrides, params_cli.presets_dir_of("."))["train"]["model"]
     qm, form = load_r1_artifact(args.artifact, model_config)
     source = Path(args.artifact)
     out = Path(args.out or Path("artifacts/imported") / source.name.split(".")[0])

@@ -108,13 +108,17 @@ def header_for(preset: str | None, overrides: list[str] | tuple[str, ...], previ
     return HEADER.format(cmd=start + "".join(f" --set {o}" for o in overrides))
 
 
+def presets_dir_of(checkout: str | Path) -> Path:
+    """The presets of the checkout a command works in: a run in a slot at commit X renders X's
+    presets, whichever checkout the running code was imported from."""
+    local = Path(checkout) / "presets"
+    return local if local.is_dir() else PRESETS_DIR
+
+
 def render_file(path: str | Path, preset: str | None, overrides: list[str] | tuple[str, ...] = ()) -> tuple[dict, str]:
     """What `path` becomes: a preset and overrides, or (no preset) overrides on the file as it is."""
     path = Path(path)
-    # The presets of the checkout the file is in: a run in a slot at commit X renders X's presets,
-    # whichever checkout the running code was imported from.
-    local = path.parent / "presets"
-    presets_dir = local if local.is_dir() else PRESETS_DIR
+    presets_dir = presets_dir_of(path.parent)
     if preset or not path.is_file():
         return render(preset, overrides, presets_dir), header_for(preset, overrides)
     return render(None, overrides, base=read_yaml(path)), header_for(None, overrides, path.read_text(encoding="utf-8"))

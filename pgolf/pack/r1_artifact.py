@@ -151,7 +151,10 @@ def to_quantized_model(result: dict[str, torch.Tensor], kinds: dict[str, str], m
             if r1_name in LAYER_STACKED:
                 for i, row in enumerate(value):
                     name = f"blocks.{i}.{r1_name}"
-                    add(name, {"kind": "passthrough"}, {name: row.clone()})
+                    # R1 stores a row for every layer and reads only those of layers with lanes; a
+                    # pgolf model without lanes has no such parameters
+                    if name in shapes:
+                        add(name, {"kind": "passthrough"}, {name: row.clone()})
                 continue
             name = pgolf_name(r1_name)
             add(name, {"kind": "passthrough"}, {name: value})

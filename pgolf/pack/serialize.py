@@ -88,7 +88,9 @@ def deserialize_payload(payload: bytes, source: str | Path, with_header: bool = 
             raise FormatError(f"tensor {item['name']} runs past the end of the payload", source)
         dtype = DTYPES[item["dtype"]]
         raw = payload[start:end]
-        if dtype == torch.bfloat16:
+        if not raw:  # a zero-size tensor (skip weights of a model too shallow for skips)
+            t = torch.empty(item["shape"], dtype=dtype)
+        elif dtype == torch.bfloat16:
             t = torch.from_numpy(np.frombuffer(raw, dtype=np.int16).copy()).view(torch.bfloat16)
         else:
             t = torch.frombuffer(bytearray(raw), dtype=dtype)
