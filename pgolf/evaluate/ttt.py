@@ -48,8 +48,8 @@ class TTTSettings:
     batch_docs: int = 64
     warm_start_a: bool = False  # R1: keep A across batches (B is always reset)
     seed: int = 0
-    # Multi-phase global SGD (PR #1626 -> R1, docs/lineage.md#phased-ttt): after the first prefix_docs * k / phases
-    # documents (in processing order) are scored, all base weights take one SGD epoch on them.
+    # Multi-phase global SGD (PR #1626 -> R1, docs/lineage.md#phased-ttt): once prefix_docs * k / phases
+    # documents are scored, all base weights take one SGD epoch on that many of them, the shortest first.
     phases: int = 0
     prefix_docs: int = 2000
     global_lr: float = 1e-3
@@ -92,14 +92,20 @@ def phase_boundaries(prefix_docs: int, phases: int) -> list[int]:
 
 def global_sgd(model, tokens: np.ndarray, settings: TTTSettings, device: torch.device) -> int:
     """One epoch of SGD over every base weight on `tokens`, in chunks with a cosine lr over chunks;
-    the last chunk is skipped. A chunk's sequences are dealt across ranks and the gradients summed,
-    so W ranks take the same steps as one process. Returns the number of chunks trained on."""
+    the last chunk is skipped. A chunk's sequences are split into one contiguous share per rank (as
+    R1 deals them), the gradients summed over ranks with each sequence's weight, one step per
+    chunk. With the model's document attention (R1's global_ttt_respect_doc_boundaries) a batch
+    of sequences is one flat row, documents segmented at BOS and every doc_attention_max_len tokens
+    as R1's cu_seqlens cut them, so a document runs on across sequence edges (and a share's edge
+    cuts it: W ranks train as R1's W ranks); without it, rows of global_seq_len. Returns the number
+    of chunks trained on."""
     params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
         p.grad = torch.zeros_like(p)  # every rank reduces every gradient, also with no sequence of its own
     optimizer = torch.optim.SGD(params, lr=settings.global_lr, momentum=settings.global_momentum)
-    chunk = settings.global_chunk_tokens
+    chunk, seq_len = settings.global_chunk_tokens, settings.global_seq_len
+    flat = bool(model.cfg.doc_attention)
     n_chunks = max(1, math.ceil((len(tokens) - 1) / chunk))
     model.train()
     trained = 0
@@ -108,17 +114,18 @@ def global_sgd(model, tokens: np.ndarray, settings: TTTSettings, device: torch.d
         for group in optimizer.param_groups:
             group["lr"] = lr
         piece = torch.from_numpy(np.asarray(tokens[c * chunk:(c + 1) * chunk + 1], dtype=np.int64))
-        rows = (len(piece) - 1) // settings.global_seq_len
+        rows = (len(piece) - 1) // seq_len
         if rows == 0:
             continue
-        x = piece[:rows * settings.global_seq_len].view(rows, -1)[dist.rank()::dist.world_size()]
-        y = piece[1:rows * settings.global_seq_len + 1].view(rows, -1)[dist.rank()::dist.world_size()]
+        first, last = rows * dist.rank() // dist.world_size(), rows * (dist.rank() + 1) // dist.world_size()
         optimizer.zero_grad(set_to_none=False)
-        for b in range(0, len(x), settings.global_batch_seqs):
-            xb, yb = x[b:b + settings.global_batch_seqs].to(device), y[b:b + settings.global_batch_seqs].to(device)
+        for b in range(first, last, settings.global_batch_seqs):
+            e = min(b + settings.global_batch_seqs, last)
+            x, y = piece[b * seq_len:e * seq_len], piece[b * seq_len + 1:e * seq_len + 1]
+            shape = (1, -1) if flat else (e - b, seq_len)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(xb, yb)
-            (loss * len(xb) / rows).backward()
+                loss = model(x.view(shape).to(device), y.view(shape).to(device))
+            (loss * (e - b) / rows).backward()
         dist.average_gradients(params, mean=False)
         torch.nn.utils.clip_grad_norm_(params, settings.global_clip)
         optimizer.step()
@@ -154,15 +161,19 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: T
     phases: list[dict] = []
     skipped: list[int] = []
     scoring_started = time.perf_counter()
+    shortest_first = {d: i for i, d in enumerate(order)}
     for round_index in tracked(range(math.ceil(len(batches) / world)), f"eval TTT rounds of {world} document batches"):
         done = batches[:round_index * world]
         docs_done = sum(len(b) for b in done)
-        while boundaries and docs_done >= boundaries[0]:
-            # Global SGD on the first `boundary` documents scored (cumulative over phases), each
-            # without the next one's BOS, so documents are joined by their own BOS.
+        # At most one phase per finished round, as R1 takes at most one per finished batch: a round
+        # that passes two boundaries runs the second after the next round.
+        if boundaries and docs_done >= boundaries[0]:
+            # Global SGD on `boundary` of the documents scored so far, the shortest first (R1 keeps
+            # the first of its scored documents in ascending-length batch order), each with the next
+            # one's BOS as R1 slices them (BOS BOS at every join).
             boundary = boundaries.pop(0)
-            prefix = [d for b in done for d in b][:boundary]
-            text = np.concatenate([tokens[docs[d][0]:docs[d][1] - 1] for d in prefix])
+            prefix = sorted((d for b in done for d in b), key=shortest_first.__getitem__)[:boundary]
+            text = np.concatenate([tokens[docs[d][0]:docs[d][1]] for d in prefix])
             targets_done = sum(batch_targets[:round_index * world])
             phase_time = sum(p["seconds"] for p in phases)
             per_target = (time.perf_counter() - scoring_started - phase_time) / max(targets_done, 1)
@@ -172,16 +183,16 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: T
             if not budget.fits(sgd_per_token * len(text), per_target * (num_targets - targets_done), device):
                 skipped.extend([boundary] + boundaries)
                 boundaries.clear()
-                break
-            audit.tick += 1
-            started = time.perf_counter()
-            chunks = global_sgd(model, text, settings, device)
-            phases.append({"boundary": boundary, "docs": len(prefix), "tokens": len(text), "chunks": chunks,
-                           "seconds": round(time.perf_counter() - started, 3)})
-            if rank == 0:
-                for d in prefix:
-                    audit.trained(d, docs[d][0] + 1, docs[d][1], kind=GLOBAL)
-            adapters = None  # rebuilt after every phase
+            else:
+                audit.tick += 1
+                started = time.perf_counter()
+                chunks = global_sgd(model, text, settings, device)
+                phases.append({"boundary": boundary, "docs": len(prefix), "tokens": len(text), "chunks": chunks,
+                               "seconds": round(time.perf_counter() - started, 3)})
+                if rank == 0:
+                    for d in prefix:
+                        audit.trained(d, docs[d][0] + 1, docs[d][1], kind=GLOBAL)
+                adapters = None  # rebuilt after every phase
         audit.tick += 1
         index = round_index * world + rank
         if index >= len(batches):
