@@ -32,6 +32,10 @@ Rows of the table (max abs or relative difference, or counts):
                R1 runs (muon_bf16) and in fp32 (R1's statements with bf16 read as fp32)
   schedules    lr multiplier, Muon momentum warm-up and looping start over R1's logged run
   ema          R1's EMA statements vs pgolf's EMA over a parameter path
+  artifact     an artifact R1's serialize() code writes (pergroup and brotli), read by pgolf's own
+               reader (pgolf import-r1) and scored by its flat eval vs R1's deserialize + eval_val
+  ttt          R1's eval_val_ttt_phased vs pgolf's evaluate_ttt, LoRA only and with 3 phases of
+               global SGD: totals and every document's loss (each LoRA gets the A R1 drew)
 """
 from __future__ import annotations
 
@@ -69,7 +73,7 @@ SIZES = dict(vocab_size=512, num_layers=6, model_dim=384, num_heads=6, num_kv_he
              parallel_start_layer=4, xsa_last_n=6)
 SEQ_LEN = 128  # train_seq_len (and doc_attention_max_len) at this scale; R1 2048
 BOS = 1
-ROWS = ("logits", "loader", "hessians", "gptq", "step", "schedules", "ema", "artifact")
+ROWS = ("logits", "loader", "hessians", "gptq", "step", "schedules", "ema", "artifact", "ttt")
 
 
 # --- R1's script with a CPU FlashAttention -------------------------------------------------------
@@ -668,6 +672,127 @@ def compare_artifact(ref, h, theirs, cfg: ModelConfig, hessians: dict, stream: t
     return out
 
 
+# --- LoRA TTT and phased global-SGD TTT: R1's eval_val_ttt_phased vs pgolf's evaluate_ttt ----------
+
+def ttt_settings(phases: int, prefix_docs: int):
+    """The record preset's eval.lora at this bench's sizes."""
+    from pgolf.evaluate.ttt import TTTSettings
+    lora = presets.render("record")["eval"]["lora"]
+    return from_dict(TTTSettings, {**lora, "context": SEQ_LEN, "batch_docs": 4, "phases": phases,
+                                   "prefix_docs": prefix_docs, "global_chunk_tokens": 4 * SEQ_LEN,
+                                   "global_seq_len": SEQ_LEN, "global_batch_seqs": 4}, "record eval.lora")
+
+
+def r1_ttt_hyperparameters(h, s) -> None:
+    values = dict(ttt_lora_rank=s.rank, ttt_lora_lr=s.lr, ttt_beta1=s.beta1, ttt_beta2=s.beta2,
+                  ttt_weight_decay=s.weight_decay, ttt_chunk_size=s.chunk, ttt_eval_seq_len=s.context,
+                  ttt_batch_size=s.batch_docs, ttt_grad_steps=1, ttt_k_lora=True, ttt_mlp_lora=True, ttt_o_lora=True,
+                  ttt_optimizer="adam", ttt_eval_batches="", val_doc_fraction=1.0,
+                  phased_ttt_prefix_docs=s.prefix_docs if s.phases else 0, phased_ttt_num_phases=max(s.phases, 1),
+                  global_ttt_lr=s.global_lr, global_ttt_momentum=s.global_momentum, global_ttt_epochs=1,
+                  global_ttt_chunk_tokens=s.global_chunk_tokens, global_ttt_batch_seqs=s.global_batch_seqs,
+                  global_ttt_warmup_chunks=0, global_ttt_warmup_start_lr=0.0, global_ttt_grad_clip=s.global_clip,
+                  global_ttt_respect_doc_boundaries=True, eval_seq_len=s.global_seq_len)
+    for k, v in values.items():
+        setattr(h, k, v)
+
+
+def r1_ttt(ref, h, s, model_state: dict, tokens: torch.Tensor, byte_counts: torch.Tensor, folder: Path):
+    """R1's eval_val_ttt_phased on a copy of the model: (val_loss, val_bpb), the loss of every
+    document in its processing order, and the A of every LoRA it built, in order."""
+    import types as _types
+    r1_ttt_hyperparameters(h, s)
+    h.run_id = f"bench-{folder.name}"
+    model = ref.GPT(h)
+    model.load_state_dict(model_state)
+    model.looping_active = True
+    for block in model.blocks:
+        block.mlp.use_fused = False
+    ref.BatchedLinearLoRA._ALPHA, ref.BatchedLinearLoRA._WARM_START_A = s.alpha, s.warm_start_a
+    built, per_doc = [], []
+    real_init, real_accumulate = ref.BatchedTTTLoRA.__init__, ref._accumulate_bpb
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        built.append({name: p.detach().clone() for name, p in self.named_parameters() if name.endswith(".A")})
+
+    def accumulate(ptl, x, y, chunk_offsets, chunk_lens, pos_idx, *args, **kwargs):
+        pos = pos_idx[: x.size(1)].unsqueeze(0)
+        mask = (pos >= chunk_offsets.unsqueeze(1)) & (pos < (chunk_offsets + chunk_lens).unsqueeze(1))
+        rows = (ptl.double() * mask).sum(dim=1).tolist()
+        if bool((chunk_offsets == 0).all()):  # a batch's first chunk: a new batch of documents
+            per_doc.append([0.0] * len(rows))
+        per_doc[-1] = [a + b for a, b in zip(per_doc[-1], rows)]
+        return real_accumulate(ptl, x, y, chunk_offsets, chunk_lens, pos_idx, *args, **kwargs)
+
+    ref.BatchedTTTLoRA.__init__, ref._accumulate_bpb = init, accumulate
+    try:
+        val = _types.SimpleNamespace(val_tokens=tokens, val_bytes=byte_counts, caseops_enabled=True,
+                                     base_bytes_lut=None, has_leading_space_lut=None, is_boundary_token_lut=None)
+        with cpu_for_r1():
+            loss, bpb = ref.eval_val_ttt_phased(h, model, torch.device("cpu"), val,
+                                                lambda x, y, lora: model.forward_ttt(x, y, lora=lora))
+    finally:
+        ref.BatchedTTTLoRA.__init__, ref._accumulate_bpb = real_init, real_accumulate
+    return loss, bpb, [d for batch in per_doc for d in batch], built
+
+
+def pgolf_ttt(cfg: ModelConfig, s, tokens: torch.Tensor, byte_counts: torch.Tensor, r1_adapters: list[dict]):
+    """pgolf's evaluate_ttt on the same weights, each LoRA it builds given the A R1 drew for its
+    counterpart (both draw A at random; the rest of the run is each side's own)."""
+    from pgolf.evaluate import ttt
+    from pgolf.evaluate.ttt import evaluate_ttt, find_documents
+    queue = list(r1_adapters)
+    real = ttt.DocumentAdapters
+
+    class WithR1sA(real):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            drawn = queue.pop(0)
+            with torch.no_grad():
+                self.head.A.copy_(drawn["lm_head_lora.A"])
+                for slot, layer in enumerate(self.layers):
+                    for ours, theirs in (("q", "q_loras"), ("k", "k_loras"), ("v", "v_loras"), ("o", "o_loras"),
+                                         ("mlp", "mlp_loras")):
+                        layer[ours].A.copy_(drawn[f"{theirs}.{slot}.A"])
+
+    ttt.DocumentAdapters = WithR1sA
+    try:
+        model = random_pgolf(cfg)
+        result, summary, nll = evaluate_ttt(model, tokens.numpy(), byte_counts.numpy().astype(np.int64), s,
+                                            torch.device("cpu"), BOS)
+    finally:
+        ttt.DocumentAdapters = real
+    docs = find_documents(tokens.numpy(), BOS)
+    ascending = sorted(range(len(docs)), key=lambda i: (docs[i][1] - docs[i][0], i))
+    batches = [ascending[i:i + s.batch_docs] for i in range(0, len(ascending), s.batch_docs)]
+    batches.sort(key=lambda b: -max(docs[d][1] - docs[d][0] for d in b))  # R1's processing order
+    per_doc = [float(np.sum(nll[docs[d][0] + 1:docs[d][1]])) for b in batches for d in b]
+    return result.val_loss, result.val_bpb, per_doc, summary, len(queue)
+
+
+def compare_ttt(ref, h, cfg: ModelConfig, stream: torch.Tensor, folder: Path) -> dict:
+    tokens = stream[:4000].clone()
+    tokens[0] = BOS
+    rng = np.random.default_rng(4)
+    byte_counts = torch.from_numpy(rng.integers(1, 7, tokens.numel()).astype(np.int32))
+    state = None
+    out = {}
+    for label, phases in (("lora", 0), ("phased", 3)):
+        s = ttt_settings(phases, prefix_docs=12)
+        ours_model = random_pgolf(cfg)
+        theirs = ref.GPT(h)
+        state = to_r1_state(ours_model, theirs)
+        r1_loss, r1_bpb, r1_docs, adapters = r1_ttt(ref, h, s, state, tokens, byte_counts, folder)
+        loss, bpb, docs, summary, unused = pgolf_ttt(cfg, s, tokens, byte_counts, adapters)
+        r1_docs, docs = np.array(r1_docs), np.array(docs)
+        out[label] = {"documents": len(docs), "phases": [p["boundary"] for p in summary["phases"]],
+                      "bpb_abs": abs(bpb - r1_bpb), "loss_abs": abs(loss - r1_loss),
+                      "doc_loss_max_rel": float(np.max(np.abs(docs - r1_docs) / np.maximum(np.abs(r1_docs), 1e-12))),
+                      "adapters_built": {"r1": len(adapters), "pgolf_unused_r1": unused}}
+    return out
+
+
 TINY = dict(vocab_size=320, num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=17.0, num_loops=0, loop_start=0,
             loop_end=0, parallel_start_layer=-1, xsa_last_n=1)  # 1,088 x 64 MLP matrices: past the passthrough limit
 
@@ -789,6 +914,10 @@ def main() -> int:
             progress("artifact", t0)
             report["artifact"] = compare_artifact(ref, h, theirs, cfg, r1_h, stream, shards)
             print(json.dumps({"artifact": report["artifact"]}), file=sys.stderr, flush=True)
+        if "ttt" in want:
+            progress("ttt", t0)
+            report["ttt"] = compare_ttt(ref, h, cfg, stream, shards)
+            print(json.dumps({"ttt": report["ttt"]}), file=sys.stderr, flush=True)
     print(json.dumps(report, indent=1))
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

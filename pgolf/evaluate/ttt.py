@@ -56,6 +56,8 @@ class TTTSettings:
     global_momentum: float = 0.9
     global_chunk_tokens: int = 32768
     global_seq_len: int = 2048
+    # One SGD step per chunk over all of its sequences; R1 steps once per batch of global_batch_seqs of
+    # a rank's share, the same whenever a share fits one batch (R1's run: 16 a chunk over 8 ranks).
     global_batch_seqs: int = 32
     global_clip: float = 1.0
 
