@@ -9,6 +9,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")  # a dev dependency on Linux; no wheels elsewhere
 
 from pgolf import kernels  # noqa: E402
+from pgolf.kernels import mlp as mlp_kernel, softcap_ce as softcap_ce_kernel  # noqa: E402
 from pgolf.kernels.mlp import fused_mlp  # noqa: E402
 from pgolf.kernels.softcap_ce import softcap_cross_entropy  # noqa: E402
 from pgolf.model.config import ModelConfig  # noqa: E402
@@ -21,8 +22,29 @@ def eager_softcap_ce(logits, targets, cap):
     return F.cross_entropy(cap * torch.tanh(logits.float() / cap), targets)
 
 
-def test_the_kernels_run_here():
-    assert kernels.usable(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+def spy_on_kernels(monkeypatch) -> dict[str, int]:
+    """Counts calls of the two kernel entry points. The model imports them at call time, so patching
+    the kernel modules' attributes sees every call the model makes."""
+    calls = {"fused_mlp": 0, "softcap_cross_entropy": 0}
+    for module, name in ((mlp_kernel, "fused_mlp"), (softcap_ce_kernel, "softcap_cross_entropy")):
+        def counted(*args, _real=getattr(module, name), _name=name, **kwargs):
+            calls[_name] += 1
+            return _real(*args, **kwargs)
+        monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def test_the_kernels_run_here(monkeypatch):
+    """Where they are usable, switching them on sends a training step through both kernels (else the
+    fused-vs-eager tests below would compare the eager path with itself)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert kernels.usable(device)
+    model = GPT(ModelConfig(**TINY_MODEL)).to(device)
+    model.set_fused_kernels(cross_entropy=True, mlp=True)
+    calls = spy_on_kernels(monkeypatch)
+    tokens = torch.randint(0, TINY_MODEL["vocab_size"], (2, 17), device=device)
+    model(tokens[:, :-1], tokens[:, 1:]).backward()
+    assert calls == {"fused_mlp": TINY_MODEL["num_layers"], "softcap_cross_entropy": 1}
 
 
 @pytest.mark.parametrize("vocab", [1000, 5000])  # one block; two blocks with a ragged tail
@@ -92,13 +114,17 @@ def model_pair(**extra):
 
 
 @pytest.mark.parametrize("qat_bits", [0, 6])
-def test_a_model_trains_through_the_kernels_with_the_eager_loss_and_gradients(qat_bits):
+def test_a_model_trains_through_the_kernels_with_the_eager_loss_and_gradients(qat_bits, monkeypatch):
     eager, fused = model_pair()
     eager.set_qat(qat_bits)
     fused.set_qat(qat_bits)
     tokens = torch.randint(0, TINY_MODEL["vocab_size"], (2, 33))
     x, y = tokens[:, :-1], tokens[:, 1:]
-    eager_loss, fused_loss = eager(x, y), fused(x, y)
+    calls = spy_on_kernels(monkeypatch)
+    eager_loss = eager(x, y)
+    assert calls == {"fused_mlp": 0, "softcap_cross_entropy": 0}
+    fused_loss = fused(x, y)
+    assert calls == {"fused_mlp": TINY_MODEL["num_layers"], "softcap_cross_entropy": 1}
     eager_loss.backward()
     fused_loss.backward()
     torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-5, atol=1e-6)
@@ -122,15 +148,44 @@ def test_the_fused_mlp_runs_only_with_gradients_so_calibration_hooks_see_every_i
     assert len(seen) == with_grad + mlp_linears  # no_grad: the eager MLP, through its CastedLinears
 
 
-def test_eval_builds_keep_the_eager_path():
-    model = GPT(ModelConfig(**TINY_MODEL))
-    assert not model.fused_cross_entropy and not any(getattr(m, "fused", False) for m in model.modules())
+@pytest.fixture(scope="module")
+def packed_without_kernels(data_dirs, tmp_path_factory):
+    """A packed artifact, and the kernel calls its GPTQ calibration made."""
+    from tests.test_eval import build_packed
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = spy_on_kernels(monkeypatch)
+        packed = build_packed(tmp_path_factory.mktemp("kernels_eval"), data_dirs, {"mlp_activation": "leaky_relu2"})
+    return packed, dict(calls)
 
 
-def test_the_train_stage_switches_the_kernels_on_and_learns_the_same(data_dirs, tmp_path):
+def test_eval_builds_keep_the_eager_path(data_dirs, packed_without_kernels, tmp_path, monkeypatch):
+    """What the eval stage runs, gradients included (LoRA TTT, chunked SGD TTT): the eager loss and
+    MLP only, as R1 evaluates; GPTQ calibration too."""
+    from tasks import eval as eval_stage
+    from tests.test_eval import run_eval
+
+    packed, calibration_calls = packed_without_kernels
+    assert calibration_calls == {"fused_mlp": 0, "softcap_cross_entropy": 0}
+    calls = spy_on_kernels(monkeypatch)
+    lora = eval_stage.TTTSettings(rank=2, alpha=2.0, lr=1e-3, chunk=16, context=64, batch_docs=8)
+    sgd = eval_stage.SGDTTTSettings(lr=0.01, epochs=1, chunk_tokens=256, batch_seqs=4)
+    for name, cfg in {"flat": {}, "lora": {"ttt": "lora", "lora": lora},
+                      "sgd": {"ttt": "sgd", "stride": 32, "sgd": sgd}}.items():
+        metrics = run_eval(data_dirs, packed, tmp_path / name, **cfg)
+        if name != "flat":
+            assert metrics["audit"]["train_steps" if name == "lora" else "sgd_steps"] > 0, name
+        assert calls == {"fused_mlp": 0, "softcap_cross_entropy": 0}, name
+
+
+def test_the_train_stage_switches_the_kernels_on_and_learns_the_same(data_dirs, tmp_path, monkeypatch):
     from tasks import train as train_stage
 
+    calls = spy_on_kernels(monkeypatch)
+
     def run(fused: bool):
+        for name in calls:
+            calls[name] = 0
         cfg = train_stage.Config(model=ModelConfig(**TINY_MODEL, mlp_activation="leaky_relu2"), nproc=1,
                                  device="cpu", iterations=4, train_batch_tokens=256, train_seq_len=64,
                                  grad_accum_steps=1, max_wallclock_seconds=0, warmup_steps=0, compile=False,
@@ -139,6 +194,10 @@ def test_the_train_stage_switches_the_kernels_on_and_learns_the_same(data_dirs, 
         (tmp_path / str(fused)).mkdir()
         metrics = trainer.train()
         assert metrics["fused_cross_entropy"] == metrics["fused_mlp"] == fused
+        # every training step through both kernels (one loss, one MLP per layer), or through neither
+        steps = cfg.iterations * cfg.grad_accum_steps
+        assert calls["softcap_cross_entropy"] == (steps if fused else 0)
+        assert calls["fused_mlp"] == (steps * TINY_MODEL["num_layers"] if fused else 0)
         return metrics["final_train_loss"]
 
     assert run(True) == pytest.approx(run(False), abs=1e-4)
