@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -12,17 +13,19 @@ PULL = re.compile(r"\bPR ?#?(\d{3,4})\b|(?<![\w&])#(\d{3,4})(?=[-, /)])")
 
 
 def cited_codes() -> dict[str, str]:
-    """anchor -> the first file citing it."""
+    """anchor -> the first file citing it, over the repository's own files (git ls-files: not the
+    other systems' scripts a bench reads from the git-ignored bench/reference/)."""
     out = {}
-    for folder in SOURCES:
-        for path in sorted((ROOT / folder).rglob("*")):
-            if path.suffix not in (".py", ".yaml", ".sh") or not path.is_file() or path == Path(__file__):
-                continue
-            text = path.read_text(encoding="utf-8")
-            for code in RECORD.findall(text):
-                out.setdefault(code.lower(), str(path.relative_to(ROOT)))
-            for pr, bare in PULL.findall(text):
-                out.setdefault(f"pr{pr or bare}", str(path.relative_to(ROOT)))
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", *SOURCES], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()
+    for path in sorted(ROOT / rel for rel in listed):
+        if path.suffix not in (".py", ".yaml", ".sh") or not path.is_file() or path == Path(__file__):
+            continue
+        text = path.read_text(encoding="utf-8")
+        for code in RECORD.findall(text):
+            out.setdefault(code.lower(), str(path.relative_to(ROOT)))
+        for pr, bare in PULL.findall(text):
+            out.setdefault(f"pr{pr or bare}", str(path.relative_to(ROOT)))
     return out
 
 
