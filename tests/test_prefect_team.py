@@ -107,8 +107,10 @@ def team(tmp_path_factory):
                     raise AssertionError(f"the Prefect server did not come up:\n{(base / 'server.log').read_text()[-3000:]}")
                 time.sleep(2)
         run("make deploy")
-        start("make worker", "worker1.log")
-        start("make worker", "worker2.log")
+        # Prefect's workers poll every 10 s by default: long enough for a fast run on one worker to end before
+        # the other worker has looked, so that two runs started at once would never share the checkout.
+        start("PREFECT_WORKER_QUERY_SECONDS=1 make worker", "worker1.log")
+        start("PREFECT_WORKER_QUERY_SECONDS=1 make worker", "worker2.log")
         yield {"repo": repo, "run": run, "base": base, "fake_bin": fake_bin}
     finally:
         for proc in reversed(background):

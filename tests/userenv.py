@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,8 +23,14 @@ def user_env(fake_bin: Path, **extra: str) -> dict:
 
 def shell(cmd: str, cwd: Path, fake_bin: Path, check: bool = True, timeout: int = 900, **extra_env: str
           ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=user_env(fake_bin, **extra_env), capture_output=True,
-                          text=True, timeout=timeout)
+    # Output goes to files, not pipes: a command that leaves daemons behind (`dvc queue start`'s workers inherit
+    # its stdout) returns when it exits, as it does in a user's terminal, not when the last daemon closes a pipe.
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        returncode = subprocess.run(["bash", "-c", cmd], cwd=cwd, env=user_env(fake_bin, **extra_env), stdout=out,
+                                    stderr=err, stdin=subprocess.DEVNULL, timeout=timeout).returncode
+        out.seek(0), err.seek(0)
+        proc = subprocess.CompletedProcess(cmd, returncode, out.read().decode(errors="replace"),
+                                           err.read().decode(errors="replace"))
     if check and proc.returncode != 0:
         raise AssertionError(f"`{cmd}` failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
