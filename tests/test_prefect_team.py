@@ -169,8 +169,8 @@ def test_runs_started_at_once_each_report_their_own_parameters(team):
     run("git checkout -- params.yaml dvc.lock 2>/dev/null || git checkout -- params.yaml")
 
 
-# Open bug (issue #12 note): a seed's deployment run started by run_deployment failed with
-# "TypeError: 'NoneType' object is not subscriptable" on 2026-12-02; not yet diagnosed.
+# Two seeds' runs at once once failed here with DVC's SCMError or a TypeError from its git state:
+# experiment saves and worktree setup raced in the shared .git. flows/workspace.py serializes them.
 def test_a_seed_sweep_across_the_workers_and_in_process(team):
     repo, run = team["repo"], team["run"]
     out = run(".venv/bin/pgolf sweep --preset smoke --seeds 42,0 --deployment pgolf-pipeline/smoke "
