@@ -25,10 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pgolf.data.shards import load_split  # noqa: E402
-from pgolf.evaluate.ttt import find_documents  # noqa: E402
-from pgolf.params import from_dict  # noqa: E402
-from tasks import eval as eval_stage  # noqa: E402
-from tasks import params as P  # noqa: E402
+from pgolf.evaluate.lora_ttt import find_documents  # noqa: E402
+from pgolf.typed_params import from_dict  # noqa: E402
+from tasks import evaluate as eval_stage  # noqa: E402
+from tasks import params as P, stages  # noqa: E402
 from tasks.common import execute  # noqa: E402
 
 CHALLENGE_VAL_DOCS = 50_000
@@ -42,7 +42,7 @@ TINY = ["corpus.max_docs=300", "shards.val_docs=40", "train.iterations=30", "tra
 
 def run_pipeline(params: dict, root: Path) -> Path:
     """corpus -> ... -> pack in this process, each stage's output in root/<stage>."""
-    for module in P.STAGE_MODULES:
+    for module in stages.STAGE_MODULES:
         spec = module.SPEC
         if spec.name == "eval":
             break

@@ -47,7 +47,7 @@ def main() -> int:
     import torch
     import torch.nn.functional as F
 
-    from pgolf.kernels.mlp import fused_mlp
+    from pgolf.kernels.fused_mlp import fused_mlp
     from pgolf.kernels.softcap_ce import softcap_cross_entropy
 
     device = torch.device(args.device)

@@ -27,9 +27,9 @@ sys.path.insert(0, str(ROOT))
 
 from pgolf.pack.compress import available  # noqa: E402
 from pgolf.pack.serialize import pack, stream_choices, unpack  # noqa: E402
-from pgolf.params import from_dict  # noqa: E402
-from pgolf.quant.format import load_quantized  # noqa: E402
-from tasks import params as P  # noqa: E402
+from pgolf.typed_params import from_dict  # noqa: E402
+from pgolf.quant.quantized_model import load_quantized  # noqa: E402
+from tasks import params as P, stages  # noqa: E402
 from tasks.common import execute  # noqa: E402
 
 R1_GPTQ = ["gptq.bits=6", "gptq.embed_bits=7", "gptq.attn_clip_sigmas=13.0", "gptq.mlp_clip_sigmas=11.5",
@@ -43,10 +43,10 @@ def train_and_quantize(corpus: Path, steps: int, work: Path, device: str, extra:
                  "train.nproc=1", f"train.iterations={steps}", f"train.warmdown_iters={max(1, steps // 4)}",
                  "train.max_wallclock_seconds=0", "train.train_batch_tokens=8192",
                  "train.train_seq_len=512", "train.grad_accum_steps=1", "train.warmup_steps=0",
-                 "train.checkpoint_every=0", f"train.device={device}", f"gptq.device={device}",
+                 "train.resume_every=0", f"train.device={device}", f"gptq.device={device}",
                  "gptq.calib_batches=4", "gptq.calib_seq_len=512", "gptq.calib_batch_seqs=8", *R1_GPTQ, *extra]
     params = P.render("baseline", overrides)
-    for module in P.STAGE_MODULES[:5]:  # corpus .. gptq
+    for module in stages.STAGE_MODULES[:5]:  # corpus .. gptq
         spec = module.SPEC
         print(f"[bench] stage {spec.name}", flush=True)
         execute(spec, from_dict(spec.config_cls, params[spec.name], spec.name),

@@ -59,11 +59,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pgolf.data.loader import DocumentPackingLoader  # noqa: E402
+from pgolf.train.optimizers import build_optimizers  # noqa: E402
+from pgolf.quant.policy import quantize_state  # noqa: E402
 from pgolf.data.shards import write_shard  # noqa: E402
 from pgolf.model.config import ModelConfig  # noqa: E402
 from pgolf.model.docmask import segment_ids  # noqa: E402
 from pgolf.model.gpt import GPT  # noqa: E402
-from pgolf.params import from_dict  # noqa: E402
+from pgolf.typed_params import from_dict  # noqa: E402
 from pgolf.quant.hessian import collect_hessians  # noqa: E402
 from tasks import gptq as gptq_stage  # noqa: E402
 from tasks import params as presets  # noqa: E402
@@ -355,7 +357,7 @@ def compare_gptq(ref, h, ours: GPT, theirs, r1_h: dict, our_h: dict, qcfg: gptq_
     r1_state = ref._unbank_state_dict(theirs.state_dict(), ours.cfg.num_layers)
     r1_q, meta = ref.gptq_mixed_quantize(r1_state, r1_h, h)
     state = {k: v.detach().cpu() for k, v in ours.state_dict().items()}
-    qm, _ = gptq_stage.quantize_state(state, our_h, qcfg, {})
+    qm, _ = quantize_state(state, our_h, qcfg, {})
     ours_t = qm.tensors
     codes = same_codes = 0
     scales_equal = gates_equal = True
@@ -413,7 +415,7 @@ def one_step(ref, h, cfg: ModelConfig, tcfg: train_stage.Config, grads: dict[str
             r1_param, idx = mapping[n]
             (r1_param.grad if idx is None else r1_param.grad[idx]).copy_(grads[n])
     before = {n: p.detach().clone() for n, p in ours.named_parameters()}
-    optimizers = train_stage.build_optimizers(ours, dataclasses.replace(tcfg, muon_bf16=bf16), fused=False)
+    optimizers = build_optimizers(ours, dataclasses.replace(tcfg, muon_bf16=bf16), fused=False)
     optimizers[0].param_groups[0]["momentum"] = tcfg.muon_momentum_warmup_start
     for opt in optimizers:
         opt.step()
@@ -676,7 +678,7 @@ def compare_artifact(ref, h, theirs, cfg: ModelConfig, hessians: dict, stream: t
 
 def ttt_settings(phases: int, prefix_docs: int):
     """The record preset's eval.lora at this bench's sizes."""
-    from pgolf.evaluate.ttt import TTTSettings
+    from pgolf.evaluate.lora_ttt import TTTSettings
     lora = presets.render("record")["eval"]["lora"]
     return from_dict(TTTSettings, {**lora, "context": SEQ_LEN, "batch_docs": 4, "phases": phases,
                                    "prefix_docs": prefix_docs, "global_chunk_tokens": 4 * SEQ_LEN,
@@ -740,10 +742,10 @@ def r1_ttt(ref, h, s, model_state: dict, tokens: torch.Tensor, byte_counts: torc
 def pgolf_ttt(cfg: ModelConfig, s, tokens: torch.Tensor, byte_counts: torch.Tensor, r1_adapters: list[dict]):
     """pgolf's evaluate_ttt on the same weights, each LoRA it builds given the A R1 drew for its
     counterpart (both draw A at random; the rest of the run is each side's own)."""
-    from pgolf.evaluate import ttt
-    from pgolf.evaluate.ttt import evaluate_ttt, find_documents
+    from pgolf.evaluate import lora_ttt
+    from pgolf.evaluate.lora_ttt import evaluate_ttt, find_documents
     queue = list(r1_adapters)
-    real = ttt.DocumentAdapters
+    real = lora_ttt.DocumentAdapters
 
     class WithR1sA(real):
         def __init__(self, *args, **kwargs):
@@ -756,13 +758,13 @@ def pgolf_ttt(cfg: ModelConfig, s, tokens: torch.Tensor, byte_counts: torch.Tens
                                          ("mlp", "mlp_loras")):
                         layer[ours].A.copy_(drawn[f"{theirs}.{slot}.A"])
 
-    ttt.DocumentAdapters = WithR1sA
+    lora_ttt.DocumentAdapters = WithR1sA
     try:
         model = random_pgolf(cfg)
         result, summary, nll = evaluate_ttt(model, tokens.numpy(), byte_counts.numpy().astype(np.int64), s,
                                             torch.device("cpu"), BOS)
     finally:
-        ttt.DocumentAdapters = real
+        lora_ttt.DocumentAdapters = real
     docs = find_documents(tokens.numpy(), BOS)
     ascending = sorted(range(len(docs)), key=lambda i: (docs[i][1] - docs[i][0], i))
     batches = [ascending[i:i + s.batch_docs] for i in range(0, len(ascending), s.batch_docs)]

@@ -32,8 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pgolf.params import from_dict  # noqa: E402
-from tasks import eval as eval_stage, gptq, pack, shards, tokenizer, train  # noqa: E402
+from pgolf.typed_params import from_dict  # noqa: E402
+from tasks import evaluate as eval_stage, gptq, pack, shards, tokenizer, train  # noqa: E402
 from tasks import params as P  # noqa: E402
 from tasks.common import execute  # noqa: E402
 
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
             execute(shards.SPEC, from_dict(shards.Config, {**params["shards"], "adopt": str(args.shards)}, "shards"),
                     {"corpus": args.shards, "tokenizer": args.tokenizer}, work / "shards")
             args.shards = work / "shards"
-        train_cfg = from_dict(train.Config, {**params["train"], "import_checkpoint": str(args.checkpoint.resolve())}, "train")
+        train_cfg = from_dict(train.Config, {**params["train"], "import_from": str(args.checkpoint.resolve())}, "train")
         execute(train.SPEC, train_cfg, {"shards": args.shards}, work / "train")
         q = execute(gptq.SPEC, gptq.Config(method="int8_baseline", device=args.device),
                     {"train": work / "train", "shards": args.shards}, work / "gptq")

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pgolf.model.config import ModelConfig  # noqa: E402
+from pgolf.train import loop as training_loop  # noqa: E402
 from tasks import train as train_stage  # noqa: E402
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -145,14 +146,14 @@ def main() -> int:
                              max_wallclock_seconds=0, warmup_steps=2 if not args.full else cfg.warmup_steps,
                              warmdown_iters=max(args.steps // 4, 1) if not args.full else cfg.warmdown_iters,
                              train_batch_tokens=cfg.train_batch_tokens if args.full else 8 * 2048,
-                             grad_accum_steps=8, compile=device.type == "cuda", checkpoint_every=0)
+                             grad_accum_steps=8, compile=device.type == "cuda", resume_every=0)
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         shards, _ = corpus_shards(args.corpus, model.vocab_size, tmp / "data")
         out = tmp / "train"
         out.mkdir()
-        trainer = train_stage.Trainer(cfg, shards, out)
+        trainer = training_loop.Trainer(cfg, shards, out)
         init_ours = {k: v.detach().float().cpu().clone() for k, v in trainer.model.state_dict().items()}
         torch.manual_seed(cfg.seed)
         init_theirs = ref.GPT(vocab_size=model.vocab_size, num_layers=model.num_layers, model_dim=model.model_dim,

@@ -1,4 +1,4 @@
-"""Shard building throughput: tokens/s per core of the shards stage's own path (pgolf.data.export:
+"""Shard building throughput: tokens/s per core of the shards stage's own path (pgolf.data.shard_writer:
 chunking, encoding in worker processes, the variant transform, writing shards) against
 SentencePiece's own encode of the same text on one thread (the limit), and the scaling from 1
 worker to all cores. Targets (issue #6): >= 80% of the limit per core, near-linear scaling.
@@ -34,7 +34,7 @@ import sentencepiece as spm
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from pgolf.data import export  # noqa: E402
+from pgolf.data import shard_writer  # noqa: E402
 from pgolf.data.corpus import read_documents  # noqa: E402
 from pgolf.tokenize.trainer import train_bpe, training_sentences  # noqa: E402
 from pgolf.tokenize.variants import VARIANTS  # noqa: E402
@@ -49,7 +49,7 @@ def encode_range(bounds: tuple[int, int]) -> int:
     """SentencePiece alone on texts[lo:hi], in the pipeline's chunks; tokens including one BOS a document.
     In chunks because one call over every document would hold all ids as Python ints at once."""
     lo, hi = bounds
-    step = export.DOCS_PER_CHUNK
+    step = shard_writer.DOCS_PER_CHUNK
     return sum(len(ids) + 1 for i in range(lo, hi, step) for ids in _sp.encode(_texts[i:min(i + step, hi)], num_threads=1))
 
 
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def pipeline_run(workers: int) -> int:
         with tempfile.TemporaryDirectory() as tmp:
-            stats = export.build_shards(iter(docs), model, args.variant, sp.bos_id(), val_docs, 10_000_000,
+            stats = shard_writer.build_shards(iter(docs), model, args.variant, sp.bos_id(), val_docs, 10_000_000,
                                         workers, Path(tmp))
         return stats["tokens_val"] + stats["tokens_train"]
 

@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 
 from pgolf.data.shards import write_shard  # noqa: E402
 from pgolf.model.gpt import count_parameters  # noqa: E402
-from pgolf.params import from_dict  # noqa: E402
+from pgolf.typed_params import from_dict  # noqa: E402
+from pgolf.train import loop as training_loop  # noqa: E402
 from tasks import params as P  # noqa: E402
 from tasks import shards as shards_stage, tokenizer as tok_stage, train as train_stage  # noqa: E402
 from tasks import corpus as corpus_stage  # noqa: E402
@@ -73,7 +74,7 @@ def preset_config(preset: str, args) -> train_stage.Config:
         section["train_batch_tokens"] //= nproc  # one GPU's share of the multi-GPU step
     section.update(nproc=1, device=args.device, iterations=args.steps, max_wallclock_seconds=0,
                    gptq_reserve_seconds=0, warmup_steps=args.warmup_steps, compile=not args.no_compile,
-                   log_every=max(args.steps // 10, 1), checkpoint_every=0)
+                   log_every=max(args.steps // 10, 1), resume_every=0)
     accum = section["train_batch_tokens"] // section["train_seq_len"]
     section["grad_accum_steps"] = section["grad_accum_steps"] or min(8, accum)
     if args.tiny:
@@ -86,7 +87,7 @@ def preset_config(preset: str, args) -> train_stage.Config:
 def run_pgolf(cfg: train_stage.Config, shards: Path, out: Path) -> dict:
     """The train stage's own worker loop, in this process (one rank, no torchrun)."""
     out.mkdir(parents=True, exist_ok=True)
-    trainer = train_stage.Trainer(cfg, shards, out)
+    trainer = training_loop.Trainer(cfg, shards, out)
     metrics = trainer.train()
     curve = [json.loads(line) for line in (out / "train_log.jsonl").read_text().splitlines()]
     metrics["loss_curve"] = [(r["step"], r["train_loss"]) for r in curve]

@@ -17,7 +17,8 @@ import time
 from flows.repro import format_summary, last_pipeline_run, record_pipeline_run, reproduce, results_since, set_params
 from pgolf.errors import PgolfError
 from tasks import params as params_cli
-from tasks.params import STAGES, list_presets
+from tasks.params import list_presets
+from tasks.stages import STAGES
 
 
 def cmd_run(args) -> int:
@@ -114,7 +115,7 @@ def cmd_import_r1(args) -> int:
 
     from pgolf.pack.r1_artifact import load_r1_artifact
     from pgolf.pack.serialize import pack
-    from tasks.common import write_json
+    from pgolf.json_files import write_json
 
     model_config = params_cli.render(args.preset, args.overrides, params_cli.presets_dir_of("."))["train"]["model"]
     qm, form = load_r1_artifact(args.artifact, model_config)

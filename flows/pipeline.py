@@ -28,7 +28,7 @@ from flows.repro import (StageResult, dvc_repo, format_summary, record_pipeline_
                          stages_up_to_date)
 from flows.workspace import run_workspace, shared_git_state
 from pgolf.errors import PgolfError
-from tasks.params import STAGES
+from tasks.stages import STAGES
 
 # A lost rank, an OOM kill or a preempted node usually passes; the delays let a node come back.
 RETRY_DELAYS_S = [30, 120]

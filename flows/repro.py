@@ -23,7 +23,8 @@ from pathlib import Path
 from pgolf.errors import PgolfError
 from tasks.cache_check import repro_checked
 from tasks.common import RUNS_DIR_NAME, run_record_path
-from tasks.params import STAGES, render_file, spec_of, write_params
+from tasks.params import render_file, write_params
+from tasks.stages import STAGES, spec_of
 
 
 class ReproError(PgolfError):

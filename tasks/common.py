@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import socket
@@ -21,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from pgolf.errors import FormatError, InputError, PgolfError
-from pgolf.params import from_dict, read_yaml
+from pgolf.errors import InputError, PgolfError
+from pgolf.typed_params import from_dict, read_yaml
 
 # What a run took (seconds, host, code revision) never goes into a stage's output: an output holds
 # only what its inputs determine, so a rerun on the same inputs writes the same bytes and DVC reruns
@@ -47,6 +46,15 @@ def record_timings(out: str | Path, **timings: Any) -> None:
     path.write_text(json.dumps(merged, indent=2, sort_keys=True, default=str) + "\n")
 
 
+# A stage's module is tasks/<stage>.py, but for eval: a module named `eval` shadows the builtin
+# wherever it is imported by name. bin/stage has the same one exception.
+MODULE_OF_STAGE = {"eval": "evaluate"}
+
+
+def stage_module(stage: str) -> str:
+    return f"tasks.{MODULE_OF_STAGE.get(stage, stage)}"
+
+
 @dataclass(frozen=True)
 class StageSpec:
     name: str
@@ -64,6 +72,10 @@ class StageSpec:
     # Inputs DVC tracks always but the stage reads only when its config asks (train's tokenizer,
     # for val_every): missing, they are left out and the stage says when it needs one.
     optional_inputs: tuple[str, ...] = ()
+
+    @property
+    def module(self) -> str:
+        return stage_module(self.name)
 
     def outs_for_dvc(self) -> list[str]:
         return [f"{self.out}/{part}" for part in self.dvc_outs] or [self.out]
@@ -191,27 +203,8 @@ def code_version() -> str:
     return rev + ("+dirty" if dirty else "")
 
 
-def write_json(path: str | Path, obj: Any) -> None:
-    """Deterministic JSON (sorted keys, fixed separators) so identical content gives identical bytes.
-    Strict: NaN and Infinity are not JSON, and a metric that holds one is a failed run, not a file
-    that other tools misread, so it is an error naming the keys."""
-    try:
-        text = json.dumps(obj, indent=2, sort_keys=True, default=str, allow_nan=False)
-    except ValueError as err:
-        raise FormatError(f"refusing to write {', '.join(non_finite_keys(obj))} = NaN or Infinity, which strict JSON "
-                          "cannot hold", path) from err
-    Path(path).write_text(text + "\n", encoding="utf-8")
-
-
-def non_finite_keys(obj: Any, where: str = "") -> list[str]:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return [where or "value"]
-    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
-    return [key for k, v in items for key in non_finite_keys(v, f"{where}.{k}" if where else str(k))]
-
-
 def stage_main(spec: StageSpec, argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog=f"python -m tasks.{spec.name}", description=f"pgolf stage '{spec.name}'")
+    parser = argparse.ArgumentParser(prog=f"python -m {spec.module}", description=f"pgolf stage '{spec.name}'")
     parser.add_argument("--params", default="params.yaml", help="params file whose '%s' section configures the stage" % spec.name)
     parser.add_argument("--out", default=spec.out, help=f"output folder (default {spec.out})")
     for name, default in spec.inputs.items():

@@ -10,8 +10,9 @@ from pgolf.data.corpus import read_documents
 from pgolf.data.docs import DOCS_NAME, encode_doc
 from pgolf.data.hub import HUB_PREFIX, download, verify
 from pgolf.errors import InputError
-from pgolf.params import check_range
-from tasks.common import StageSpec, stage_main, write_json
+from pgolf.typed_params import check_range
+from pgolf.json_files import write_json
+from tasks.common import StageSpec, stage_main
 
 
 @dataclass

@@ -26,9 +26,10 @@ from pathlib import Path
 from pgolf import significance
 from pgolf.errors import InputError, PgolfError
 from pgolf.pack.codesize import wrapped_size
-from pgolf.pack.export import bundle_script
-from pgolf.params import read_yaml
-from tasks.common import read_run_record, write_json
+from pgolf.pack.single_file import bundle_script
+from pgolf.typed_params import read_yaml
+from pgolf.json_files import write_json
+from tasks.common import read_run_record
 from tasks.pack import counted_bytes
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -8,16 +8,17 @@ from pathlib import Path
 from typing import Literal
 
 from pgolf.errors import CapExceededError
-from pgolf.model.families import block_part, is_embedding
 from pgolf.pack.chart import bytes_chart
 from pgolf.pack.codesize import code_bytes, import_closure, wrapped_size
-from pgolf.pack.serialize import pack, store_stream, stream_choices, tensor_bytes, unpack
-from pgolf.quant.format import load_quantized
-from pgolf.params import check_range
-from tasks.common import StageSpec, record_timings, stage_main, write_json
+from pgolf.pack.groups import group_sizes
+from pgolf.pack.serialize import pack, stream_choices, unpack
+from pgolf.quant.quantized_model import load_quantized
+from pgolf.typed_params import check_range
+from pgolf.json_files import write_json
+from tasks.common import StageSpec, record_timings, stage_main
 
 ROOT = Path(__file__).resolve().parent.parent
-EVAL_ENTRY = ROOT / "tasks" / "eval.py"
+EVAL_ENTRY = ROOT / "tasks" / "evaluate.py"
 CHALLENGE_CAP_BYTES = 16_000_000
 MAX_LEVELS = {"lzma": 9, "brotli": 11, "zlib": 9, "zstd": 22, "lrzip": 9}
 
@@ -56,30 +57,6 @@ def counted_bytes(model_bytes: int, code_bytes: int, cap_bytes: int) -> dict:
     total = model_bytes + code_bytes
     return {"model_bytes": model_bytes, "code_bytes": code_bytes, "total_bytes": total, "cap_bytes": cap_bytes,
             "margin_bytes": cap_bytes - total, "meets_challenge_cap": meets_challenge_cap(total)}
-
-
-def tensor_group(name: str) -> str:
-    base = name.removesuffix(".q").removesuffix(".scale")
-    if name.endswith(".scale"):
-        return "scales"
-    if is_embedding(base):
-        return "embedding"
-    part = block_part(base)
-    if part is not None and name.endswith(".q"):
-        return part
-    return "passthrough"
-
-
-def group_sizes(qm, raw_sizes: dict[str, int], compressor: str, level: int) -> dict[str, dict[str, int]]:
-    """Raw bytes per group, and each group's bytes compressed on its own (an estimate of its share:
-    the real artifact compresses everything together)."""
-    groups: dict[str, list[str]] = {}
-    for name in sorted(raw_sizes):
-        groups.setdefault(tensor_group(name), []).append(name)
-    return {g: {"raw_bytes": sum(raw_sizes[n] for n in names),
-                "compressed_bytes": len(store_stream(b"".join(tensor_bytes(qm.tensors[n]) for n in names), compressor,
-                                                     level, try_shuffle=True)[0])}
-            for g, names in sorted(groups.items())}
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:

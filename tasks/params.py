@@ -13,24 +13,10 @@ import sys
 from pathlib import Path
 
 from pgolf.errors import ConfigError, PgolfError
-from pgolf.params import deep_merge, dump_yaml_text, from_dict, parse_override, read_yaml, to_dict
-from tasks import corpus, eval as eval_stage, gptq, pack, shards, tokenizer, train
+from pgolf.typed_params import deep_merge, dump_yaml_text, from_dict, parse_override, read_yaml, to_dict
+from tasks.stages import STAGE_MODULES, STAGES, defaults
 
-# Pipeline order; one params section per stage, named like the stage.
-STAGE_MODULES = (corpus, tokenizer, shards, train, gptq, pack, eval_stage)
-STAGES = tuple(m.SPEC.name for m in STAGE_MODULES)
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
-
-
-def spec_of(stage: str):
-    for module in STAGE_MODULES:
-        if module.SPEC.name == stage:
-            return module.SPEC
-    raise ConfigError(f"unknown stage {stage!r}; stages are {list(STAGES)}")
-
-
-def defaults() -> dict:
-    return {m.SPEC.name: to_dict(m.SPEC.config_cls()) for m in STAGE_MODULES}
 
 
 def list_presets(presets_dir: Path = PRESETS_DIR) -> list[str]:

@@ -25,8 +25,9 @@ from typing import Any, Callable
 
 from pgolf import dist
 from pgolf.errors import ConfigError, PgolfError
-from pgolf.params import from_dict
-from tasks.common import StageSpec, check_inputs, load_config, write_json
+from pgolf.typed_params import from_dict
+from pgolf.json_files import write_json
+from tasks.common import StageSpec, check_inputs, load_config, stage_module
 
 # Hidden: train's own outputs include a config.json.
 WORKER_CONFIG = ".ranks-config.json"
@@ -52,7 +53,7 @@ def launch_ranks(spec: StageSpec, cfg: Any, inputs: dict[str, Path], out: Path, 
     config = out / WORKER_CONFIG
     write_json(config, asdict(cfg))
     try:
-        dist.launch(f"tasks.{spec.name}", ["--worker", "--out", str(out), *[f"--{k}={v}" for k, v in inputs.items()]],
+        dist.launch(spec.module, ["--worker", "--out", str(out), *[f"--{k}={v}" for k, v in inputs.items()]],
                     cfg.nproc, nodes)
     finally:
         config.unlink(missing_ok=True)
@@ -62,7 +63,7 @@ def worker_main(spec: StageSpec, body: Body, argv: list[str]) -> int:
     """The `--worker` entry point of a stage launched by run_on_ranks: this rank's share of `body`.
     An error is reported to the launching process, which makes it the stage's error."""
     try:
-        parser = argparse.ArgumentParser(prog=f"python -m tasks.{spec.name} --worker")
+        parser = argparse.ArgumentParser(prog=f"python -m {spec.module} --worker")
         parser.add_argument("--worker", action="store_true")
         parser.add_argument("--out", required=True)
         for name in spec.inputs:
@@ -98,7 +99,7 @@ def join_main(argv: list[str]) -> int:
     parser.add_argument("stage", choices=RANK_STAGES)
     parser.add_argument("--params", default="params.yaml")
     stage = argv[0] if argv and argv[0] in RANK_STAGES else parser.parse_args(argv).stage
-    spec: StageSpec = importlib.import_module(f"tasks.{stage}").SPEC
+    spec: StageSpec = importlib.import_module(stage_module(stage)).SPEC
     for name, default in spec.inputs.items():
         parser.add_argument(f"--{name.replace('_', '-')}", dest=f"input_{name}", default=default,
                             help=f"this node's copy of input '{name}' (default {default})")
@@ -107,7 +108,7 @@ def join_main(argv: list[str]) -> int:
         cfg = load_config(spec, args.params)
         nodes = dist.Nodes.from_environment(cfg.nnodes)
         if nodes.rank == 0:
-            raise ConfigError(f"node 0 runs the stage itself (`python -m tasks.{spec.name}` or `dvc repro -s "
+            raise ConfigError(f"node 0 runs the stage itself (`python -m {spec.module}` or `dvc repro -s "
                               f"{spec.name}`); `python -m tasks.ranks` is for the other nodes")
         # Only global rank 0, on node 0, writes the stage's files; this node's ranks write nothing.
         with tempfile.TemporaryDirectory(prefix=f"pgolf-{spec.name}-node{nodes.rank}-") as scratch:

@@ -7,11 +7,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pgolf.data.docs import iter_docs
-from pgolf.data.export import adopt_shards, build_shards, file_entries, resolve_workers
+from pgolf.data.shard_writer import adopt_shards, build_shards, file_entries, resolve_workers
 from pgolf.data.shards import MANIFEST_NAME, MAX_TOKENS, sha256_file
-from pgolf.params import check_range
-from pgolf.tokenize.bytes import load_tokenizer
-from tasks.common import StageSpec, stage_main, write_json
+from pgolf.typed_params import check_range
+from pgolf.tokenize.token_bytes import load_tokenizer
+from pgolf.json_files import write_json
+from tasks.common import StageSpec, stage_main
 
 
 @dataclass
@@ -22,7 +23,7 @@ class Config:
     # "": those processes here; "local": a Dask LocalCluster of them; "tcp://host:8786": an existing
     # Dask cluster across machines (its workers need this pgolf installed). The bytes out are the same.
     # The stage is the Dask client itself, so `dvc repro` and the Prefect flow both use the cluster
-    # (why not Prefect's DaskTaskRunner: pgolf.data.export._ordered_map_dask).
+    # (why not Prefect's DaskTaskRunner: pgolf.data.shard_writer._ordered_map_dask).
     dask_address: str = ""
     adopt: str = ""  # a published shard folder (e.g. data/datasets/fineweb10B_sp1024) to validate and use
 

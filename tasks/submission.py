@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from pgolf import dist
-from pgolf.params import from_dict
-from tasks import eval as eval_stage, gptq, pack, train
-from tasks.common import execute, write_json
+from pgolf.typed_params import from_dict
+from tasks import evaluate as eval_stage, gptq, pack, train
+from pgolf.json_files import write_json
+from tasks.common import execute
 
 
 @contextmanager

@@ -12,11 +12,12 @@ import sentencepiece as spm
 
 from pgolf.data.docs import iter_docs
 from pgolf.errors import FormatError, InputError
-from pgolf.params import check_range
+from pgolf.typed_params import check_range
 from pgolf.tokenize.variants import VARIANTS, variant_misfit
 from pgolf.tokenize.trainer import (BOS_ID, CHALLENGE_MAX_SENTENCE_LENGTH, CHALLENGE_TRAINER_SETTINGS, train_bpe,
                                     training_sentences)
-from tasks.common import StageSpec, stage_main, write_json
+from pgolf.json_files import write_json
+from tasks.common import StageSpec, stage_main
 
 
 @dataclass

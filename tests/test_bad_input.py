@@ -17,10 +17,12 @@ import pytest
 from pgolf.data.shards import HEADER_BYTES, verify_shards, write_shard
 from pgolf.errors import ConfigError, FormatError, InputError, TrainingError
 from pgolf.model.config import ModelConfig
-from pgolf.params import from_dict
-from tasks import corpus as corpus_stage, eval as eval_stage, tokenizer as tok_stage, train as train_stage
-from tasks import params as P
-from tasks.common import execute, load_config, write_json
+from pgolf.typed_params import from_dict
+from pgolf.train import loop as training_loop
+from tasks import corpus as corpus_stage, evaluate as eval_stage, tokenizer as tok_stage, train as train_stage
+from tasks import params as P, stages
+from pgolf.json_files import write_json
+from tasks.common import execute, load_config
 from tests.conftest import TINY_MODEL, make_docs, write_corpus
 
 
@@ -38,7 +40,7 @@ def stage_reads(section: str, yaml_text: str):
     """A stage reading its section checks the same ranges as rendering does."""
     def case(ctx):
         (ctx.tmp / "params.yaml").write_text(yaml_text, encoding="utf-8")
-        return load_config(P.spec_of(section), ctx.tmp / "params.yaml")
+        return load_config(stages.spec_of(section), ctx.tmp / "params.yaml")
     return case
 
 
@@ -103,7 +105,7 @@ def frozen_training(ctx):
     (the stage runs the same Trainer under torchrun), so the error itself is what the row sees."""
     cfg = tiny_train(learn_check_step=3, matrix_lr=0.0, scalar_lr=0.0, tied_embed_lr=0.0, embed_lr=0.0, head_lr=0.0)
     (ctx.tmp / "trainer").mkdir()
-    return train_stage.Trainer(cfg, ctx.data["shards"], ctx.tmp / "trainer").train()
+    return training_loop.Trainer(cfg, ctx.data["shards"], ctx.tmp / "trainer").train()
 
 
 def tokenizer_vocab_beyond_corpus(ctx):
@@ -229,11 +231,11 @@ def nested(dotted: str, value) -> dict:
     return data
 
 
-@pytest.mark.parametrize("stage", P.STAGES)
+@pytest.mark.parametrize("stage", stages.STAGES)
 def test_every_numeric_field_has_its_range_checked(stage):
     """A new numeric field joins the checks: far out of range (a huge negative int, a NaN float) it
     must be refused with a message that names it."""
-    cls = P.spec_of(stage).config_cls
+    cls = stages.spec_of(stage).config_cls
     for dotted, hint in numeric_fields(cls):
         value = float("nan") if hint is float else -10**9
         with pytest.raises(ConfigError, match=dotted.rsplit(".", 1)[-1]):

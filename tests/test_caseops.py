@@ -7,7 +7,7 @@ import numpy as np
 import sentencepiece as spm
 
 from pgolf.data.shards import load_split
-from pgolf.tokenize.bytes import load_val_byte_sidecar, original_byte_counts
+from pgolf.tokenize.token_bytes import load_val_byte_sidecar, original_byte_counts
 from pgolf.tokenize.caseops import ALLCAPS, CAPNEXT, ESC, OPERATORS, TITLE, decode, encode, encode_with_provenance
 from tasks import shards as shards_stage, tokenizer as tok_stage
 from tasks.common import execute

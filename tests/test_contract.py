@@ -6,13 +6,14 @@ from pathlib import Path
 import yaml
 
 from pgolf.pack.codesize import import_closure
-from tasks import params as P
+from tasks import stages as registry
+from tasks.common import stage_module
 
 ROOT = Path(__file__).resolve().parent.parent
 # Imported by every stage but cannot change what a stage computes: listing them would make an
 # edited error message (or progress line) rerun the whole pipeline. pack still lists progress.py:
 # it is part of the eval code that pack counts as the artifact's bytes.
-NEUTRAL = {"pgolf/errors.py", "pgolf/params.py", "tasks/params.py", "pgolf/progress.py"}
+NEUTRAL = {"pgolf/errors.py", "pgolf/typed_params.py", "tasks/params.py", "pgolf/progress.py"}
 
 
 def dvc_stages() -> dict:
@@ -24,14 +25,18 @@ def imported_files(start: Path) -> set[str]:
     return {f.relative_to(ROOT).as_posix() for f in files if f.name != "__init__.py"}
 
 
+def module_file(stage: str) -> Path:
+    return ROOT / (stage_module(stage).replace(".", "/") + ".py")
+
+
 def covered(rel: str, deps: list[str]) -> bool:
     return any(rel == d or rel.startswith(d.rstrip("/") + "/") for d in deps)
 
 
 def test_stages_match_modules_in_order():
     stages = dvc_stages()
-    assert list(stages) == list(P.STAGES)
-    for module in P.STAGE_MODULES:
+    assert list(stages) == list(registry.STAGES)
+    for module in registry.STAGE_MODULES:
         spec = module.SPEC
         stage = stages[spec.name]
         assert stage["cmd"] == f"bin/stage {spec.name}"
@@ -47,7 +52,7 @@ def test_deps_cover_every_imported_module():
     stages = dvc_stages()
     missing = {}
     for name, stage in stages.items():
-        files = imported_files(ROOT / "tasks" / f"{name}.py") - NEUTRAL
+        files = imported_files(module_file(name)) - NEUTRAL
         missing[name] = sorted(f for f in files if not covered(f, stage["deps"]))
     assert not any(missing.values()), f"dvc.yaml stages run code they do not list as deps: {missing}"
 
@@ -58,9 +63,9 @@ def test_deps_list_only_code_the_stage_runs():
     stages = dvc_stages()
     stray = {}
     for name, stage in stages.items():
-        files = imported_files(ROOT / "tasks" / f"{name}.py")
+        files = imported_files(module_file(name))
         if name == "pack":
-            files |= imported_files(ROOT / "tasks" / "eval.py")
+            files |= imported_files(module_file("eval"))
         code = [d for d in stage["deps"] if d.startswith(("pgolf", "tasks"))]
         stray[name] = [d for d in code if not any(covered(f, [d]) for f in files)]
     assert not any(stray.values()), f"dvc.yaml deps that the stage never imports: {stray}"
@@ -84,5 +89,17 @@ def test_quantization_code_is_not_a_train_dep():
 
 def test_pack_deps_cover_the_counted_eval_code():
     deps = dvc_stages()["pack"]["deps"]
-    missing = sorted(f for f in imported_files(ROOT / "tasks/eval.py") - NEUTRAL if not covered(f, deps))
+    missing = sorted(f for f in imported_files(ROOT / "tasks/evaluate.py") - NEUTRAL if not covered(f, deps))
     assert not missing, f"pack counts {missing} as code but would not rerun when they change"
+
+
+def test_the_library_never_imports_the_stages():
+    """tasks/ is the stages' configs and CLIs over pgolf/; an import the other way would tie the
+    library (and the exported single-file script) to the pipeline's layout."""
+    offenders = []
+    for path in sorted((ROOT / "pgolf").rglob("*.py")):
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            words = line.split()
+            if words[:1] in (["import"], ["from"]) and len(words) > 1 and words[1].split(".")[0] in ("tasks", "flows"):
+                offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not offenders, offenders

@@ -64,7 +64,7 @@ def test_forced_and_direct_reruns_change_no_hash(user):
     assert run("git status --porcelain dvc.lock").stdout == ""
     assert run(".venv/bin/dvc status").stdout.strip() == UP_TO_DATE
     before = eval_metrics(repo)
-    run(".venv/bin/python -m tasks.eval")  # the judge's rerun without DVC
+    run(".venv/bin/python -m tasks.evaluate")  # the judge's rerun without DVC
     assert eval_metrics(repo) == before
     assert run(".venv/bin/dvc status").stdout.strip() == UP_TO_DATE
     assert "eval" not in run(".venv/bin/dvc repro").stdout.replace("Stage 'eval' didn't change", "")

@@ -14,8 +14,8 @@ from pgolf.evaluate.bpb import BpbResult, bytes_per_position, evaluate_bpb, trun
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
 from pgolf.model.io import save_model
-from pgolf.tokenize.bytes import build_byte_luts
-from tasks import eval as eval_stage, gptq as gptq_stage, pack as pack_stage
+from pgolf.tokenize.token_bytes import build_byte_luts
+from tasks import evaluate as eval_stage, gptq as gptq_stage, pack as pack_stage
 from tasks.common import execute
 from tests.conftest import TINY_MODEL
 
@@ -120,8 +120,8 @@ def run_eval(data_dirs, packed, out, **cfg):
 @pytest.mark.parametrize("variant", ["plain", "families_gates_lqer"])
 def test_eval_from_the_artifact_equals_the_in_memory_quantized_model(data_dirs, packed, tmp_path, variant):
     from pgolf.data.shards import load_split
-    from pgolf.quant.format import load_quantized
-    from pgolf.tokenize.bytes import load_tokenizer
+    from pgolf.quant.quantized_model import load_quantized
+    from pgolf.tokenize.token_bytes import load_tokenizer
 
     if variant != "plain":
         packed = build_packed(tmp_path / "v", data_dirs, {"attn_gate": "sparse", "attn_gate_width": 16},

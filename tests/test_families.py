@@ -8,10 +8,11 @@ import torch
 from pgolf.model.config import ModelConfig
 from pgolf.model.families import Family, family_of, family_rules
 from pgolf.model.gpt import GPT, param_groups
-from pgolf.params import from_dict
+from pgolf.typed_params import from_dict
 from pgolf.quant.baseline_int8 import quantize_baseline_int8
 from tasks import gptq as gptq_stage, params as P
-from tasks.pack import tensor_group
+from pgolf.pack.groups import tensor_group
+from pgolf.quant.policy import quantize_state
 
 PRESETS = sorted(p.stem for p in P.PRESETS_DIR.glob("*.yaml"))
 TINY = dict(vocab_size=400, model_dim=32, num_heads=2, num_kv_heads=1)
@@ -51,7 +52,7 @@ def test_gptq_quantizes_gates_and_embeddings_by_family(model):
     state = {n: p.detach() for n, p in model.named_parameters()}
     cfg = gptq_stage.Config(gate_int8=True, passthrough_max_numel=0, embed_bits=7, embed_clip_sigmas=14.0,
                             mlp_clip_sigmas=11.5, attn_clip_sigmas=13.0)
-    qm, _ = gptq_stage.quantize_state(state, {}, cfg, model.cfg.__dict__)
+    qm, _ = quantize_state(state, {}, cfg, model.cfg.__dict__)
     for name, tensor in state.items():
         family, kind = family_of(name, tensor), qm.entries[name]["kind"]
         assert (kind == "int8_row") == (family is Family.GATE), name

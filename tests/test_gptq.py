@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from pgolf.quant.format import load_quantized
+from pgolf.quant.quantized_model import load_quantized
 from pgolf.quant.gptq import QuantError, gptq_quantize, output_error, quantize_rtn, sdclip_scales
 from tasks import gptq as gptq_stage
 from tasks.common import execute
@@ -346,7 +346,7 @@ def test_imported_baseline_checkpoint_through_int8_baseline_pack_and_eval(data_d
     from bench.reference_int8 import baseline_state_dict
     from pgolf.pack.serialize import load_artifact
     from pgolf.quant.baseline_int8 import quantize_rows
-    from tasks import eval as eval_stage, pack as pack_stage, train as train_stage
+    from tasks import evaluate as eval_stage, pack as pack_stage, train as train_stage
     from tests.conftest import TINY_MODEL
 
     shape = {**TINY_MODEL, "model_dim": 192, "num_heads": 4}  # embedding and MLP above 65,536 values
@@ -354,7 +354,7 @@ def test_imported_baseline_checkpoint_through_int8_baseline_pack_and_eval(data_d
     torch.save(checkpoint, tmp_path / "final_model.pt")
     from pgolf.model.config import ModelConfig
 
-    train_cfg = train_stage.Config(model=ModelConfig(**shape), import_checkpoint=str(tmp_path / "final_model.pt"))
+    train_cfg = train_stage.Config(model=ModelConfig(**shape), import_from=str(tmp_path / "final_model.pt"))
     execute(train_stage.SPEC, train_cfg, {"shards": data_dirs["shards"]}, tmp_path / "train")
     assert json.loads((tmp_path / "train/config.json").read_text())["source_dtypes"] == {"tok_emb.weight": "bfloat16"}
     summary = run_gptq(data_dirs, tmp_path / "train", tmp_path / "q", method="int8_baseline")
@@ -373,7 +373,7 @@ def test_imported_baseline_checkpoint_through_int8_baseline_pack_and_eval(data_d
     from pgolf.data.shards import load_split
     from pgolf.evaluate.bpb import bytes_per_position, evaluate_bpb, truncate_val
     from pgolf.model.gpt import GPT
-    from pgolf.tokenize.bytes import build_byte_luts, load_tokenizer
+    from pgolf.tokenize.token_bytes import build_byte_luts, load_tokenizer
 
     model = GPT(ModelConfig(**shape))
     model.load_state_dict(deq)

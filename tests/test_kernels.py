@@ -9,8 +9,8 @@ import torch.nn.functional as F
 pytest.importorskip("triton")  # a dev dependency on Linux; no wheels elsewhere
 
 from pgolf import kernels  # noqa: E402
-from pgolf.kernels import mlp as mlp_kernel, softcap_ce as softcap_ce_kernel  # noqa: E402
-from pgolf.kernels.mlp import fused_mlp  # noqa: E402
+from pgolf.kernels import fused_mlp as mlp_kernel, softcap_ce as softcap_ce_kernel  # noqa: E402
+from pgolf.kernels.fused_mlp import fused_mlp  # noqa: E402
 from pgolf.kernels.softcap_ce import softcap_cross_entropy  # noqa: E402
 from pgolf.model.config import ModelConfig  # noqa: E402
 from pgolf.model.gpt import GPT  # noqa: E402
@@ -162,7 +162,7 @@ def packed_without_kernels(data_dirs, tmp_path_factory):
 def test_eval_builds_keep_the_eager_path(data_dirs, packed_without_kernels, tmp_path, monkeypatch):
     """What the eval stage runs, gradients included (LoRA TTT, chunked SGD TTT): the eager loss and
     MLP only, as R1 evaluates; GPTQ calibration too."""
-    from tasks import eval as eval_stage
+    from tasks import evaluate as eval_stage
     from tests.test_eval import run_eval
 
     packed, calibration_calls = packed_without_kernels
@@ -179,6 +179,7 @@ def test_eval_builds_keep_the_eager_path(data_dirs, packed_without_kernels, tmp_
 
 
 def test_the_train_stage_switches_the_kernels_on_and_learns_the_same(data_dirs, tmp_path, monkeypatch):
+    from pgolf.train import loop as training_loop
     from tasks import train as train_stage
 
     calls = spy_on_kernels(monkeypatch)
@@ -190,7 +191,7 @@ def test_the_train_stage_switches_the_kernels_on_and_learns_the_same(data_dirs, 
                                  device="cpu", iterations=4, train_batch_tokens=256, train_seq_len=64,
                                  grad_accum_steps=1, max_wallclock_seconds=0, warmup_steps=0, compile=False,
                                  log_every=1, fused_cross_entropy=fused, fused_mlp=fused)
-        trainer = train_stage.Trainer(cfg, data_dirs["shards"], tmp_path / str(fused))
+        trainer = training_loop.Trainer(cfg, data_dirs["shards"], tmp_path / str(fused))
         (tmp_path / str(fused)).mkdir()
         metrics = trainer.train()
         assert metrics["fused_cross_entropy"] == metrics["fused_mlp"] == fused

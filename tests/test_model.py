@@ -8,7 +8,7 @@ import torch
 
 from pgolf.errors import FormatError, InputError
 from pgolf.model.config import ModelConfig
-from pgolf.model.gpt import GPT, CastedLinear, count_parameters, param_groups
+from pgolf.model.gpt import GPT, CastedLinear, ForwardInputs, count_parameters, param_groups
 from pgolf.model.io import load_model, save_model
 from tests.conftest import TINY_MODEL
 
@@ -46,7 +46,7 @@ def test_output_projections_start_at_zero_and_block_is_identity():
         assert not block.attn.proj.weight.any() and not block.mlp.proj.weight.any()
     x = torch.randn(2, 5, 32)
     block = model.blocks[0]
-    assert torch.allclose(block(x, torch.zeros_like(x)), x)
+    assert torch.allclose(block(x, ForwardInputs(torch.zeros_like(x), None, None, None), 0), x)
 
 
 def test_causal_changing_the_future_leaves_the_past():

@@ -14,7 +14,7 @@ from pgolf.pack.compress import COMPRESSORS, available, compress, decompress
 from pgolf.pack.serialize import CONTAINER, FORMAT_VERSION, load_artifact, pack, similarity_order, unpack
 
 HERE = [c for c in COMPRESSORS if available(c)]
-from pgolf.quant.format import QuantizedModel, load_quantized, save_quantized
+from pgolf.quant.quantized_model import QuantizedModel, load_quantized, save_quantized
 from tasks import pack as pack_stage
 from tasks.common import execute
 
@@ -91,7 +91,7 @@ def test_stage_counts_code_and_groups(tmp_path):
     size = json.loads((tmp_path / "pack/size.json").read_text())
     artifact = (tmp_path / "pack/artifact.bin").read_bytes()
     assert size["model_bytes"] == len(artifact)
-    assert "tasks/eval.py" in size["code_files"] and "pgolf/evaluate/bpb.py" in size["code_files"]
+    assert "tasks/evaluate.py" in size["code_files"] and "pgolf/evaluate/bpb.py" in size["code_files"]
     assert "pgolf/optim/muon.py" not in size["code_files"] and "tasks/train.py" not in size["code_files"]
     assert size["total_bytes"] == size["model_bytes"] + size["code_bytes"]
     assert 0 < size["code_bytes_wrapped_estimate"] < size["code_bytes"] / 2
@@ -189,7 +189,7 @@ def test_bad_quantized_models_are_clear_errors(tmp_path):
     """gptq's output truncated or of another format, and a manifest that names what is not stored."""
     from safetensors.torch import save_file
 
-    from pgolf.quant.format import load_quantized
+    from pgolf.quant.quantized_model import load_quantized
 
     path = tmp_path / "quantized.safetensors"
     save_quantized(quantized_model(), path)
@@ -216,7 +216,7 @@ def test_eval_of_an_artifact_with_a_tensor_the_model_lacks_names_it(data_dirs, t
     from pgolf.model.config import ModelConfig
     from pgolf.model.gpt import GPT
     from pgolf.model.io import save_model
-    from tasks import eval as eval_stage, gptq as gptq_stage
+    from tasks import evaluate as eval_stage, gptq as gptq_stage
     from tests.conftest import TINY_MODEL
 
     model = GPT(ModelConfig(**TINY_MODEL))

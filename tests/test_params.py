@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from pgolf.errors import ConfigError
-from pgolf.params import deep_merge, from_dict, parse_override, to_dict
-from tasks import params as P
+from pgolf.typed_params import deep_merge, from_dict, parse_override, to_dict
+from tasks import params as P, stages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,7 +63,7 @@ def test_parse_override_and_merge():
 
 def test_render_defaults_cover_every_stage():
     params = P.render()
-    assert list(params) == list(P.STAGES)
+    assert list(params) == list(stages.STAGES)
     assert params["train"]["model"]["num_layers"] == 9  # challenge baseline
     assert params["shards"]["val_docs"] == 50000
 
@@ -71,7 +71,7 @@ def test_render_defaults_cover_every_stage():
 def test_every_preset_renders():
     for name in P.list_presets():
         params = P.render(name)
-        assert set(params) == set(P.STAGES), name
+        assert set(params) == set(stages.STAGES), name
 
 
 def test_overrides_apply_after_preset():
@@ -118,7 +118,7 @@ def _parsed_sections(path) -> dict:
     """params.yaml as each stage reads it (tasks.common.load_config), every field resolved."""
     from tasks.common import load_config
 
-    return {stage: to_dict(load_config(P.spec_of(stage), path)) for stage in P.STAGES}
+    return {stage: to_dict(load_config(stages.spec_of(stage), path)) for stage in stages.STAGES}
 
 
 def _field_diff(a: dict, b: dict, where: str = "") -> list[str]:

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from pgolf.evaluate import ttt
-from pgolf.evaluate.ttt import TTTSettings, evaluate_ttt, find_documents, global_sgd
+from pgolf.evaluate import lora_ttt
+from pgolf.evaluate.lora_ttt import TTTSettings, evaluate_ttt, find_documents, global_sgd
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
 from tests.conftest import TINY_MODEL
@@ -36,7 +36,7 @@ def sgd_calls(monkeypatch):
         calls.append(np.asarray(tokens).copy())
         return 1
 
-    monkeypatch.setattr(ttt, "global_sgd", record)
+    monkeypatch.setattr(lora_ttt, "global_sgd", record)
     return calls
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from flows.repro import reproduce, set_params
-from tasks.params import STAGES
+from tasks.stages import STAGES
 
 pytestmark = pytest.mark.e2e
 

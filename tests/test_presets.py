@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from pgolf.errors import ConfigError
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, count_parameters
-from pgolf.params import from_dict
+from pgolf.typed_params import from_dict
 from tasks import params as P
 
 # docs/lineage.md: R1 #r1 (35,945,671), baseline #baseline-config (17,059,912), PR #2116 #pr2116 (35,991,751).

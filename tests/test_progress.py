@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 from pgolf.progress import Progress, duration, tracked
+from pgolf.train import loop as training_loop
 from tasks import train as train_stage
 from tasks.common import execute
 from tests.test_train import config
@@ -80,6 +81,6 @@ def test_tracked_items_are_reported_as_they_are_consumed(monkeypatch, capsys):
 
 
 def test_the_eta_is_the_sooner_of_the_iterations_and_the_wallclock_cap():
-    assert train_stage.remaining_seconds(10, 1000.0, 100, None) == 9.0
-    assert train_stage.remaining_seconds(10, 1000.0, 100, 4000.0) == 3.0
-    assert train_stage.remaining_seconds(10, 5000.0, 100, 4000.0) == 0.0
+    assert training_loop.remaining_seconds(10, 1000.0, 100, None) == 9.0
+    assert training_loop.remaining_seconds(10, 1000.0, 100, 4000.0) == 3.0
+    assert training_loop.remaining_seconds(10, 5000.0, 100, 4000.0) == 0.0

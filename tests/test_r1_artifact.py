@@ -22,7 +22,7 @@ from pgolf.errors import FormatError
 from pgolf.evaluate.bpb import evaluate_bpb
 from pgolf.pack.r1_artifact import load_r1_artifact, read_r1_artifact
 from tasks import params as presets
-from tasks.eval import model_from_artifact
+from tasks.evaluate import model_from_artifact
 from tests.userenv import VENV, copy_checkout, fake_python_bin, shell
 
 FIXTURE = Path(__file__).parent / "golden" / "r1_tiny"
@@ -56,7 +56,7 @@ def score(artifact: Path) -> tuple[float, float]:
 README_IMPORT = [
     ".venv/bin/pgolf import-r1 final_model.int6.ptz --preset record",
     ".venv/bin/pgolf params --preset record --set eval.ttt=off --set eval.join_windows=true",
-    ".venv/bin/python -m tasks.eval --pack artifacts/imported/final_model --out artifacts/imported/final_model/eval",
+    ".venv/bin/python -m tasks.evaluate --pack artifacts/imported/final_model --out artifacts/imported/final_model/eval",
 ]
 
 

@@ -60,10 +60,10 @@ def record(folder: Path, rank: int, at: float, message: str) -> None:
 def test_the_rank_that_failed_first_is_the_error_and_its_traceback_the_note(tmp_path):
     record(tmp_path, 0, 2.0, "RuntimeError: Connection closed by peer")
     record(tmp_path, 1, 1.0, "shards/x.bin: truncated shard")
-    err = dist.first_rank_error(tmp_path, "tasks.eval", 2, dist.Nodes(), 1)
+    err = dist.first_rank_error(tmp_path, "tasks.evaluate", 2, dist.Nodes(), 1)
     assert str(err).splitlines()[0] == "shards/x.bin: truncated shard"
     assert "rank 1 of 2" in str(err) and err.__notes__ == ["rank 1's traceback:\nTraceback of rank 1"]
-    silent = dist.first_rank_error(tmp_path / "none", "tasks.eval", 2, dist.Nodes(), -9)
+    silent = dist.first_rank_error(tmp_path / "none", "tasks.evaluate", 2, dist.Nodes(), -9)
     assert "before a rank reported an error" in str(silent) and "exit -9" in str(silent)
 
 

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from pgolf.params import from_dict
-from tasks import eval as eval_stage, export, gptq, pack, params as P, train
+from pgolf.typed_params import from_dict
+from tasks import evaluate as eval_stage, export, gptq, pack, params as P, train
 from tasks.common import execute
 
 pytestmark = pytest.mark.e2e
@@ -55,20 +55,20 @@ def test_exported_script_reproduces_the_pipeline(data_dirs, tmp_path):
 def test_the_exported_script_serves_the_fused_kernels_from_its_own_source(tmp_path):
     """Triton compiles a kernel from its source text (inspect.getsource), so the bundle must hand
     out the source of the modules it embeds; the kernels must come from the bundle, not the repo."""
-    from pgolf.pack.export import bundle_script
+    from pgolf.pack.single_file import bundle_script
 
     script = tmp_path / "train_gpt.py"
     script.write_text(bundle_script(export.ENTRY, export.ROOT, P.render("smoke", []), "test"), encoding="utf-8")
     probe = (
         "import runpy, torch, torch.nn.functional as F\n"
         f"runpy.run_path({str(script)!r}, run_name='bundle')\n"
-        "from pgolf.kernels import mlp\n"
-        "assert mlp.__file__.startswith('<bundled>/'), mlp.__file__\n"
+        "from pgolf.kernels import fused_mlp\n"
+        "assert fused_mlp.__file__.startswith('<bundled>/'), fused_mlp.__file__\n"
         "import inspect\n"
-        "assert 'def _matmul_activation_kernel(' in inspect.getsource(mlp._matmul_activation_kernel.fn)\n"
+        "assert 'def _matmul_activation_kernel(' in inspect.getsource(fused_mlp._matmul_activation_kernel.fn)\n"
         "torch.manual_seed(0)\n"
         "x, w1, w2 = torch.randn(5, 8), torch.randn(16, 8) / 3, torch.randn(8, 16) / 4\n"
-        "torch.testing.assert_close(mlp.fused_mlp(x, w1, w2, 0.5), F.linear(F.leaky_relu(F.linear(x, w1), 0.5).square(), w2),\n"
+        "torch.testing.assert_close(fused_mlp.fused_mlp(x, w1, w2, 0.5), F.linear(F.leaky_relu(F.linear(x, w1), 0.5).square(), w2),\n"
         "                           rtol=1e-5, atol=1e-5)\n"
         "print('bundled kernels ok')\n")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, timeout=120,

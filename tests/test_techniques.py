@@ -8,7 +8,7 @@ import torch
 from pgolf.model.config import ModelConfig
 from pgolf.model.embeddings import bigram_hash
 from pgolf.model.gpt import GPT, count_parameters
-from pgolf.model.plan import layer_plan, num_skips, virtual_order
+from pgolf.model.plan import block_specs, layer_plan, num_skips, virtual_order
 
 BASE = dict(vocab_size=64, num_layers=4, model_dim=32, num_heads=4, num_kv_heads=2, mlp_mult=2.0)
 TECHNIQUES = {
@@ -238,3 +238,22 @@ def test_flex_document_attention_is_the_dense_mask():
         assert not torch.allclose(a[0, 8:30], b[0, 8:30])
     y = torch.randint(0, 64, (2, 40))
     assert torch.allclose(dense(ids, y), flex(ids, y))  # with grad on CPU: the dense fallback
+
+
+def test_each_block_is_built_from_its_spec():
+    """Every per-layer choice is the plan's: the blocks the model builds follow block_specs, and a
+    choice moved to another layer in the config moves in the model."""
+    cfg = ModelConfig(**BASE, xsa_last_n=2, ve_layers=[1, 3], ve_dim=8, inhibitor_blocks=[2], inhibitor_rank=4,
+                      ln_scale=True, parallel_start_layer=3)
+    specs = block_specs(cfg)
+    assert [s.xsa for s in specs] == [False, False, True, True]
+    assert [s.value_embedding for s in specs] == [False, True, False, True]
+    assert [s.inhibitor for s in specs] == [False, False, True, False]
+    assert [round(s.norm_scale, 4) for s in specs] == [1.0, 0.7071, 0.5774, 0.5]
+    model = GPT(cfg)
+    for spec, block in zip(specs, model.blocks):
+        assert block.attn.xsa == spec.xsa and (block.ve_scale is not None) == spec.value_embedding
+        assert (block.attn_inhibitor is not None) == spec.inhibitor and block.norm_scale == spec.norm_scale
+        assert hasattr(block, "parallel_resid_lambdas") == spec.lane_weights
+    moved = GPT(ModelConfig(**{**BASE, "inhibitor_blocks": [0]}))
+    assert [b.attn_inhibitor is not None for b in moved.blocks] == [True, False, False, False]

@@ -8,7 +8,7 @@ import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from pgolf.errors import ConfigError
-from pgolf.params import from_dict
+from pgolf.typed_params import from_dict
 from tasks import tokenizer as tok_stage
 from tasks.common import execute
 from tests.conftest import make_docs, write_corpus

@@ -12,8 +12,9 @@ import torch
 from pgolf.errors import FormatError
 from pgolf.model.config import ModelConfig
 from pgolf.model.io import load_model
-from pgolf.params import from_dict
+from pgolf.typed_params import from_dict
 from pgolf.errors import ConfigError, TrainingError
+from pgolf.train import loop as training_loop
 from tasks import train as train_stage
 from tasks.common import execute
 from tests.conftest import TINY_MODEL, stage_env, write_params
@@ -92,22 +93,22 @@ def test_resume_after_a_kill_continues_with_identical_state(data_dirs, tmp_path,
                   late_qat_threshold=0.6)
     shards = data_dirs["shards"]
 
-    reference = train_stage.Trainer(config(**common), shards, tmp_path)
+    reference = training_loop.Trainer(config(**common), shards, tmp_path)
     (tmp_path / "ref").mkdir()
     reference.out = tmp_path / "ref"
     ref_metrics = reference.train()
 
-    cfg = config(**common, checkpoint_every=3)
+    cfg = config(**common, resume_every=3)
     (tmp_path / "killed").mkdir()
-    killed = train_stage.Trainer(cfg, shards, tmp_path / "killed")
+    killed = training_loop.Trainer(cfg, shards, tmp_path / "killed")
     assert killed.train(stop_after=7) is None
-    folder = killed.checkpoint_folder()
+    folder = killed.resume_folder()
     assert (folder / "latest.json").is_file()
 
     (tmp_path / "resumed").mkdir()
-    resumed = train_stage.Trainer(cfg, shards, tmp_path / "resumed")
+    resumed = training_loop.Trainer(cfg, shards, tmp_path / "resumed")
     metrics = resumed.train()
-    timings = json.loads((tmp_path / "resumed" / ".timings.json").read_text())  # for the run record
+    timings = resumed.timings  # what train_in_process hands the run record
     assert timings["resumed_from_step"] == 6 and metrics["steps"] == 8
     assert metrics["looping_enabled_at_step"] == ref_metrics["looping_enabled_at_step"] == 4
     for (name, a), (_, b) in zip(reference.model.state_dict().items(), resumed.model.state_dict().items()):
@@ -142,7 +143,7 @@ def test_import_a_state_dict_trained_elsewhere(data_dirs, tmp_path):
     torch.manual_seed(3)
     source = GPT(ModelConfig(**TINY_MODEL))
     torch.save({f"_orig_mod.{k}": v.bfloat16() for k, v in source.state_dict().items()}, tmp_path / "final_model.pt")
-    cfg = config(import_checkpoint=str(tmp_path / "final_model.pt"))
+    cfg = config(import_from=str(tmp_path / "final_model.pt"))
     metrics = execute(train_stage.SPEC, cfg, {"shards": data_dirs["shards"]}, tmp_path / "train")
     assert metrics["steps"] == 0
     model, _ = load_model(tmp_path / "train")
@@ -152,7 +153,7 @@ def test_import_a_state_dict_trained_elsewhere(data_dirs, tmp_path):
     bad["blocks.0.attn.c_z.weight"] = torch.zeros(2, 2)
     torch.save(bad, tmp_path / "bad.pt")
     with pytest.raises(FormatError, match="missing \\['skip_weights'\\], unexpected \\['blocks.0.attn.c_z.weight'\\]"):
-        execute(train_stage.SPEC, config(import_checkpoint=str(tmp_path / "bad.pt")), {"shards": data_dirs["shards"]},
+        execute(train_stage.SPEC, config(import_from=str(tmp_path / "bad.pt")), {"shards": data_dirs["shards"]},
                 tmp_path / "t2")
 
 
@@ -172,9 +173,9 @@ def test_wallclock_cap_stops_every_rank_on_the_same_step(data_dirs, tmp_path):
 def test_the_loss_reaches_the_host_only_at_log_steps(data_dirs, tmp_path, monkeypatch):
     """Reading the loss is a device sync; between log steps the host only queues work."""
     reads = []
-    real = train_stage.Trainer.host_loss
-    monkeypatch.setattr(train_stage.Trainer, "host_loss", lambda self, t: reads.append(1) or real(self, t))
-    trainer = train_stage.Trainer(config(nproc=1, grad_accum_steps=2, iterations=12, log_every=5, warmup_steps=0),
+    real = training_loop.Trainer.host_loss
+    monkeypatch.setattr(training_loop.Trainer, "host_loss", lambda self, t: reads.append(1) or real(self, t))
+    trainer = training_loop.Trainer(config(nproc=1, grad_accum_steps=2, iterations=12, log_every=5, warmup_steps=0),
                                   data_dirs["shards"], tmp_path)
     metrics = trainer.train()
     assert [r["step"] for r in map(json.loads, (tmp_path / "train_log.jsonl").read_text().splitlines())] == [1, 5, 10, 12]
@@ -183,7 +184,7 @@ def test_the_loss_reaches_the_host_only_at_log_steps(data_dirs, tmp_path, monkey
 
 
 def test_a_non_finite_loss_between_log_steps_still_stops_the_run(data_dirs, tmp_path, monkeypatch):
-    trainer = train_stage.Trainer(config(nproc=1, grad_accum_steps=2, iterations=12, log_every=10, warmup_steps=0),
+    trainer = training_loop.Trainer(config(nproc=1, grad_accum_steps=2, iterations=12, log_every=10, warmup_steps=0),
                                   data_dirs["shards"], tmp_path)
     real_step = trainer.step
     monkeypatch.setattr(trainer, "step", lambda step, lr: real_step(step, lr) * (float("nan") if step == 3 else 1.0))
@@ -192,7 +193,7 @@ def test_a_non_finite_loss_between_log_steps_still_stops_the_run(data_dirs, tmp_
 
 
 def test_a_healthy_run_passes_the_learning_check(data_dirs, tmp_path):
-    trainer = train_stage.Trainer(config(nproc=1, grad_accum_steps=2, iterations=8, warmup_steps=0, learn_check_step=8),
+    trainer = training_loop.Trainer(config(nproc=1, grad_accum_steps=2, iterations=8, warmup_steps=0, learn_check_step=8),
                                   data_dirs["shards"], tmp_path)
     assert trainer.train()["final_train_loss"] < 5.9915 - 0.05
 def free_port() -> int:
@@ -226,13 +227,13 @@ def test_two_nodes_on_localhost_train_what_one_node_trains(two_rank_run, data_di
 def test_val_every_logs_val_bpb_as_the_eval_stage_scores_it(data_dirs, tmp_path):
     from pgolf.data.shards import load_split
     from pgolf.evaluate.bpb import bytes_per_position, evaluate_bpb, truncate_val
-    from pgolf.tokenize.bytes import build_byte_luts, load_tokenizer
+    from pgolf.tokenize.token_bytes import build_byte_luts, load_tokenizer
 
     inputs = {"shards": data_dirs["shards"], "tokenizer": data_dirs["tokenizer"]}
     common = dict(nproc=1, grad_accum_steps=2, iterations=12, warmup_steps=0)
     out = tmp_path / "val"
     execute(train_stage.SPEC, config(**common, val_every=5, val_tokens=1024), inputs, out)
-    log = json.loads((out / train_stage.VAL_LOG_NAME).read_text())
+    log = json.loads((out / training_loop.VAL_LOG_NAME).read_text())
     assert [r["step"] for r in log] == [5, 10, 12]
     assert log[0]["tokens"] == 1024 and log[-1]["val_bpb"] < log[0]["val_bpb"]
     # The last entry is the saved model scored the eval stage's way (flat windows, its byte counts).
@@ -246,12 +247,12 @@ def test_val_every_logs_val_bpb_as_the_eval_stage_scores_it(data_dirs, tmp_path)
     plain = tmp_path / "plain"
     execute(train_stage.SPEC, config(**common), inputs, plain)
     assert losses(out) == losses(plain)
-    assert not (plain / train_stage.VAL_LOG_NAME).exists()
+    assert not (plain / training_loop.VAL_LOG_NAME).exists()
 
 
 def test_val_every_needs_the_tokenizer_and_ranges_are_checked(data_dirs, tmp_path):
     with pytest.raises(FormatError, match="needs the tokenizer"):
-        train_stage.Trainer(config(nproc=1, grad_accum_steps=2, val_every=5), data_dirs["shards"], tmp_path)
+        training_loop.Trainer(config(nproc=1, grad_accum_steps=2, val_every=5), data_dirs["shards"], tmp_path)
     for field in ("val_every", "val_tokens"):
         with pytest.raises(ConfigError, match=field):
             from_dict(train_stage.Config, {field: -1}, "params.yaml: train")

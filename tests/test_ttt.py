@@ -7,7 +7,7 @@ import torch
 
 from pgolf.evaluate.bpb import evaluate_bpb
 from pgolf.evaluate.audit import Audit
-from pgolf.evaluate.ttt import TTTSettings, evaluate_ttt, find_documents
+from pgolf.evaluate.lora_ttt import TTTSettings, evaluate_ttt, find_documents
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
 from tests.conftest import TINY_MODEL
@@ -121,7 +121,7 @@ def test_flat_and_ttt_count_the_same_tokens_and_bytes():
 
 
 def test_phased_global_sgd_trains_only_on_scored_documents():
-    from pgolf.evaluate.ttt import phase_boundaries
+    from pgolf.evaluate.lora_ttt import phase_boundaries
 
     assert phase_boundaries(2500, 3) == [833, 1666, 2500] and phase_boundaries(2000, 3) == [666, 1333, 2000]
     tokens = stream(seed=2, n=600)

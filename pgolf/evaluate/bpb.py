@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from pgolf import dist
 from pgolf.progress import tracked
-from pgolf.tokenize.bytes import ByteLUTs, target_bytes
+from pgolf.tokenize.token_bytes import ByteLUTs, target_bytes
 
 
 @dataclass

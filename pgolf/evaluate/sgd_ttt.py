@@ -27,7 +27,7 @@ from pgolf.errors import PgolfError
 from pgolf.evaluate.audit import GLOBAL, Audit
 from pgolf.evaluate.bpb import BpbResult, score_windows, windows
 from pgolf.evaluate.budget import Budget, unlimited
-from pgolf.params import check_range
+from pgolf.typed_params import check_range
 from pgolf.progress import tracked
 
 

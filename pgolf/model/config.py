@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pgolf.params import check_range
+from pgolf.typed_params import check_range
 
 
 @dataclass

@@ -8,7 +8,7 @@ select by name.
 """
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ from pgolf.model.inhibitor import InhibitorGate
 from pgolf.model.layers import CastedLinear, rms_norm
 from pgolf.model.lora import DocumentAdapters, SlotAdapters
 from pgolf.model.mlp import MLP
-from pgolf.model.plan import LayerPlan, layer_plan, num_skips, shared_depths, uses_xsa
+from pgolf.model.plan import BlockSpec, LayerPlan, block_specs, layer_plan, num_skips, shared_depths
 from pgolf.model.rope import Rotary, apply_rotary
 from pgolf.model.smear import SmearGate
 from pgolf.model.xsa import exclusive
@@ -33,8 +33,20 @@ from pgolf.model.xsa import exclusive
 __all__ = ["GPT", "CastedLinear", "count_parameters", "param_groups", "rms_norm"]
 
 
+@dataclass(frozen=True)
+class ForwardInputs:
+    """What every block of one forward call reads besides its residual stream."""
+    x0: Tensor  # the embedded input, which each block mixes back in (resid_mix)
+    value_embed: Tensor | None  # the shared value embedding, for the blocks that add it
+    mask: Mask | None  # the document mask; None: plain causal attention
+    adapters: DocumentAdapters | None  # per-document LoRA, one slot per virtual depth
+
+    def lora(self, virtual: int) -> SlotAdapters | None:
+        return self.adapters.slot(virtual) if self.adapters is not None else None
+
+
 class CausalSelfAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, physical: int):
+    def __init__(self, cfg: ModelConfig, spec: BlockSpec):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         kv_dim = cfg.num_kv_heads * cfg.head_dim
@@ -44,7 +56,7 @@ class CausalSelfAttention(nn.Module):
         self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
         self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_dims, cfg.rope_yarn, cfg.rope_train_len)
-        self.xsa = uses_xsa(cfg, physical)
+        self.xsa = spec.xsa
         self.gate = AttnOutputGate(cfg) if cfg.attn_gate != "off" else None
 
     def forward(self, n: Tensor, prenorm: Tensor, value_embed: Tensor | None = None,
@@ -76,35 +88,34 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, physical: int):
+    def __init__(self, cfg: ModelConfig, spec: BlockSpec):
         super().__init__()
-        self.attn = CausalSelfAttention(cfg, physical)
+        self.attn = CausalSelfAttention(cfg, spec)
         self.mlp = MLP(cfg)
         self.attn_scale = nn.Parameter(torch.ones(cfg.model_dim, dtype=torch.float32))
         self.mlp_scale = nn.Parameter(torch.ones(cfg.model_dim, dtype=torch.float32))
         # x_in = resid_mix[0] * x + resid_mix[1] * x0: a learned pull back towards the embedding.
         self.resid_mix = nn.Parameter(torch.stack((torch.ones(cfg.model_dim), torch.zeros(cfg.model_dim))).float())
-        self.norm_scale = 1.0 / math.sqrt(physical + 1) if cfg.ln_scale else 1.0
-        if cfg.parallel_start_layer >= 0:
+        self.norm_scale = spec.norm_scale
+        if spec.lane_weights:
             # Two-lane parallel residual (R1): lane_i = rho_i * lane_i + pi_0i * A + pi_1i * M.
             self.parallel_resid_lambdas = nn.Parameter(torch.full((2,), cfg.parallel_resid_init))
             self.parallel_post_lambdas = nn.Parameter(torch.ones(2, 2))
-        uses_ve = physical in cfg.ve_layers
-        self.ve_scale = nn.Parameter(torch.ones(1)) if uses_ve else None
-        if physical in cfg.inhibitor_blocks:
+        self.ve_scale = nn.Parameter(torch.ones(1)) if spec.value_embedding else None
+        if spec.inhibitor:
             self.attn_inhibitor = InhibitorGate(cfg.model_dim, cfg.inhibitor_rank, cfg.inhibitor_bias)
             self.mlp_inhibitor = InhibitorGate(cfg.model_dim, cfg.inhibitor_rank, cfg.inhibitor_bias)
         else:
             self.attn_inhibitor = self.mlp_inhibitor = None
 
-    def _attn(self, x_in: Tensor, value_embed: Tensor | None, mask: Mask | None,
-              lora: SlotAdapters | None = None) -> Tensor:
+    def _attn(self, x_in: Tensor, inputs: ForwardInputs, lora: SlotAdapters | None) -> Tensor:
         n = rms_norm(x_in) * self.norm_scale
-        ve = value_embed * self.ve_scale.to(n.dtype) if self.ve_scale is not None and value_embed is not None else None
+        ve = (inputs.value_embed * self.ve_scale.to(n.dtype)
+              if self.ve_scale is not None and inputs.value_embed is not None else None)
         scale = self.attn_scale.to(n.dtype)
         if self.attn_inhibitor is not None:
             scale = scale * self.attn_inhibitor(n)
-        return scale * self.attn(n, x_in, ve, mask, lora)
+        return scale * self.attn(n, x_in, ve, inputs.mask, lora)
 
     def _mlp(self, x: Tensor, lora: SlotAdapters | None = None) -> Tensor:
         n = rms_norm(x) * self.norm_scale
@@ -118,16 +129,17 @@ class Block(nn.Module):
         m = self.resid_mix.to(x.dtype)
         return m[0] * x + m[1] * x0
 
-    def forward(self, x: Tensor, x0: Tensor, value_embed: Tensor | None = None,
-                mask: Mask | None = None, lora: SlotAdapters | None = None) -> Tensor:
-        x = self.mix(x, x0)
-        x = x + self._attn(x, value_embed, mask, lora)
+    def forward(self, x: Tensor, inputs: ForwardInputs, virtual: int) -> Tensor:
+        """One step at virtual depth `virtual` (its LoRA slot)."""
+        lora = inputs.lora(virtual)
+        x = self.mix(x, inputs.x0)
+        x = x + self._attn(x, inputs, lora)
         return x + self._mlp(x, lora)
 
-    def forward_lanes(self, lane0: Tensor, lane1: Tensor, x0: Tensor, value_embed: Tensor | None = None,
-                      mask: Mask | None = None, lora: SlotAdapters | None = None) -> tuple[Tensor, Tensor]:
+    def forward_lanes(self, lane0: Tensor, lane1: Tensor, inputs: ForwardInputs, virtual: int) -> tuple[Tensor, Tensor]:
         """Attention reads the mixed lane 0, the MLP reads lane 1, both lanes take both outputs."""
-        a = self._attn(self.mix(lane0, x0), value_embed, mask, lora)
+        lora = inputs.lora(virtual)
+        a = self._attn(self.mix(lane0, inputs.x0), inputs, lora)
         m = self._mlp(lane1, lora)
         rho, post = self.parallel_resid_lambdas.to(a.dtype), self.parallel_post_lambdas.to(a.dtype)
         return rho[0] * lane0 + post[0, 0] * a + post[1, 0] * m, rho[1] * lane1 + post[0, 1] * a + post[1, 1] * m
@@ -142,7 +154,7 @@ class GPT(nn.Module):
         self.bigram = BigramHashEmbedding(cfg) if cfg.bigram_vocab else None
         self.smear = SmearGate(cfg) if cfg.smear_gate != "off" else None
         self.value_embed = ValueEmbedding(cfg) if cfg.ve_layers else None
-        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.blocks = nn.ModuleList(Block(cfg, spec) for spec in block_specs(cfg))
         skips = num_skips(cfg)
         self.skip_weights = nn.Parameter(torch.ones(skips, cfg.model_dim, dtype=torch.float32))
         self.skip_gates = nn.Parameter(torch.zeros(skips, cfg.model_dim)) if cfg.skip_gates else None
@@ -237,13 +249,11 @@ class GPT(nn.Module):
             flex = self.cfg.doc_attention_kernel == "flex" and (input_ids.is_cuda or not torch.is_grad_enabled())
             mask = (document_block_mask if flex else document_causal_mask)(input_ids, self.cfg.bos_id,
                                                                             self.cfg.doc_attention_max_len)
+        inputs = ForwardInputs(x0, ve, mask, adapters)
         plan = self.plan
         skips: list[Tensor] = []
-        def lora(step):
-            return adapters.slot(step.virtual) if adapters is not None else None
-
         for step in plan.encoder:
-            x = self.blocks[step.physical](x, x0, ve, mask, lora(step))
+            x = self.blocks[step.physical](x, inputs, step.virtual)
             if step.film_slot >= 0:
                 x = self.film(x, step.film_slot)
             skips.append(x)
@@ -254,13 +264,13 @@ class GPT(nn.Module):
                 if lanes is None:
                     lanes = (x, x)
                 lane0 = self._skip(lanes[0], skips.pop(), j) if skips else lanes[0]
-                lanes = block.forward_lanes(lane0, lanes[1], x0, ve, mask, lora(step))
+                lanes = block.forward_lanes(lane0, lanes[1], inputs, step.virtual)
                 if step.film_slot >= 0:
                     lanes = (self.film(lanes[0], step.film_slot), self.film(lanes[1], step.film_slot))
                 continue
             if skips:
                 x = self._skip(x, skips.pop(), j)
-            x = block(x, x0, ve, mask, lora(step))
+            x = block(x, inputs, step.virtual)
             if step.film_slot >= 0:
                 x = self.film(x, step.film_slot)
         if lanes is not None:

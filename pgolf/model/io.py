@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from pgolf.errors import FormatError, InputError
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
-from pgolf.params import from_dict
+from pgolf.typed_params import from_dict
 
 
 def model_config_from_dict(data: dict, where: str = "model config") -> ModelConfig:

@@ -24,7 +24,7 @@ class MLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fused and torch.is_grad_enabled():
-            from pgolf.kernels.mlp import fused_mlp
+            from pgolf.kernels.fused_mlp import fused_mlp
 
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
             return fused_mlp(x.to(dtype), self.fc.effective_weight().to(dtype), self.proj.effective_weight().to(dtype),

@@ -1,13 +1,37 @@
-"""The layer plan: which physical block runs at each virtual depth, and what it does there.
+"""The layer plan: what each physical block is, which one runs at each virtual depth, and what it
+does there.
 
-One pure function of the config, so recurrence, FiLM slots, U-Net pairing and parallel lanes
-are decided in one place instead of index lists scattered through the model.
+Pure functions of the config, so every per-layer choice (XSA, value embeddings, inhibitors, the
+LN scale, recurrence, FiLM slots, U-Net pairing and parallel lanes) is decided in one place
+instead of index lists scattered through the model's constructors.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pgolf.model.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """What one physical block is built with; the same at every depth it runs at."""
+    physical: int
+    xsa: bool  # exclusive self-attention (the last xsa_last_n blocks)
+    value_embedding: bool  # its V adds the shared value embedding (ve_layers)
+    inhibitor: bool  # PR #2116's inhibitory gates on its attention and MLP outputs (inhibitor_blocks)
+    norm_scale: float  # its input norms x 1/sqrt(physical + 1) under ln_scale, else 1
+    # The two-lane mixing weights. Every block has them once lanes are on, as R1's do, though only
+    # decoder steps from parallel_start_layer run on lanes: the state dict keeps R1's names and shapes.
+    lane_weights: bool
+
+
+def block_specs(cfg: ModelConfig) -> tuple[BlockSpec, ...]:
+    return tuple(BlockSpec(physical=i, xsa=i >= cfg.num_layers - cfg.xsa_last_n, value_embedding=i in cfg.ve_layers,
+                           inhibitor=i in cfg.inhibitor_blocks,
+                           norm_scale=1.0 / math.sqrt(i + 1) if cfg.ln_scale else 1.0,
+                           lane_weights=cfg.parallel_start_layer >= 0)
+                 for i in range(cfg.num_layers))
 
 
 @dataclass(frozen=True)
@@ -60,7 +84,3 @@ def num_skips(cfg: ModelConfig) -> int:
     """Skip connections sized for the deepest schedule (R1: 8 pairs for the 17-deep looped order)."""
     plans = [layer_plan(cfg, False), layer_plan(cfg, True)]
     return max(min(len(p.encoder), len(p.decoder)) for p in plans)
-
-
-def uses_xsa(cfg: ModelConfig, physical: int) -> bool:
-    return physical >= cfg.num_layers - cfg.xsa_last_n

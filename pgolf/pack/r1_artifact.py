@@ -29,7 +29,7 @@ import torch
 
 from pgolf.errors import FormatError, InputError
 from pgolf.pack.compress import decompress
-from pgolf.quant.format import QuantizedModel
+from pgolf.quant.quantized_model import QuantizedModel
 
 PACK_MAGIC = b"PGRP"
 # R1's _GROUP_ORDER: a leading "_" marks a tensor outside the blocks

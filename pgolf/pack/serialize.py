@@ -30,7 +30,7 @@ import torch
 
 from pgolf.errors import FormatError, InputError, PgolfError
 from pgolf.pack.compress import COMPRESSOR_IDS, best_candidates, byte_shuffle, byte_unshuffle, compress, decompress
-from pgolf.quant.format import QUANT_FORMAT, QuantizedModel
+from pgolf.quant.quantized_model import QUANT_FORMAT, QuantizedModel
 
 MAGIC = b"PGLF"
 FORMAT_VERSION = 3

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from pgolf.model.families import Family, family_of
-from pgolf.quant.format import QuantizedModel
+from pgolf.quant.quantized_model import QuantizedModel
 
 KEEP_FLOAT_MAX_NUMEL = 65_536
 CLIP_QUANTILE = 99.99984 / 100.0

@@ -21,14 +21,15 @@ from pgolf.errors import FormatError
 from pgolf.evaluate.bpb import bytes_per_position, evaluate_bpb, truncate_val
 from pgolf.evaluate.budget import Budget
 from pgolf.evaluate.sgd_ttt import SGDTTTSettings, evaluate_sgd_ttt
-from pgolf.evaluate.ttt import TTTSettings, evaluate_ttt
+from pgolf.evaluate.lora_ttt import TTTSettings, evaluate_ttt
 from pgolf.evaluate.warmup import compile_forward, warm_up
 from pgolf.model.gpt import GPT
 from pgolf.model.io import load_state_dict_into, model_config_from_dict
-from pgolf.params import check_range
+from pgolf.typed_params import check_range
 from pgolf.pack.serialize import load_artifact
-from pgolf.tokenize.bytes import build_byte_luts, load_tokenizer, load_val_byte_sidecar
-from tasks.common import StageSpec, record_timings, stage_main, write_json
+from pgolf.tokenize.token_bytes import build_byte_luts, load_tokenizer, load_val_byte_sidecar
+from pgolf.json_files import write_json
+from tasks.common import StageSpec, record_timings, stage_main
 from tasks.ranks import run_on_ranks, worker_main
 
 MODES = {"off": "flat", "lora": "ttt_lora", "sgd": "ttt_sgd"}

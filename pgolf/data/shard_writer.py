@@ -24,7 +24,7 @@ from pgolf.data.shards import (SPLIT_FOLDERS, list_shards, read_header, read_sha
                                shard_name, shard_path, write_shard)
 from pgolf.errors import FormatError, InputError
 from pgolf.progress import Progress
-from pgolf.tokenize.bytes import original_byte_counts
+from pgolf.tokenize.token_bytes import original_byte_counts
 from pgolf.tokenize.variants import VARIANTS
 
 DOCS_PER_CHUNK = 256

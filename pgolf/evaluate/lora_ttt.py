@@ -30,7 +30,7 @@ from pgolf.evaluate.audit import GLOBAL, Audit
 from pgolf.evaluate.bpb import BpbResult
 from pgolf.evaluate.budget import Budget, unlimited
 from pgolf.model.lora import DocumentAdapters
-from pgolf.params import check_range
+from pgolf.typed_params import check_range
 from pgolf.progress import tracked
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pgolf.tokenize.bytes import build_byte_luts, original_byte_counts, target_bytes
+from pgolf.tokenize.token_bytes import build_byte_luts, original_byte_counts, target_bytes
 from pgolf.tokenize.casefold import casefold, casefold_with_provenance, segments
 
 BOS = 1

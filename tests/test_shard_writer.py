@@ -7,8 +7,8 @@ import pytest
 
 from pgolf.data.shards import list_shards, load_split, read_manifest, read_shard, write_shard
 from pgolf.errors import ConfigError, FormatError, InputError
-from pgolf.params import from_dict
-from pgolf.tokenize.bytes import load_val_byte_sidecar
+from pgolf.typed_params import from_dict
+from pgolf.tokenize.token_bytes import load_val_byte_sidecar
 from tasks import shards as shards_stage, tokenizer as tok_stage
 from tasks.common import execute
 from tests.conftest import make_docs, write_corpus
@@ -45,9 +45,9 @@ def test_manifest_lists_every_file_with_hash(data_dirs):
 
 
 def test_same_bytes_for_one_or_two_workers(data_dirs, tmp_path, monkeypatch):
-    from pgolf.data import export
+    from pgolf.data import shard_writer
 
-    monkeypatch.setattr(export, "DOCS_PER_CHUNK", 16)  # many chunks, so order across workers matters
+    monkeypatch.setattr(shard_writer, "DOCS_PER_CHUNK", 16)  # many chunks, so order across workers matters
     build(data_dirs, tmp_path / "w1", workers=1)
     build(data_dirs, tmp_path / "w2", workers=2)
     files = sorted(p.relative_to(tmp_path / "w1") for p in (tmp_path / "w1").rglob("*") if p.is_file())
@@ -59,9 +59,9 @@ def test_same_bytes_for_one_or_two_workers(data_dirs, tmp_path, monkeypatch):
 def test_a_dask_cluster_writes_the_same_bytes(data_dirs, tmp_path, monkeypatch):
     """shards.dask_address: chunks encoded on the workers of a Dask cluster (here a LocalCluster of
     two processes) come back in order: the same files as one local process."""
-    from pgolf.data import export
+    from pgolf.data import shard_writer
 
-    monkeypatch.setattr(export, "DOCS_PER_CHUNK", 16)
+    monkeypatch.setattr(shard_writer, "DOCS_PER_CHUNK", 16)
     build(data_dirs, tmp_path / "w1", workers=1)
     stats = build(data_dirs, tmp_path / "dask", workers=2, dask_address="local")
     files = sorted(p.relative_to(tmp_path / "w1") for p in (tmp_path / "w1").rglob("*") if p.is_file())
@@ -72,9 +72,9 @@ def test_a_dask_cluster_writes_the_same_bytes(data_dirs, tmp_path, monkeypatch):
 
 
 def test_an_unreachable_dask_scheduler_is_a_clear_error(data_dirs, tmp_path, monkeypatch):
-    from pgolf.data import export
+    from pgolf.data import shard_writer
 
-    monkeypatch.setattr(export, "DASK_CONNECT_TIMEOUT_S", 1)
+    monkeypatch.setattr(shard_writer, "DASK_CONNECT_TIMEOUT_S", 1)
     with pytest.raises(InputError, match="cannot reach the Dask scheduler at shards.dask_address='tcp://127.0.0.1:9'"):
         build(data_dirs, tmp_path / "s", dask_address="tcp://127.0.0.1:9")
     assert not (tmp_path / "s").exists()
@@ -84,14 +84,14 @@ def test_an_unreachable_dask_scheduler_is_a_clear_error(data_dirs, tmp_path, mon
 
 def test_a_dask_worker_with_other_encoding_code_refuses(data_dirs):
     """A worker on another machine with another pgolf or SentencePiece would write other bytes."""
-    from pgolf.data import export
+    from pgolf.data import shard_writer
 
     model = (data_dirs["tokenizer"] / "tokenizer.model").read_bytes()
     item = (["some text"], "plain", 1, False, "val")
-    split, n_docs, chunk = export._on_dask_worker(export._encode_with_split, model, export.encoding_code_digest(), *item)
+    split, n_docs, chunk = shard_writer._on_dask_worker(shard_writer._encode_with_split, model, shard_writer.encoding_code_digest(), *item)
     assert (split, n_docs) == ("val", 1) and chunk.tokens[0] == 1 and len(chunk.tokens) > 1
     with pytest.raises(InputError, match="differs from the machine that started the shards stage"):
-        export._on_dask_worker(export._encode_with_split, model, "0" * 64, *item)
+        shard_writer._on_dask_worker(shard_writer._encode_with_split, model, "0" * 64, *item)
 
 
 def test_casefold_shards_carry_original_byte_sidecar(tmp_path):

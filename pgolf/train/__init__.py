@@ -1,0 +1,1 @@
+"""Training: the loop every rank runs, and the state a killed run resumes from."""

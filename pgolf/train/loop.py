@@ -1,0 +1,398 @@
+"""The training loop every rank runs: Muon + AdamW steps over the loader's batches, the lr, momentum,
+looping and QAT schedules, EMA/SWA, resume points, the learning checks and the logs.
+
+The train stage (tasks/train.py) owns the config, the launch on ranks and the files it writes
+beside the weights; this module reads the config by attribute and imports nothing from tasks/.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from pgolf import dist
+from pgolf.data.loader import DistributedTokenLoader, DocumentPackingLoader
+from pgolf.data.shards import load_split
+from pgolf.errors import FormatError, TrainingError
+from pgolf.evaluate.bpb import bytes_per_position, evaluate_bpb, truncate_val
+from pgolf.json_files import write_json
+from pgolf.model.gpt import GPT
+from pgolf.optim.ema import EMA
+from pgolf.optim.schedule import lr_multiplier, muon_momentum, training_fraction, warmdown_multiplier
+from pgolf.optim.swa import SWA
+from pgolf.progress import Progress
+from pgolf.tokenize.token_bytes import build_byte_luts, load_tokenizer, load_val_byte_sidecar
+from pgolf.train import resume
+from pgolf.train.optimizers import build_optimizers, learning_rates
+
+VAL_LOG_NAME = "val_log.json"
+
+
+def check_finite(nonfinite: torch.Tensor, step: int, cfg) -> None:
+    if bool(nonfinite):
+        raise TrainingError(f"train loss became non-finite at or before step {step}: the run diverged. Likely cause: "
+                            f"learning rates too high ({learning_rates(cfg)}) or no gradient clipping "
+                            f"(grad_clip_norm={cfg.grad_clip_norm:g}); lower them")
+
+
+def check_learning(loss: float, step: int, cfg) -> None:
+    """A model that still guesses uniformly after the warm-up would be trained, quantized and scored
+    for nothing; no value is non-finite, so only the loss itself shows it."""
+    uniform = math.log(cfg.model.vocab_size)
+    if loss > uniform - cfg.learn_margin:
+        raise TrainingError(f"train loss {loss:.4f} at step {step} is still within learn_margin={cfg.learn_margin:g} "
+                            f"of ln(vocab_size) = {uniform:.4f}, the loss of a uniform guess: the model is not "
+                            f"learning. Likely cause: learning rates far too high or zero ({learning_rates(cfg)}), "
+                            "or training data without structure; learn_check_step=0 turns this check off")
+
+
+def remaining_seconds(step: int, elapsed_ms: float, iterations: int, cap_ms: float | None) -> float:
+    """Until the run ends at the pace so far: at `iterations`, or sooner at the wallclock cap."""
+    seconds = (iterations - step) * elapsed_ms / max(step, 1) / 1000.0
+    return seconds if cap_ms is None else min(seconds, max(cap_ms - elapsed_ms, 0.0) / 1000.0)
+
+
+class HostPace:
+    """Keeps the host at most one step ahead of the GPU without waiting for the step it queued.
+
+    A per-step synchronize (or .item()) leaves the GPU idle while the host loads the next batch
+    and launches its first kernels; the baseline script avoids it on one GPU. Here the host waits
+    only for the previous step, so loading and launching overlap the current one, and reads the
+    loss only at log steps. The wallclock cap is voted on by all ranks in the background and the
+    vote read one step later: every rank still stops on the same step, one step after the cap.
+    """
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.device = device
+        self.previous_step_done: torch.cuda.Event | None = None
+        self.pending_vote: torch.Tensor | None = None
+
+    def step_queued(self) -> None:
+        if not self.cuda:
+            return
+        done = torch.cuda.Event()
+        done.record()
+        if self.previous_step_done is not None:
+            self.previous_step_done.synchronize()
+        self.previous_step_done = done
+
+    def stop_vote(self, over_cap: bool) -> bool:
+        """True on every rank once any rank's clock has passed the cap."""
+        if not dist.collective():
+            return over_cap
+        previous, self.pending_vote = self.pending_vote, dist.queue_max_vote(over_cap, self.device)
+        return previous is not None and bool(previous.item())
+
+
+class Trainer:
+    """One training process; all ranks run the same steps and stop together."""
+
+    def __init__(self, cfg, shards: Path, out: Path, tokenizer: Path | None = None):
+        """`cfg`: the train stage's Config (tasks/train.py); `out`: where rank 0 writes the logs."""
+        self.cfg, self.shards, self.out = cfg, shards, out
+        self.timings: dict = {}
+        self.device = dist.resolve_device(cfg.device)
+        dist.init(self.device)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        torch.manual_seed(cfg.seed)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.model = GPT(cfg.model).to(self.device)
+        if cfg.bf16_embedding and self.device.type == "cuda":
+            self.model.store_embedding_in_bf16()
+        self.model.set_fused_kernels(cfg.fused_cross_entropy, cfg.fused_mlp)
+        self.train_model = torch.compile(self.model, dynamic=False) if cfg.compile and self.device.type == "cuda" else self.model
+        self.optimizers = build_optimizers(self.model, cfg, fused=self.device.type == "cuda")
+        self.adam_params = [p for group in self.optimizers[1].param_groups for p in group["params"]]
+        self.accum = cfg.resolved_grad_accum()
+        self.loader = self.new_loader()
+        self.ema = EMA(self.model, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.swa = SWA(self.model) if cfg.swa_every > 0 else None
+        self.model.set_looping(cfg.model.num_loops > 0 and cfg.model.enable_looping_at <= 0)
+        self.val = self.load_val(tokenizer) if cfg.val_every else None
+
+    def load_val(self, tokenizer: Path | None) -> tuple:
+        """The val tokens (capped at val_tokens) and each target's bytes, as the eval stage counts them."""
+        cfg = self.cfg
+        if tokenizer is None:
+            raise FormatError("train.val_every > 0 needs the tokenizer (input 'tokenizer') to count val bytes", self.shards)
+        tokens = load_split(self.shards, "val", cfg.model.vocab_size)
+        tokens = truncate_val(tokens[:cfg.val_tokens + 1] if cfg.val_tokens else tokens, cfg.train_seq_len)
+        sidecar = load_val_byte_sidecar(self.shards)
+        luts = None if sidecar is not None else build_byte_luts(load_tokenizer(tokenizer)[0], cfg.model.vocab_size)
+        return tokens, bytes_per_position(tokens, luts, sidecar)
+
+    def validate(self, step: int) -> dict:
+        """val_loss and val_bpb of the live weights; every rank scores its share of the windows."""
+        tokens, byte_counts = self.val
+        rows = max(1, self.cfg.train_batch_tokens // (self.world * self.accum * self.cfg.train_seq_len))
+        result = evaluate_bpb(self.model, tokens, byte_counts, self.cfg.train_seq_len, 0, rows, self.device)
+        self.model.train()
+        return {"step": step, "val_loss": round(result.val_loss, 6), "val_bpb": round(result.val_bpb, 6),
+                "tokens": result.tokens, "bytes": result.bytes}
+
+    def new_loader(self) -> DistributedTokenLoader | DocumentPackingLoader:
+        if self.cfg.loader == "documents":
+            return DocumentPackingLoader(self.shards, self.rank, self.world, self.device, self.cfg.model.vocab_size,
+                                         self.cfg.model.bos_id, self.cfg.flat_batches)
+        return DistributedTokenLoader(self.shards, self.rank, self.world, self.device, self.cfg.model.vocab_size,
+                                      self.cfg.flat_batches)
+
+    def step(self, step: int, lr_scale: float) -> torch.Tensor:
+        """One optimizer step; returns this rank's mean loss as a device tensor (no host sync)."""
+        cfg = self.cfg
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for _ in range(self.accum):
+            x, y = self.loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, self.accum)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                loss = self.train_model(x, y)
+            (loss / self.accum).backward()
+            total += loss.detach()
+        if cfg.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
+        # Sharded Muon averages its own gradients (reduce-scatter); everything else is all-reduced.
+        averaged = self.adam_params if cfg.muon_sharded else list(self.model.parameters())
+        dist.average_gradients(averaged)
+        momentum = muon_momentum(step, cfg.muon_momentum_warmup_start, cfg.muon_momentum, cfg.muon_momentum_warmup_steps)
+        self.optimizers[0].param_groups[0]["momentum"] = momentum
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * lr_scale
+        for opt in self.optimizers:
+            opt.step()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return total / self.accum
+
+    def learning_rates(self) -> dict[str, float]:
+        """The scheduled lr of Muon's matrices and Adam's embedding, the groups the schedules move."""
+        muon, adam = self.optimizers
+        return {"lr_matrix": round(muon.param_groups[0]["lr"], 8), "lr_embed": round(adam.param_groups[0]["lr"], 8)}
+
+    def host_loss(self, rank_loss: torch.Tensor) -> float:
+        """The mean over ranks of a step's loss, read on the host (a sync: only at log steps)."""
+        mean = rank_loss.clone()
+        if self.world > 1:
+            torch.distributed.all_reduce(mean, op=torch.distributed.ReduceOp.SUM)  # gloo has no AVG
+            mean /= self.world
+        return float(mean.item())
+
+    def warmup(self) -> None:
+        """Run `warmup_steps` real steps so compilation and allocator warm-up happen outside the
+        timer, then roll the weights, optimizer state and data back to the start."""
+        if self.cfg.warmup_steps <= 0:
+            return
+        model_state = copy.deepcopy(self.model.state_dict())
+        opt_states = [copy.deepcopy(opt.state_dict()) for opt in self.optimizers]
+        looping_at_start = self.model.looping
+        # Both graphs of a looped model get compiled here, not inside the timed run.
+        for looping in sorted({looping_at_start, bool(self.cfg.model.num_loops)}):
+            self.model.set_looping(looping)
+            for step in range(self.cfg.warmup_steps):
+                self.step(step, 1.0)
+        self.model.set_looping(looping_at_start)
+        self.model.load_state_dict(model_state)
+        for opt, state in zip(self.optimizers, opt_states):
+            opt.load_state_dict(state)
+        self.loader = self.new_loader()
+        self.sync()
+
+    def resume_folder(self) -> Path:
+        """One folder per (config, data): a resumed run must be the same run."""
+        manifest = (self.shards / "manifest.json").read_bytes() if (self.shards / "manifest.json").is_file() else b""
+        key = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode() + manifest).hexdigest()[:16]
+        return Path(self.cfg.resume_dir) / key
+
+    def save_resume_point(self, progress: dict) -> None:
+        folder = self.resume_folder()
+        state = {
+            **progress,
+            "model": self.model.state_dict(),
+            "optimizers": [opt.state_dict() for opt in self.optimizers],
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "swa": self.swa.state_dict() if self.swa is not None else None,
+            "loader": (self.loader.stream.file_index, self.loader.stream.pos),
+        }
+        resume.save_rank_state(folder, self.rank, state)
+        if self.world > 1:
+            torch.distributed.barrier()
+        if dist.is_main():
+            resume.mark_complete(folder, progress["step"], self.world)
+
+    def load_resume_point(self) -> dict | None:
+        folder = self.resume_folder()
+        step = resume.latest_step(folder, self.world) if self.cfg.resume_every else None
+        if step is None:
+            return None
+        state = resume.load_rank_state(folder, self.rank, self.device)
+        self.model.load_state_dict(state["model"])
+        for opt, opt_state in zip(self.optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        if self.swa is not None and state["swa"] is not None:
+            self.swa.load_state_dict(state["swa"])
+        self.loader.stream.seek(*state["loader"])
+        self.model.set_looping(state["looping"])
+        self.model.set_qat(self.cfg.qat_bits if state["qat"] else 0)
+        print(f"resumed from {folder} at step {state['step']}", flush=True)
+        return state
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def train(self, stop_after: int | None = None) -> dict | None:
+        """Train to `iterations` or the wallclock cap. `stop_after` ends the run early without
+        cleaning up, the way a killed process would (tests resume from there)."""
+        cfg = self.cfg
+        self.warmup()
+        cap_ms = (cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) * 1000.0 if cfg.max_wallclock_seconds > 0 else None
+        elapsed_ms, step, loss = 0.0, 0, float("nan")
+        looping_step = 0 if self.model.looping else None
+        qat_on = False
+        records: list[dict] = []
+        val_records: list[dict] = []
+        resumed = self.load_resume_point()
+        if resumed:
+            step, elapsed_ms, looping_step, qat_on, records = (resumed["step"], resumed["elapsed_ms"],
+                                                               resumed["looping_step"], resumed["qat"], resumed["log"])
+            val_records = resumed.get("val_log", [])
+        log = open(self.out / "train_log.jsonl", "w") if dist.is_main() else None
+        if log:
+            log.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
+        live = self.open_live()
+        tokens_per_step = cfg.train_batch_tokens
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        rank_loss = None
+        pace = HostPace(self.device)
+        progress = Progress("train steps", cfg.iterations, done=step)
+        self.sync()
+        t0 = time.perf_counter() - elapsed_ms / 1000.0
+        while step < cfg.iterations:
+            if stop_after is not None and step >= stop_after:
+                progress.close()
+                return None
+            frac = training_fraction(step, elapsed_ms, cfg.iterations, cap_ms)
+            if cfg.warmdown_frac > 0:
+                lr_scale = warmdown_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
+            else:
+                lr_scale = lr_multiplier(step, elapsed_ms, cfg.iterations, cfg.warmdown_iters, cap_ms)
+            if looping_step is None and cfg.model.num_loops and frac >= cfg.model.enable_looping_at:
+                self.model.set_looping(True)
+                looping_step = step
+            if not qat_on and cfg.late_qat_threshold > 0 and lr_scale < cfg.late_qat_threshold:
+                self.model.set_qat(cfg.qat_bits)
+                qat_on = True
+            rank_loss = self.step(step, lr_scale)
+            step += 1
+            nonfinite = nonfinite | ~torch.isfinite(rank_loss)
+            pace.step_queued()
+            elapsed_ms = (time.perf_counter() - t0) * 1000.0
+            if self.swa is not None and lr_scale < cfg.swa_start_lr_scale and step % cfg.swa_every == 0:
+                self.swa.add(self.model)
+            log_step = step % cfg.log_every == 0 or step == 1 or step == cfg.iterations
+            learn_check_step = step == cfg.learn_check_step
+            if log_step or learn_check_step:
+                loss = self.host_loss(rank_loss)
+                check_finite(nonfinite, step, cfg)
+            if learn_check_step:
+                check_learning(loss, step, cfg)
+            if log and log_step:
+                record = {"step": step, "train_loss": round(loss, 6), "lr_scale": round(lr_scale, 6),
+                          **self.learning_rates(), "tokens": step * tokens_per_step}
+                records.append(record)
+                log.write(json.dumps(record, allow_nan=False) + "\n")
+                log.flush()
+                print(f"step {step}/{cfg.iterations} loss {loss:.4f} lr_scale {lr_scale:.3f} "
+                      f"{elapsed_ms / step:.1f} ms/step", flush=True)
+                if live:
+                    live.step = step
+                    live.log_metric("train_loss", loss)
+                    live.log_metric("lr_scale", lr_scale)
+                    for name, value in self.learning_rates().items():
+                        live.log_metric(f"lr/{name.removeprefix('lr_')}", value)
+                    live.next_step()
+            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations):
+                self.sync()
+                val_started = time.perf_counter()
+                val_records.append(self.validate(step))
+                if dist.is_main():
+                    write_json(self.out / VAL_LOG_NAME, val_records)
+                    print(f"step {step}/{cfg.iterations} val_loss {val_records[-1]['val_loss']:.4f} "
+                          f"val_bpb {val_records[-1]['val_bpb']:.4f}", flush=True)
+                t0 += time.perf_counter() - val_started
+            progress.update(1, f"loss {loss:.4f}, {step * tokens_per_step / max(elapsed_ms, 1e-9) * 1000:,.0f} tokens/s",
+                            remaining_seconds(step, elapsed_ms, cfg.iterations, cap_ms))
+            if pace.stop_vote(cap_ms is not None and elapsed_ms >= cap_ms):
+                break
+            if cfg.resume_every and step % cfg.resume_every == 0 and step < cfg.iterations:
+                self.save_resume_point({"step": step, "elapsed_ms": elapsed_ms, "looping_step": looping_step,
+                                      "looping": self.model.looping, "qat": qat_on, "log": records,
+                                      "val_log": val_records})
+        progress.close()
+        self.sync()
+        elapsed_ms = (time.perf_counter() - t0) * 1000.0
+        loss = self.host_loss(rank_loss) if rank_loss is not None else loss
+        check_finite(nonfinite, step, cfg)
+        seconds = elapsed_ms / 1000.0
+        # How the run went, not what it learned: for the run record, so metrics.json and the weights
+        # are the same bytes for every run of the same config (a resumed one included).
+        self.timings = {"train_seconds": round(seconds, 3), "ms_per_step": round(elapsed_ms / max(step, 1), 3),
+                        "tokens_per_s": round(step * tokens_per_step / max(seconds, 1e-9), 1),
+                        "peak_mem_bytes": self.peak_memory(), "resumed_from_step": resumed["step"] if resumed else None,
+                        "torch": torch.__version__}
+        metrics = {
+            "steps": step,
+            "final_train_loss": round(loss, 6),
+            "world_size": self.world,
+            "device": self.device.type,
+            "looping_enabled_at_step": looping_step,
+            # What ran, not what was asked: the kernels need a device that runs Triton.
+            "fused_cross_entropy": self.model.fused_cross_entropy,
+            "fused_mlp": any(getattr(m, "fused", False) for m in self.model.modules()),
+            "embedding_dtype": str(self.model.tok_emb.weight.dtype).removeprefix("torch."),
+        }
+        if cfg.resume_every:
+            if self.world > 1:
+                torch.distributed.barrier()
+            if dist.is_main():
+                resume.remove(self.resume_folder())
+        metrics["swa_snapshots"] = self.swa.count if self.swa is not None else 0
+        if self.swa is not None and cfg.swa_apply:
+            self.swa.copy_to(self.model)
+        elif self.ema is not None:
+            self.ema.copy_to(self.model)
+        if log:
+            log.close()
+        if live:
+            live.end()
+        return metrics
+
+    def open_live(self):
+        if not dist.is_main():
+            return None
+        try:
+            from dvclive import Live
+        except ImportError:  # an exported train_gpt.py runs without DVC installed
+            return None
+
+        # Inside `dvc repro` DVCLive would otherwise try to register an experiment and rewrite
+        # dvc.yaml; here it only writes its metrics and plots into the stage output.
+        return Live(str(self.out / "dvclive"), save_dvc_exp=False, dvcyaml=None, report=None, monitor_system=False)
+
+    def peak_memory(self) -> int:
+        if self.device.type == "cuda":
+            return int(torch.cuda.max_memory_allocated(self.device))
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
