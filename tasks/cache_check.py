@@ -223,7 +223,7 @@ def repro_checked(workspace: Path, stage: str | None, force: bool, echo: bool,
     outputs checked; corrupt ones are purged from the cache and recomputed, and the pipeline
     reproduced again, until everything matches dvc.lock."""
     from tasks.common import read_run_record
-    from tasks.params import STAGES, spec_of
+    from tasks.stages import STAGES, spec_of
 
     workspace = Path(workspace)
     scope = [stage] if stage else list(STAGES)
