@@ -14,7 +14,7 @@ kernel uncalled) and calls the PRs' functions and modules as written.
 
 Rows:
   settings    every preset value a PR's run fixes, read from its training log's hyperparameter dump,
-              else from its script's default (the README's run command where it sets one)
+              else from its script's default (PR #1383 has no log: its script's defaults)
   gates       attention output gate: PR #1693's _apply_attn_out_gate_inline (pre-norm source, width 12)
               and PR #1790's CausalSelfAttention with its width-24 attn_gate_proj vs pgolf's
               AttnOutputGate built from the preset, same weights and inputs
@@ -59,9 +59,6 @@ class _Anything(types.ModuleType):
         if name.startswith("__"):
             raise AttributeError(name)
         return _identity_decorator
-
-    def __call__(self, *a, **k):
-        return self
 
 
 def _identity_decorator(*args, **kwargs):
