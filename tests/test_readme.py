@@ -31,6 +31,7 @@ UP_TO_THE_DEVICE = {
     ".venv/bin/python bench/reference_int8.py --tiny --reference-code bench/reference/train_gpt.py",
     ".venv/bin/python bench/reference_parity.py",
     ".venv/bin/python bench/record_parity.py",
+    ".venv/bin/python bench/seed_systems_parity.py",
     ".venv/bin/python bench/flow_overhead.py",
     ".venv/bin/python bench/pack_ratio.py --gptq artifacts/gptq",
     ".venv/bin/python bench/shard_throughput.py",
