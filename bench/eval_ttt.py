@@ -1,6 +1,6 @@
 """Eval-stage bench on one GPU: the TTT gain (post-quant bpb minus final bpb) on a model the pipeline
-trains, the eval seconds of each mode, and a projection of the TTT time to 8 GPUs against R1's
-455-509 s (docs/lineage.md#eval-budget).
+trains, the eval seconds of each mode, and a projection of the eval time to 8 GPUs against R1's
+455-509 s and PR #2135's 540-567 s (docs/lineage.md#eval-budget).
 
     python bench/eval_ttt.py --preset record --corpus ../shared/corpus/mixed_large.jsonl.gz \
         --set train.max_wallclock_seconds=300 --set train.nproc=1 --set shards.val_docs=500
@@ -10,7 +10,10 @@ trains, the eval seconds of each mode, and a projection of the TTT time to 8 GPU
 Modes: `flat` (the post-quant figure), `sliding` (stride 64, as RSW), and the preset's own TTT
 (eval.ttt of the preset, e.g. R1's LoRA + 3 global SGD phases). The projection scales the measured
 TTT scoring seconds by 50,000 / the val documents evaluated and divides by 8 ranks (batches and SGD
-sequences are dealt evenly over ranks); it leaves out communication, so it is a lower bound.
+sequences are dealt evenly over ranks); with the n-gram tilt (eval.tilt, the pr2135 preset) it adds
+the hint precompute, inside the clock, scaled by 47,851,520 / the val tokens here and not divided:
+every rank computes all the hints, as PR #2135's does. It leaves out communication, so it is a
+lower bound.
 """
 from __future__ import annotations
 
@@ -32,7 +35,9 @@ from tasks import params as P, stages  # noqa: E402
 from tasks.common import execute  # noqa: E402
 
 CHALLENGE_VAL_DOCS = 50_000
+CHALLENGE_VAL_TARGETS = 47_851_520  # the CaseOps val stream R1 and PR #2135 score
 R1_EVAL_SECONDS = (455.1, 508.8)
+PR2135_EVAL_SECONDS = (540.1, 567.1)  # its three logs; its seed-42 hint precompute alone 200.9 s
 # --tiny: the smoke preset with R1-style phased LoRA TTT at toy sizes.
 TINY = ["corpus.max_docs=300", "shards.val_docs=40", "train.iterations=30", "train.nproc=1", "eval.ttt=lora",
         "eval.seq_len=128", "eval.lora.context=128", "eval.lora.chunk=32", "eval.lora.batch_docs=8",
@@ -95,14 +100,20 @@ def main(argv: list[str] | None = None) -> int:
               "sliding_bpb": results["sliding"]["val_bpb"]}
     ttt = next((m for n, m in results.items() if n.startswith("ttt_")), None)
     if ttt is not None:
-        projected = ttt["scoring_seconds"] * ttt["ranks"] * CHALLENGE_VAL_DOCS / max(docs, 1) / 8
+        scoring = ttt["scoring_seconds"] * ttt["ranks"] * CHALLENGE_VAL_DOCS / max(docs, 1) / 8
+        hints = ttt.get("hint_seconds", 0.0) * CHALLENGE_VAL_TARGETS / max(ttt["tokens"], 1)
+        projected = scoring + hints
         report.update(ttt_bpb=ttt["val_bpb"], ttt_gain=ttt["val_bpb"] - results["flat"]["val_bpb"],
-                      ttt_scoring_seconds=ttt["scoring_seconds"], projected_8gpu_seconds=round(projected, 1),
-                      r1_eval_seconds=R1_EVAL_SECONDS, audit_passed=ttt["audit"]["passed"],
-                      phases=ttt["audit"].get("phases"))
+                      ttt_scoring_seconds=ttt["scoring_seconds"], hint_seconds=ttt.get("hint_seconds"),
+                      projected_8gpu_seconds=round(projected, 1), projected_8gpu_hint_seconds=round(hints, 1),
+                      r1_eval_seconds=R1_EVAL_SECONDS, pr2135_eval_seconds=PR2135_EVAL_SECONDS,
+                      audit_passed=ttt["audit"]["passed"], phases=ttt["audit"].get("phases"),
+                      tilt=ttt.get("tilt"))
         print(f"\nTTT gain {report['ttt_gain']:+.5f} bpb (R1: -0.0127); TTT scoring {ttt['scoring_seconds']:.1f} s on "
-              f"{ttt['ranks']} rank(s) for {docs:,} docs -> about {projected:.0f} s for 50,000 docs on 8 GPUs "
-              f"(R1: {R1_EVAL_SECONDS[0]}-{R1_EVAL_SECONDS[1]} s)")
+              f"{ttt['ranks']} rank(s) for {docs:,} docs -> about {scoring:.0f} s for 50,000 docs on 8 GPUs"
+              + (f", plus {hints:.0f} s of n-gram hints for {CHALLENGE_VAL_TARGETS:,} targets" if hints else "")
+              + f": {projected:.0f} s (R1: {R1_EVAL_SECONDS[0]}-{R1_EVAL_SECONDS[1]} s, "
+              f"PR #2135: {PR2135_EVAL_SECONDS[0]}-{PR2135_EVAL_SECONDS[1]} s)")
     print("BENCH_JSON " + json.dumps(report))
     return 0
 

@@ -6,7 +6,7 @@
 #   kernels    ~2 min  #3: the Triton kernels' tests compiled for real; fused vs eager vs compiled
 #                          at R1's per-GPU shapes (bench/kernel_speed.py)
 #   train      ~6 min  #3: baseline ms/step, tokens/s, MFU, peak memory with the fused kernels off
-#                          and on; record at one GPU's share of its batch, fused + FlexAttention
+#                          and on; record at one GPU's share of its batch, fused + varlen, fused + FlexAttention
 #   presets-a  ~6 min  #3: baseline, pr1383, pr1693 100 steps each at one GPU's share
 #   presets-b  ~8 min  #3: pr1790, pr2116, record likewise
 #   parity     ~6 min  #3 + #4: baseline preset vs the challenge's train_gpt.py, 200 steps on the
@@ -15,6 +15,9 @@
 #   steps      ~5 min  #3: the same comparison step by step from one initialization and the same
 #                          batches, the script's own parts driven in its order (bench/reference_parity.py)
 #   ttt        ~9 min  #5: record trained 240 s; flat, sliding and TTT on 500 val docs; the 8-GPU projection
+#   varlen     ~3 min  #25: document attention through torch's varlen kernel vs compiled FlexAttention
+#                          vs the exact per-segment path: logits and gradients on uneven documents,
+#                          then ms and peak memory at R1's 98,304-token row (bench/varlen_attention.py)
 #
 #   device:  bash bench/gpu_checks.sh kernels train      (default: kernels train)
 #   here:    PY=.venv/bin/python bash bench/gpu_checks.sh --cpu kernels    (checks the script)
@@ -68,9 +71,18 @@ for part in "${PARTS[@]}"; do
         --json "$LOGS/train_baseline.json"
       run train_baseline_fused 170 $PY bench/train_throughput.py "${TRAIN_ARGS[@]}" --preset baseline \
         --steps "$(steps 60)" "${fused[@]}" --json "$LOGS/train_baseline_fused.json"
+      # the record preset as it is (varlen attention, fused kernels: issue 25), then with FlexAttention
       run train_record_fused 200 $PY bench/train_throughput.py "${TRAIN_ARGS[@]}" --preset record --per-gpu \
+        --steps "$(steps 60)" "${fused[@]}" --json "$LOGS/train_record_fused.json"
+      run train_record_flex 200 $PY bench/train_throughput.py "${TRAIN_ARGS[@]}" --preset record --per-gpu \
         --steps "$(steps 60)" "${fused[@]}" --set train.model.doc_attention_kernel=flex \
-        --json "$LOGS/train_record_fused.json" ;;
+        --json "$LOGS/train_record_flex.json" ;;
+    varlen)
+      if [ ${#DEVICE_ARGS[@]} -gt 0 ]; then
+        run varlen 900 $PY bench/varlen_attention.py --device cpu --json "$LOGS/varlen.json"
+      else
+        run varlen 240 $PY bench/varlen_attention.py --json "$LOGS/varlen.json"
+      fi ;;
     presets-a|presets-b)
       list=baseline,pr1383,pr1693
       [ "$part" = presets-b ] && list=pr1790,pr2116,record
@@ -107,7 +119,7 @@ print(r.get('int8_zlib_val_bpb') or '-', r['final_model'], r['shards'], r['token
     ttt)
       run ttt 560 $PY bench/eval_ttt.py --preset record ${CORPUS:+--corpus "$CORPUS"} --set train.nproc=1 \
         --set train.max_wallclock_seconds=240 --set shards.val_docs=500 --out "$WORK/ttt" ;;
-    *) echo "unknown part $part (kernels train presets-a presets-b parity steps ttt)"; exit 2 ;;
+    *) echo "unknown part $part (kernels train presets-a presets-b parity steps ttt varlen)"; exit 2 ;;
   esac
 done
 # Every JSON result in one file the device tool brings back whole, and the figures on screen.

@@ -76,6 +76,10 @@ SIZES = dict(vocab_size=512, num_layers=6, model_dim=384, num_heads=6, num_kv_he
 SEQ_LEN = 128  # train_seq_len (and doc_attention_max_len) at this scale; R1 2048
 BOS = 1
 ROWS = ("logits", "loader", "hessians", "gptq", "step", "schedules", "ema", "artifact", "ttt")
+# pgolf's names -> the script's, where they differ (the AsymLogit pair: PR #2135's script, which this bench's
+# helpers also serve: bench/pr2135_parity.py)
+RENAMED = {"smear.gate": "smear_gate.weight", "smear.lam": "smear_lambda", "softcap.pos": "softcap_pos",
+           "softcap.neg": "softcap_neg"}
 
 
 # --- R1's script with a CPU FlashAttention -------------------------------------------------------
@@ -196,7 +200,7 @@ def to_r1_state(model: GPT, r1_model) -> dict[str, torch.Tensor]:
         if lanes:
             sd[lanes.group(2)][int(lanes.group(1))] = t
             continue
-        r1_name = {"smear.gate": "smear_gate.weight", "smear.lam": "smear_lambda"}.get(name, name.replace(".attn.gate.", ".attn."))
+        r1_name = RENAMED.get(name, name.replace(".attn.gate.", ".attn."))
         if r1_name not in sd or sd[r1_name].shape != t.shape:
             raise KeyError(f"{name} has no counterpart in R1's GPT ({r1_name})")
         sd[r1_name] = t.clone()
@@ -219,7 +223,7 @@ def r1_named_grads(model: GPT, r1_model) -> dict[str, torch.Tensor]:
         elif lanes:
             out[name] = (r1[lanes.group(2)], int(lanes.group(1)))
         else:
-            r1_name = {"smear.gate": "smear_gate.weight", "smear.lam": "smear_lambda"}.get(name, name.replace(".attn.gate.", ".attn."))
+            r1_name = RENAMED.get(name, name.replace(".attn.gate.", ".attn."))
             out[name] = (r1[r1_name], None)
     return out
 
@@ -462,7 +466,8 @@ def compare_step(ref, h, cfg: ModelConfig, tcfg: train_stage.Config, batch: tupl
            # the clip norm: as both compute it (fp32; torch's reduction over R1's million-entry
            # banks rounds more than over pgolf's matrices) and exactly (fp64)
            "clip_norm_fp64_rel": abs(math.sqrt(sum(float(p.grad.double().norm()) ** 2 for p in ours.parameters() if p.grad is not None))
-                                     / math.sqrt(sum(float(p.grad.double().norm()) ** 2 for p in theirs.parameters())) - 1)}
+                                     / math.sqrt(sum(float(p.grad.double().norm()) ** 2 for p in theirs.parameters()
+                                                 if p.grad is not None)) - 1)}
     norm_ours = torch.nn.utils.clip_grad_norm_(ours.parameters(), tcfg.grad_clip_norm)
     norm_theirs = torch.nn.utils.clip_grad_norm_(theirs.parameters(), tcfg.grad_clip_norm)
     out["clip_norm_fp32_rel"] = abs(float(norm_ours) / float(norm_theirs) - 1)

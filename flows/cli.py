@@ -1,12 +1,17 @@
 """`pgolf` command line: run the pipeline through DVC or Prefect and print what happened.
 
     pgolf run [--preset smoke] [--set train.iterations=100] [--via dvc|prefect] [--stage eval] [--force]
-    pgolf params --preset baseline          (same as python -m tasks.params)
+    pgolf params --preset baseline [--set k=v]   (render params.yaml from a preset)
     pgolf summary                            (the last run: each stage ran or cached, its seconds; the score)
     pgolf exp show [--all] [DVC ARGS]        (DVC's experiments: changed params, val_bpb, bytes, seconds)
     pgolf sweep --preset record --seeds 42,0,1234 [--set k=v] [--deployment pgolf-pipeline/NAME] [--out F]
-    pgolf significance OURS AGAINST [--json] [--via-bpb]   (the record test; exit 0 met, 1 not, 2 bad input)
+    pgolf significance OURS AGAINST [--json] [--via-bpb]   (the record test, both rules; exit 0 met, 1 not, 2 bad input)
+    pgolf audit PATH [--against PREVIOUS] [--json]    (a judge's check of a records folder; exit 0 pass, 1 fail, 2 bad input)
+    pgolf diff A B                           (what differs between two runs' fingerprints, clocks and scores)
     pgolf import-r1 final_model.int6.ptz [--preset record] [--set train.model.k=v] [--out DIR]   (rescore R1's artifact)
+    pgolf export --out records/track_10min_16mb/NAME --name N [--sweep S] [--against R]   (the records folder)
+    pgolf stage STAGE [--params F] [--out DIR] [--INPUT DIR]   (one stage alone, without DVC: e.g. a judge's eval)
+    pgolf ranks STAGE                        (this node's ranks of a multi-node stage that node 0 runs)
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import sys
 import time
 
 from flows.repro import format_summary, last_pipeline_run, record_pipeline_run, reproduce, results_since, set_params
-from pgolf.errors import PgolfError
+from pgolf.errors import InputError, PgolfError, StageInterrupted
 from tasks import params as params_cli
 from tasks.params import list_presets
 from tasks.stages import STAGES
@@ -65,6 +70,12 @@ def cmd_sweep(args) -> int:
     for stat in ("mean", "std"):
         values = [table[stat][m] for m in ("val_loss", "val_bpb")]
         print(f"{stat:>8} " + " ".join("         -" if v is None else f"{v:>10.6f}" for v in values))
+    if table.get("stages"):
+        print(f"\n{'stage':<10} {'computed by':<22} {'seconds':<24} restored by")
+        for row in table["stages"]:
+            ran = ", ".join(f"seed {s}" for s in row["ran_in"]) if len(row["ran_in"]) < len(table["seeds"]) else "every seed"
+            print(f"{row['stage']:<10} {ran or '-':<22} {', '.join(f'{x:.1f}' for x in row['seconds']) or '-':<24} "
+                  f"{row['restored_in']} run(s)")
     print(f"\nwritten to {table['path']}")
     return 0
 
@@ -96,7 +107,8 @@ def cmd_significance(args) -> int:
 
 def add_significance(sub) -> None:
     sig = sub.add_parser("significance", help="does OURS beat AGAINST by 0.005 nats at p < 0.01? (exit 0 yes, 1 no, 2 bad input)",
-                         description="The challenge's record rule as a one-sided t-test. Each side: a records folder, "
+                         description="The challenge's record rules as one-sided t-tests: the README's (0.005 nats at p < 0.01, the exit "
+                                     "code) and the leaderboard's applied one (val_bpb lower at p < 0.25). Each side: a records folder, "
                                      "a submission.json (its seed_results) or a pgolf sweep's results (sweep.json or its folder).")
     sig.add_argument("ours")
     sig.add_argument("against")
@@ -107,7 +119,55 @@ def add_significance(sub) -> None:
 # ---- end significance ----
 
 
+# ---- audit: a judge's check of a records folder (pgolf.audit) ----
+def cmd_audit(args) -> int:
+    import json
+
+    from pgolf import audit
+
+    result = audit.audit(args.path, args.against)
+    print(json.dumps(result, indent=2) if args.json else audit.format_text(result, args.path))
+    return 0 if result["verdict"] == "pass" else 1
+
+
+def add_audit(sub) -> None:
+    aud = sub.add_parser("audit", help="a judge's check of a records folder (exit 0 pass, 1 fail, 2 bad input)",
+                         description="Checks a records folder (pgolf's export or any challenge submission) from its "
+                                     "submission.json, logs and, when there, artifact and train_gpt.py: seeds, "
+                                     "artifact_bytes, train_time, eval_time, val_coverage, train_data, significance. "
+                                     "Each check passes, fails or is unknown (the folder lacks what it needs); the "
+                                     "verdict fails when any check fails.")
+    aud.add_argument("path", help="the records folder")
+    aud.add_argument("--against", default=None, help="the previous record (folder or submission.json): the record tests")
+    aud.add_argument("--json", action="store_true", help='print {"verdict": ..., "checks": [{"check", "status", "evidence"}]}')
+    aud.set_defaults(func=cmd_audit)
+
+
+def cmd_diff(args) -> int:
+    from tasks import run_records
+
+    a, b = run_records.load_run(args.a), run_records.load_run(args.b)
+    print(run_records.format_diff(run_records.diff(a, b), args.a, args.b))
+    return 0
+
+
+def add_diff(sub) -> None:
+    dif = sub.add_parser("diff", help="what differs between two runs: environment fingerprint, clocks, score",
+                         description="Each run: a workspace (its artifacts/ and run records) or a records folder pgolf "
+                                     "exported (run_records.json). Prints both scores and clocks, and every field of the "
+                                     "stages' environment fingerprints (torch, CUDA, GPUs, triton, flash-attention, "
+                                     "compressors, shards, commit) that differs.")
+    dif.add_argument("a")
+    dif.add_argument("b")
+    dif.set_defaults(func=cmd_diff)
+# ---- end audit ----
+
+
 # ---- import-r1: rescore a foreign artifact (pgolf.pack.r1_artifact) ----
+# What an import folder holds: the import's two files and the eval the README runs into it.
+IMPORT_FILES = frozenset({"artifact.bin", "import.json", "eval", ".runs"})
+
+
 def cmd_import_r1(args) -> int:
     import hashlib
     import json
@@ -121,6 +181,10 @@ def cmd_import_r1(args) -> int:
     qm, form = load_r1_artifact(args.artifact, model_config)
     source = Path(args.artifact)
     out = Path(args.out or Path("artifacts/imported") / source.name.split(".")[0])
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in IMPORT_FILES) if out.is_dir() else []
+    if foreign or (out.exists() and not out.is_dir()):
+        raise InputError(f"refusing to write into this folder: it holds files import-r1 did not write "
+                         f"({', '.join(foreign[:5]) or 'it is a file'}); choose a new --out", out)
     out.mkdir(parents=True, exist_ok=True)
     blob, _ = pack(qm, "zlib")  # for rescoring, not for size: the submission's bytes are the source's
     tmp = out / "artifact.bin.tmp"
@@ -134,7 +198,7 @@ def cmd_import_r1(args) -> int:
               "overrides": args.overrides, "tensors": dict(sorted(kinds.items())), "model": model_config}
     write_json(out / "import.json", record)
     print(json.dumps({k: record[k] for k in ("source", "source_format", "source_bytes", "tensors")}))
-    print(f"written {out / 'artifact.bin'}; score it: bin/stage eval --pack {out} --out {out / 'eval'}")
+    print(f"written {out / 'artifact.bin'}; score it: .venv/bin/pgolf stage eval --pack {out} --out {out / 'eval'}")
     return 0
 
 
@@ -142,7 +206,7 @@ def add_import_r1(sub) -> None:
     imp = sub.add_parser("import-r1", help="read an R1-lineage artifact (final_model.int6.ptz) for pgolf's eval",
                          description="Reads what R1's serialize() wrote (pergroup/lrzip, brotli or lzma) and writes the "
                                      "same quantized weights as a pgolf artifact.bin (with import.json), which "
-                                     "`bin/stage eval --pack DIR` scores. The model's hyperparameters come from a preset "
+                                     "`pgolf stage eval --pack DIR` scores. The model's hyperparameters come from a preset "
                                      "(record: R1's) and --set train.model.KEY=VALUE.")
     imp.add_argument("artifact")
     imp.add_argument("--preset", default="record", help="preset whose train.model is the artifact's (default record)")
@@ -150,6 +214,27 @@ def add_import_r1(sub) -> None:
     imp.add_argument("--out", default=None, help="folder for artifact.bin (default artifacts/imported/<name>/)")
     imp.set_defaults(func=cmd_import_r1)
 # ---- end import-r1 ----
+
+
+def passthrough(parser: argparse.ArgumentParser, command: str, rest: list[str]) -> int:
+    """`pgolf export|stage|ranks ...`: the command line of tasks.export, of a stage module
+    (`python -m tasks.<stage>`, what bin/stage runs) or of tasks.ranks, as they are."""
+    import importlib
+
+    from tasks.common import stage_main, stage_module
+
+    if command == "export":
+        from tasks import export
+
+        return export.main(rest, prog="pgolf export")
+    if command == "ranks":
+        from tasks import ranks
+
+        return ranks.join_main(rest, prog="pgolf ranks")
+    if not rest or rest[0] not in STAGES:
+        parser.error(f"usage: pgolf stage STAGE [ARGS]; STAGE is one of {', '.join(STAGES)}")
+    spec = importlib.import_module(stage_module(rest[0])).SPEC
+    return stage_main(spec, rest[1:], prog=f"pgolf stage {rest[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -166,15 +251,24 @@ def main(argv: list[str] | None = None) -> int:
     summ.set_defaults(func=cmd_summary)
     add_sweep(sub)
     add_significance(sub)
+    add_audit(sub)
+    add_diff(sub)
     add_import_r1(sub)
-    prm = sub.add_parser("params", help="render params.yaml (see python -m tasks.params -h)", add_help=False)
+    prm = sub.add_parser("params", help="render params.yaml from a preset and overrides (pgolf params -h)", add_help=False)
     prm.set_defaults(func=None)
     exp = sub.add_parser("exp", help="`exp show`: DVC's experiments, the columns a competitor compares (--all: DVC's table)",
                          add_help=False)
     exp.set_defaults(func=None)
+    # The stages' own command lines, whole (each parses its arguments and prints its help).
+    sub.add_parser("export", help="write the challenge's records folder from the run (pgolf export -h)", add_help=False)
+    sub.add_parser("stage", help=f"run one stage alone, without DVC: {', '.join(STAGES)} (pgolf stage STAGE -h)",
+                   add_help=False)
+    sub.add_parser("ranks", help="join a multi-node stage from another node (pgolf ranks STAGE)", add_help=False)
     args, rest = parser.parse_known_args(argv)
     if args.command == "params":
-        return params_cli.main(rest)
+        return params_cli.main(rest, prog="pgolf params")
+    if args.command in ("export", "stage", "ranks"):
+        return passthrough(parser, args.command, rest)
     if args.command == "exp":
         if not rest or rest[0] != "show":
             parser.error("usage: pgolf exp show [--all] [dvc exp show arguments]")
@@ -185,6 +279,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         return args.func(args)
+    except StageInterrupted as err:
+        if not getattr(err, "shown", False):  # else the stage has said where it stopped
+            print(f"pgolf: {err}", file=sys.stderr)
+        return StageInterrupted.EXIT_CODE
+    except KeyboardInterrupt:
+        print("\npgolf: interrupted", file=sys.stderr)
+        return StageInterrupted.EXIT_CODE
     except PgolfError as err:
         print(f"pgolf: error: {err}", file=sys.stderr)
         return 2

@@ -26,6 +26,11 @@ COLUMNS = {
     "eval_s": ("artifacts/.runs/eval.json", ("timings", "eval_seconds")),
     "train_s": ("artifacts/.runs/train.json", ("timings", "train_seconds")),
 }
+# The seconds columns come from run records, which DVC does not restore with an output: shown only
+# when the record is of the row's own config and output (tasks.common.output_identity), else
+# CACHED (the output came from DVC's cache; the run that made it is not recorded there).
+RECORD_STAGES = {"eval_s": "eval", "train_s": "train"}
+CACHED = "cached"
 
 
 @dataclass
@@ -48,16 +53,41 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 
 def _row(name: str, data: dict | None) -> Row:
     data = data or {}
-    params = {}
+    params, raw = {}, {}
     for file, entry in (data.get("params") or {}).items():
         params.update(_flatten((entry or {}).get("data") or {}))
+        raw.update((entry or {}).get("data") or {})
+    files = {file: (entry or {}).get("data") for file, entry in (data.get("metrics") or {}).items()}
     metrics = {}
     for column, (file, keys) in COLUMNS.items():
-        value = ((data.get("metrics") or {}).get(file) or {}).get("data") or {}
+        value = files.get(file) or {}
         for key in keys:
             value = value.get(key) if isinstance(value, dict) else None
+        if column in RECORD_STAGES and not record_is_of_row(RECORD_STAGES[column], files.get(file), raw, files):
+            value = CACHED
         metrics[column] = value
     return Row(name, params, metrics)
+
+
+def record_is_of_row(stage: str, record: dict | None, params: dict, files: dict) -> bool:
+    """Whether a stage's run record is of the output this row shows: the same config and the same
+    output files, those of them the row has as metrics."""
+    from pgolf.typed_params import from_dict
+    from tasks.common import canonical_sha256, config_sha256, identity_matches
+    from tasks.stages import spec_of
+
+    if not isinstance(record, dict) or (record.get("restored") and not record.get("timings")):
+        return False
+    if "of" not in record:
+        return True  # a record from before records named their output: nothing to tell it by
+    spec = spec_of(stage)
+    try:
+        params_sha = config_sha256(from_dict(spec.config_cls, params.get(stage), stage))
+    except PgolfError:
+        return False
+    outputs = {name.rsplit("/", 1)[1]: canonical_sha256(data) for name, data in files.items()
+               if name.rsplit("/", 1)[0] == spec.out and isinstance(data, dict)}
+    return identity_matches(record["of"], params_sha, outputs)
 
 
 def rows_from_json(entries: list[dict]) -> list[Row]:

@@ -2,9 +2,11 @@
 
 DVC is the only cache. A stage that runs writes a run record beside its output
 (artifacts/.runs/<stage>.json, tasks.common.run_record_path); a stage DVC skips, or restores from its
-run-cache, writes nothing. So "ran" means: a fresh record appeared during this call. Each pipeline
-run (`pgolf run`, the Prefect flow) also writes artifacts/.runs/pipeline.json, what `pgolf summary`
-shows afterwards.
+run-cache, writes nothing. So "ran" means: a fresh record appeared during this call. A stage that
+did not run then has its record made the one of its output as it now is (refresh_records): DVC
+may have restored another run's output, and its seconds must not stand beside that one's numbers.
+Each pipeline run (`pgolf run`, the Prefect flow) also writes artifacts/.runs/pipeline.json, what
+`pgolf summary` shows afterwards.
 """
 from __future__ import annotations
 
@@ -20,11 +22,14 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pgolf.errors import PgolfError
+from pgolf.data import certify
+from pgolf.errors import PgolfError, StageInterrupted
 from tasks.cache_check import repro_checked
-from tasks.common import RUNS_DIR_NAME, run_record_path
-from tasks.params import render_file, write_params
-from tasks.stages import STAGES, spec_of
+from pgolf.typed_params import from_dict, read_yaml
+from tasks.common import RUNS_DIR_NAME, refresh_run_record, run_record_path
+from tasks.params import check_params_file, render_file, write_params
+from tasks.run_records import clock_lines, workspace_run
+from tasks.stages import STAGES, out_of, spec_of
 
 
 class ReproError(PgolfError):
@@ -58,7 +63,7 @@ def dvc_command() -> list[str]:
 
 def read_run_record(workspace: Path, stage: str) -> dict | None:
     try:
-        return json.loads(run_record_path(Path(workspace) / spec_of(stage).out).read_text())
+        return json.loads(run_record_path(Path(workspace) / out_of(stage)).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
@@ -101,8 +106,13 @@ def last_pipeline_run(workspace: str | Path = ".") -> tuple[dict | None, list[St
         pass
     results = []
     for stage, run in runs.items():
-        results.append(StageResult(stage, f"ran {run['started_at']}" if run and "started_at" in run else "never",
-                                   float(run["seconds"]) if run else 0.0))
+        if run and run.get("restored") and "started_at" not in run:
+            status = f"restored {run['restored_at']} (its run not recorded here)"
+        elif run and "started_at" in run:
+            status = f"ran {run['started_at']}" + (f", restored {run['restored_at']}" if run.get("restored") else "")
+        else:
+            status = "never"
+        results.append(StageResult(stage, status, float(run.get("seconds") or 0.0) if run else 0.0))
     return None, results
 
 
@@ -126,10 +136,38 @@ def dvc_repo(workspace: str | Path) -> Iterator:
             os.chdir(before)
 
 
-def default_remote(workspace: Path) -> str | None:
-    """The DVC remote every worker shares (`dvc remote add -d NAME URL`), or None."""
-    with dvc_repo(workspace) as repo:
-        return repo.config["core"].get("remote") or None
+def default_remote_name(workspace: Path) -> str | None:
+    """The name `dvc remote add -d NAME URL` set, or None, read as DVC reads it (dvc/config.py,
+    dvc/dirs.py: the system, global, repo and local config files, each shadowing the one before,
+    configobj's format, the name lower-cased) without importing DVC, which costs an all-cached run
+    a second and a half; tests/test_flows.py holds it to DVC's own Config at every level."""
+    import platformdirs
+    from configobj import ConfigObj
+
+    files = [Path(os.getenv("DVC_SYSTEM_CONFIG_DIR") or platformdirs.site_config_dir("dvc", "iterative")) / "config",
+             Path(os.getenv("DVC_GLOBAL_CONFIG_DIR") or platformdirs.user_config_dir("dvc", "iterative")) / "config",
+             Path(workspace) / ".dvc" / "config", Path(workspace) / ".dvc" / "config.local"]
+    remote = None
+    for path in files:
+        if path.is_file():
+            remote = ConfigObj(str(path)).get("core", {}).get("remote", remote)
+    return remote.lower() if remote else None
+
+
+def default_remote(workspace: Path) -> tuple[str | None, bool]:
+    """The DVC remote every worker shares (`dvc remote add -d NAME URL`), or None; and whether DVC
+    checks each object it downloads from it (`remote.NAME.verify`): without that DVC trusts an
+    object's name, and `dvc pull` puts a corrupt file in the workspace and exits 0. A checkout
+    without a remote never imports DVC here; one with a remote reads DVC's own config (its
+    schema's defaults for verify differ by the remote's kind)."""
+    if default_remote_name(workspace) is None:
+        return None, False
+    from dvc.config import Config
+
+    config = Config(dvc_dir=str(Path(workspace) / ".dvc"))
+    name = config["core"].get("remote") or None
+    verify = config["remote"].get(name, {}).get("verify", False) if name else False
+    return name, verify is True or str(verify).lower() == "true"
 
 
 def stages_up_to_date(workspace: Path, stages: list[str] | tuple[str, ...] = STAGES) -> set[str]:
@@ -155,42 +193,111 @@ def dvc_repro(workspace: Path, stage: str | None = None, force: bool = False, ec
         cmd.append("--force")
     if stage:
         cmd += ["--single-item", stage]
-    remote = default_remote(workspace)
-    if remote:
-        cmd.append("--pull")
-    _dvc(workspace, cmd, echo, on_line)
-    if remote:
-        _dvc(workspace, ["push", "--run-cache"] + ([stage] if stage else []), echo, on_line)
+    remote, verifies = default_remote(workspace)
+    say = on_line or (lambda line: print(line, flush=True))
+    if remote and not verifies:
+        say(f"pgolf: warning: the DVC remote '{remote}' does not verify what it downloads, so a corrupt object "
+            f"there would be checked out as it is; turn it on: .venv/bin/dvc remote modify {remote} verify true")
+    if not remote:
+        _dvc(workspace, cmd, echo, on_line)
+        return
+    try:
+        _dvc(workspace, cmd + ["--pull"], echo, on_line)
+    except ReproError as err:
+        missing = PULL_FAILED.search(str(err))
+        if not missing:
+            raise
+        # The remote lacks an output (never pushed, deleted) or holds a corrupt one (verify refused
+        # it): what cannot be restored is computed here and pushed. A missing object is mended so; a
+        # corrupt one stays until removed there, as push skips an object whose name it finds.
+        say(f"pgolf: the remote '{remote}' could not supply every output ({missing.group(0).strip()}): computing "
+            "what is missing here, then pushing it; a corrupt object must be removed from the remote by hand")
+        _dvc(workspace, cmd, echo, on_line)
+    _dvc(workspace, ["push", "--run-cache"] + ([stage] if stage else []), echo, on_line)
+
+
+# What `dvc repro --pull` prints when an object is missing from the remote or fails its verification.
+PULL_FAILED = re.compile(r"\d+ files? failed to download|Checkout failed for following targets|failed to transfer '[0-9a-f]+'")
 
 
 def _dvc(workspace: Path, args: list[str], echo: bool, on_line=None) -> None:
     cmd = dvc_command() + args
     proc = subprocess.Popen(cmd, cwd=workspace, env=dvc_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     tail: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
+    held: list[str] = []  # DVC's own error lines: shown at the end, unless a Ctrl-C explains them
+
+    def show(line: str) -> None:
         if on_line is not None:
             on_line(line.rstrip("\n"))
         elif echo:
             sys.stdout.write(line)
             sys.stdout.flush()
-        tail = (tail + [line])[-40:]
-    if proc.wait() != 0:
-        message = f"`dvc {' '.join(args)}` failed in {workspace} (exit {proc.returncode}):\n{''.join(tail)}"
-        exited = re.findall(r"exited with (-?\d+)", "".join(tail))
-        if exited and int(exited[-1]) != 2:
-            raise StageCrash(message)
-        raise ReproError(message)
+
+    assert proc.stdout is not None
+    interrupted = False
+    while True:
+        try:
+            for line in proc.stdout:
+                tail = (tail + [line])[-40:]
+                if line.startswith("ERROR: "):
+                    held.append(line)
+                else:
+                    show(line)
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:
+            # Ctrl-C reached DVC and its stage as well (one process group): DVC waits for the stage,
+            # which stops with its own line; read on until both have ended.
+            interrupted = True
+    if code == 0:
+        return
+    text = "".join(tail)
+    exited = re.findall(r"exited with (-?\d+)", text)
+    if interrupted or (exited and int(exited[-1]) == StageInterrupted.EXIT_CODE):
+        said = [line.strip() for line in tail if re.match(r"pgolf \w+: interrupted", line.strip())]
+        error = StageInterrupted(said[-1].split(": ", 1)[1] if said else "interrupted")
+        error.shown = bool(said) and (echo or on_line is not None)  # the stage's line is already out
+        raise error
+    for line in held:
+        show(line)
+    message = f"`dvc {' '.join(args)}` failed in {workspace} (exit {code}):\n{text}"
+    if exited and int(exited[-1]) != 2:
+        raise StageCrash(message)
+    raise ReproError(message)
 
 
 def reproduce(workspace: str | Path = ".", stage: str | None = None, force: bool = False, echo: bool = True,
               on_line=None) -> list[StageResult]:
     """Reproduce the whole pipeline (stage=None) or exactly one stage; report what ran."""
     workspace = Path(workspace).resolve()
+    check_params_file(workspace / "params.yaml")
     started = time.time()
     repro_checked(workspace, stage, force, echo,
                   lambda ws, st, f, e: dvc_repro(ws, st, f, e, on_line))
-    return results_since(workspace, started, [stage] if stage else STAGES)
+    results = results_since(workspace, started, [stage] if stage else STAGES)
+    refresh_records(workspace, [r.stage for r in results if r.status != "ran"])
+    return results
+
+
+def refresh_records(workspace: str | Path, stages: list[str] | tuple[str, ...]) -> dict[str, str]:
+    """Each stage's run record made the one of its output in place (tasks.common.refresh_run_record):
+    stage -> "current", "restored" (from this machine's history of runs) or "unknown"."""
+    workspace = Path(workspace)
+    statuses: dict[str, str] = {}
+    present = [spec_of(stage) for stage in stages if (workspace / out_of(stage)).exists()]
+    if not present:
+        return statuses
+    try:
+        params = read_yaml(workspace / "params.yaml")
+    except PgolfError:
+        return statuses
+    for spec in present:
+        try:
+            cfg = from_dict(spec.config_cls, params.get(spec.name, {}), f"params.yaml: {spec.name}")
+        except PgolfError:
+            continue  # a section the stage would refuse: it did not make this output either
+        statuses[spec.name] = refresh_run_record(spec, cfg, workspace / spec.out)
+    return statuses
 
 
 def reproduce_stage(workspace: str | Path, stage: str, known_up_to_date: bool = False, on_line=None) -> StageResult:
@@ -217,24 +324,44 @@ def score_of(workspace: str | Path = ".") -> dict:
     workspace = Path(workspace)
     metrics = _read_json(workspace / "artifacts/eval/metrics.json") or {}
     size = _read_json(workspace / "artifacts/pack/size.json") or {}
-    score = {k: metrics[k] for k in ("val_bpb", "val_loss", "tokens", "bytes", "mode") if k in metrics}
-    score.update({k: size[k] for k in ("total_bytes", "model_bytes", "code_bytes", "margin_bytes", "cap_bytes") if k in size})
+    score = {k: metrics[k] for k in ("val_bpb", "val_loss", "tokens", "bytes", "mode", "canonical") if k in metrics}
+    score.update({k: size[k] for k in ("total_bytes", "model_bytes", "code_bytes", "margin_bytes", "cap_bytes",
+                                       "pipeline_code_bytes") if k in size})
+    clocks = workspace_run(workspace)["clocks"]
+    for name, clock in clocks.items():
+        if clock:
+            score[f"{name}_clock_s"] = clock["seconds"]
+            score[f"{name}_within_budget"] = clock["within_budget"]
     return score
 
 
-def format_summary(results: list[StageResult], workspace: str | Path = ".") -> str:
+def format_summary(results: list[StageResult], workspace: str | Path = ".", with_score: bool = True) -> str:
+    """The stages' table and, with_score, the score of what the workspace holds (without: its eval
+    is another run's, and what the workspace holds may be an older run's)."""
     width = max([7] + [len(r.status) for r in results])
     lines = [f"{'stage':<10} {'status':<{width}} {'seconds':>8}", f"{'-' * 10} {'-' * width} {'-' * 8}"]
     for r in results:
         lines.append(f"{r.stage:<10} {r.status:<{width}} {r.seconds:>8.1f}")
+    if not with_score:
+        return "\n".join(lines)
     score = score_of(workspace)
     lines.append("")
     if "val_bpb" in score:
         lines.append(f"val_bpb         {score['val_bpb']:.4f}  (val_loss {score['val_loss']:.4f}, {score['tokens']:,} tokens, "
                      f"{score['bytes']:,} bytes, mode {score.get('mode')})")
     if "total_bytes" in score:
-        lines.append(f"artifact bytes  {score['total_bytes']:,}  (model {score['model_bytes']:,} + code {score['code_bytes']:,})")
+        # The count the submission carries (tasks/pack.py): its code is the exported train_gpt.py.
+        lines.append(f"artifact bytes  {score['total_bytes']:,}  (model {score['model_bytes']:,} + code {score['code_bytes']:,}: "
+                     "train_gpt.py as `pgolf export` writes it, counted the records' way)")
         lines.append(f"cap margin      {score['margin_bytes']:,} bytes under {score['cap_bytes']:,}")
+        if "pipeline_code_bytes" in score:
+            lines.append(f"code as files   {score['pipeline_code_bytes']:,} bytes (the modules train_gpt.py bundles; a detail, "
+                         "not counted)")
+    run = workspace_run(workspace)
+    if run["data"] is not None or "canonical" in score:
+        lines.append(f"data            {certify.summary(run['data'])}")
+    if any(run["clocks"].values()):
+        lines += [f"{'clocks':<15} {line}" if i == 0 else f"{'':<15} {line}" for i, line in enumerate(clock_lines(run))]
     return "\n".join(lines)
 
 

@@ -20,11 +20,14 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.pipeline import describe, pipeline
+from flows.pipeline import add_tags, describe, pipeline, read_run_tables
 from pgolf.errors import ConfigError, PgolfError
+from tasks.stages import STAGES
 
 METRICS = ("val_loss", "val_bpb")
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+# How often a seed's run that crashed before it started (never ran) is scheduled again.
+RESUBMITS = 2
 
 
 class SweepError(PgolfError):
@@ -43,11 +46,40 @@ def parse_seeds(text: str) -> list[int]:
 
 def sweep_table(preset: str | None, overrides: list[str], outcomes: list[dict]) -> dict:
     rows = [{"seed": o["seed"], **{m: o[m] for m in METRICS}, "total_bytes": o.get("total_bytes"),
-             "experiment": o.get("experiment")} for o in outcomes]
+             "experiment": o.get("experiment"), "workspace": o.get("workspace")} for o in outcomes]
     columns = {m: [r[m] for r in rows] for m in METRICS}
     return {"kind": "pgolf-sweep", "preset": preset, "overrides": overrides, "seeds": rows,
             "mean": {m: statistics.fmean(v) for m, v in columns.items()},
-            "std": {m: statistics.stdev(v) if len(v) > 1 else None for m, v in columns.items()}}
+            "std": {m: statistics.stdev(v) if len(v) > 1 else None for m, v in columns.items()},
+            "stages": stage_runs(outcomes)}
+
+
+def stage_runs(outcomes: list[dict]) -> list[dict]:
+    """Per stage: which seeds' runs computed it (with its seconds in each) and how many restored it
+    instead: a stage the seed does not reach runs once for the sweep (flows/lease.py)."""
+    table = []
+    for stage in STAGES:
+        rows = [(o["seed"], row) for o in outcomes for row in o.get("stages") or [] if row["stage"] == stage]
+        if not rows:
+            continue
+        ran = [(seed, row) for seed, row in rows if row["status"] == "ran"]
+        table.append({"stage": stage, "ran_in": [seed for seed, _ in ran],
+                      "seconds": [round(row["seconds"], 1) for _, row in ran], "restored_in": len(rows) - len(ran)})
+    return table
+
+
+def check_sweep_out(path: Path) -> None:
+    """A sweep writes a new file or over an earlier sweep's, never over a file of the user's."""
+    if path.is_dir() or path.is_symlink():
+        raise SweepError("--out must name a file (sweep.json), not a folder or a link", path)
+    if not path.exists():
+        return
+    try:
+        kind = json.loads(path.read_text(encoding="utf-8")).get("kind")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        kind = None
+    if kind != "pgolf-sweep":
+        raise SweepError("refusing to overwrite this file: it is not a pgolf sweep's results; choose a new --out", path)
 
 
 def default_out(checkout: str | Path, preset: str | None, overrides: list[str]) -> Path:
@@ -59,6 +91,10 @@ def default_out(checkout: str | Path, preset: str | None, overrides: list[str]) 
 def sweep(preset: str | None, seeds: list[int], overrides: list[str] | None = None, workspace: str = ".",
           deployment: str | None = None, revision: str = "HEAD", out: str | None = None) -> dict:
     overrides = list(overrides or [])
+    path = Path(out) if out else default_out(workspace, preset, overrides)
+    check_sweep_out(path)  # before the runs: an hour of training must not end in a refused write
+    # The parent is found as its seeds' runs are (`preset:P`); `seed:S` stays the tag of S's own run.
+    add_tags(["pgolf", "sweep", f"preset:{preset or 'params.yaml'}", "seeds:" + ",".join(map(str, seeds))])
     if deployment:
         outcomes = _through_deployment(deployment, preset, seeds, overrides, revision)
     else:
@@ -68,7 +104,6 @@ def sweep(preset: str | None, seeds: list[int], overrides: list[str] | None = No
         if any(outcome.get(m) is None for m in METRICS):
             raise SweepError(f"seed {outcome['seed']}'s run ended without val_loss/val_bpb: {outcome}")
     table = sweep_table(preset, overrides, outcomes)
-    path = Path(out) if out else default_out(workspace, preset, overrides)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(table, indent=2) + "\n")
@@ -93,30 +128,38 @@ def _through_deployment(deployment: str, preset: str | None, seeds: list[int], o
         run = run_deployment(deployment, parameters=params, timeout=0, as_subflow=False)
         runs[seed] = run.id
         logger.info("seed %d: flow run %s on %s", seed, run.id, deployment)
-    outcomes = {}
     with get_client(sync_client=True) as client:
-        while len(outcomes) < len(runs):
-            for seed, run_id in runs.items():
-                if seed in outcomes:
-                    continue
-                state = client.read_flow_run(run_id).state
-                if state is None or state.type.value not in FINAL:
-                    continue
-                if state.type.value != "COMPLETED":
-                    raise SweepError(f"seed {seed}'s run {run_id} ended {state.type.value}: {state.message}")
-                outcomes[seed] = {"seed": seed, **_score_artifact(client, run_id)}
-            if len(outcomes) < len(runs):
-                time.sleep(poll_s)
-    return [outcomes[s] for s in seeds]
+        return collect_outcomes(client, runs, logger, poll_s)
 
 
-def _score_artifact(client, run_id) -> dict:
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterType
+def collect_outcomes(client, runs: dict, logger, poll_s: float = 2.0) -> list[dict]:
+    """Each seed's score and stages once its run completed (seed -> flow run id, in seed order)."""
+    from prefect.states import Scheduled
 
-    artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-        flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]), type=ArtifactFilterType(any_=["table"])))
-    for artifact in artifacts:
-        rows = json.loads(artifact.data) if isinstance(artifact.data, str) else artifact.data
-        if rows and isinstance(rows, list) and "val_bpb" in rows[0]:
-            return rows[0]
-    raise SweepError(f"flow run {run_id} completed without a pgolf score artifact")
+    outcomes = {}
+    resubmitted = dict.fromkeys(runs, 0)
+    while len(outcomes) < len(runs):
+        for seed, run_id in runs.items():
+            if seed in outcomes:
+                continue
+            flow_run = client.read_flow_run(run_id)
+            state = flow_run.state
+            if state is None or state.type.value not in FINAL:
+                continue
+            if state.type.value == "CRASHED" and flow_run.run_count == 0 and resubmitted[seed] < RESUBMITS:
+                # Its worker could not start it (the API busy, the node gone): it never ran, so it is
+                # scheduled again, for whichever worker comes free, rather than failing the sweep.
+                resubmitted[seed] += 1
+                client.set_flow_run_state(run_id, Scheduled(message="resubmitted by pgolf sweep"), force=True)
+                logger.warning("seed %d: flow run %s crashed before it started (%s); scheduled again",
+                               seed, run_id, state.message)
+                continue
+            if state.type.value != "COMPLETED":
+                raise SweepError(f"seed {seed}'s run {run_id} ended {state.type.value}: {state.message}")
+            score, stages = read_run_tables(client, run_id)
+            if score is None:
+                raise SweepError(f"flow run {run_id} completed without a pgolf score artifact")
+            outcomes[seed] = {"seed": seed, **score, "stages": stages}
+        if len(outcomes) < len(runs):
+            time.sleep(poll_s)
+    return [outcomes[s] for s in runs]

@@ -44,6 +44,9 @@ class RunWorkspace:
     commit: str
     slot: int
     uncommitted: tuple[str, ...]  # tracked files edited in the checkout, left out of the run
+    # Flow runs whose process died holding a slot (its lock was free, its file still names them):
+    # Prefect still shows them Running, since nothing was left to report the crash.
+    orphaned_runs: tuple[str, ...] = ()
 
 
 def _git(cwd: Path, *args: str) -> str:
@@ -107,9 +110,43 @@ def shared_git_state(checkout: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def _holder(lock) -> tuple[str, str]:
+    """(pid, flow run id) a slot's lock file names: its holder's, or its last holder's once free."""
+    lock.seek(0)
+    pid, _, run_id = lock.read().strip().partition(" ")
+    return pid, run_id
+
+
+def _take(lock, run_id: str | None) -> None:
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()} {run_id or ''}\n")
+    lock.flush()
+
+
+def _orphaned_runs(runs: Path, taken: int) -> tuple[str, ...]:
+    """The flow runs named by slot locks nobody holds: each died holding its slot (a run that ends
+    clears its name). Each is named once: the lock file is cleared as it is read."""
+    orphans = []
+    for path in sorted(runs.glob("slot-*.lock")):
+        if path.name == f"slot-{taken}.lock":
+            continue
+        with open(path, "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # a live run holds it
+            _, run_id = _holder(lock)
+            if run_id:
+                orphans.append(run_id)
+                lock.seek(0)
+                lock.truncate()
+    return tuple(orphans)
+
+
 @contextmanager
-def run_workspace(checkout: str | Path, revision: str = "HEAD") -> Iterator[RunWorkspace]:
-    """Hold a slot of `checkout` at `revision` for the duration of the block."""
+def run_workspace(checkout: str | Path, revision: str = "HEAD", run_id: str | None = None) -> Iterator[RunWorkspace]:
+    """Hold a slot of `checkout` at `revision` for the duration of the block, for flow run `run_id`."""
     root = checkout_root(checkout)
     try:
         commit = _git(root, "rev-parse", "--verify", f"{revision}^{{commit}}")
@@ -119,7 +156,8 @@ def run_workspace(checkout: str | Path, revision: str = "HEAD") -> Iterator[RunW
     runs = root / RUNS_DIR
     runs.mkdir(parents=True, exist_ok=True)
     for slot in itertools.count():
-        lock = open(runs / f"slot-{slot}.lock", "w")
+        # "a+": opening must not erase the name a live holder wrote.
+        lock = open(runs / f"slot-{slot}.lock", "a+")
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -127,12 +165,15 @@ def run_workspace(checkout: str | Path, revision: str = "HEAD") -> Iterator[RunW
             continue
         break
     try:
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
+        _, previous = _holder(lock)
+        _take(lock, run_id)
+        orphans = ((previous,) if previous else ()) + _orphaned_runs(runs, slot)
         path = runs / f"slot-{slot}"
         with shared_git_state(root):
             _prepare_slot(root, path, commit)
-        yield RunWorkspace(path=path, checkout=root, commit=commit, slot=slot, uncommitted=uncommitted)
+        yield RunWorkspace(path=path, checkout=root, commit=commit, slot=slot, uncommitted=uncommitted,
+                           orphaned_runs=orphans)
     finally:
+        _take(lock, None)  # ended, however: its name leaves the slot
         fcntl.flock(lock, fcntl.LOCK_UN)
         lock.close()

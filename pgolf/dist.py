@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pgolf.errors import ConfigError, PgolfError
+from pgolf.errors import ConfigError, PgolfError, StageInterrupted
 
 # A multi-node run is told where it is by each node's environment, not by params.yaml: the
 # endpoint and this node's number change nothing in the result, so they stay out of DVC's hash.
@@ -216,6 +217,50 @@ class Nodes:
                 f"--rdzv-conf=is_host={'true' if self.rank == 0 else 'false'}"]
 
 
+def die_with_launcher() -> None:
+    """Have the kernel kill this rank when the process that launched it dies. torchrun starts each
+    rank in a session of its own, so a kill -9 of the stage's process group (a crashed worker, a
+    killed flow run) would leave the ranks training on, holding the GPUs and the CPU that the rerun
+    needs. Linux only (prctl); elsewhere a rank outlives its launcher as before."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    launcher = os.getppid()
+    if ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        return
+    # The launcher may have died before prctl took effect; then this process was reparented.
+    if launcher == 1 or os.getppid() != launcher:
+        os._exit(128 + signal.SIGKILL)
+
+
+def pin_threads() -> int:
+    """Fix this process's CPU thread count at the one torch chose (OMP_NUM_THREADS, else its
+    default), and with it turn MKL's dynamic threading off. torch.set_num_threads does both; a
+    process that never calls it keeps MKL_DYNAMIC on, and MKL may then run a matmul or a Cholesky
+    on fewer threads than asked while the machine is busy, which changes how its sums round: GPTQ
+    wrote other codes in 1 run of 6 on identical inputs (docs/stages.md#determinism). Every stage
+    process calls this before it computes anything."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    return threads
+
+
+@contextmanager
+def one_thread():
+    """Run the block's CPU kernels on one thread. BLAS and LAPACK split a sum over threads when its
+    output is small (x^T x over many tokens, a Cholesky), so the result depends on the thread
+    count; inside this block it cannot. For the numerical solves whose output is stored (GPTQ's
+    codes), so the same inputs give the same bytes whatever threads the stage runs with."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def threads_per_process(nproc: int) -> int:
     """CPU threads each of a stage's `nproc` processes gets unless OMP_NUM_THREADS says otherwise:
     the machine's cores shared among them (for nproc 1 all of them, torch's own default)."""
@@ -226,19 +271,60 @@ def launch(module: str, args: list[str], nproc: int, nodes: Nodes = Nodes()) -> 
     """Run `python -m module args` on `nproc` torchrun processes on this node (of `nodes`); raise
     LaunchError with the first failing rank's own message. The workers write to this process's
     stdout and stderr (a progress bar stays a bar in a terminal)."""
-    with tempfile.TemporaryDirectory(prefix="pgolf-rank-errors-") as errors:
+    # torchrun and its workers get a TMPDIR of their own, removed with everything in it afterwards:
+    # torchelastic's log folders (and whatever else they leave) never pile up in the user's TMPDIR.
+    with tempfile.TemporaryDirectory(prefix="pgolf-ranks-") as scratch:
+        errors = Path(scratch) / "rank-errors"
+        errors.mkdir()
         cmd = [sys.executable, "-m", "pgolf.agent", *nodes.torchrun_args(f"pgolf-{module}"),
                f"--nproc-per-node={nproc}", "-m", module, *args]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc)))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        env[RANK_ERRORS_ENV] = errors
+        # The compile cache stays where the launching process has it (a stage process: the user's cache
+        # folder, tasks.common.compile_cache_outside_tmpdir), never in the scratch folder removed below.
+        env.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_default_cache_dir())
+        env["TMPDIR"] = scratch
+        env[RANK_ERRORS_ENV] = str(errors)
         env.pop(NODE_RANK_ENV, None)
         if nodes.count > 1:
             env[NODE_RANK_ENV] = str(nodes.rank)
-        code = subprocess.run(cmd, env=env).returncode
+        proc = subprocess.Popen(cmd, env=env)
+        try:
+            code = proc.wait()
+        except KeyboardInterrupt:
+            # Ctrl-C reached this process and torchrun (one process group); torchrun passes it to its
+            # ranks (each in a session of its own) and exits once they have: wait for that, quietly.
+            code = _wait_out(proc)
+        except BaseException:
+            # Stopped by SIGTERM, which reached only this process: torchrun passes it on to its
+            # workers and waits for them, where a kill would leave them running.
+            proc.send_signal(signal.SIGTERM)
+            _wait_out(proc)
+            raise
         if code != 0:
-            raise first_rank_error(Path(errors), module, nproc, nodes, code)
+            raise first_rank_error(errors, module, nproc, nodes, code)
+
+
+def _inductor_default_cache_dir() -> str:
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    return default_cache_dir()
+
+
+
+def _wait_out(proc: subprocess.Popen, grace_s: float = 60.0) -> int:
+    """The exit code of an interrupted torchrun, given `grace_s` to stop its ranks (its own shutdown
+    gives them 30 s); one still running then is killed."""
+    deadline = time.monotonic() + grace_s
+    while True:
+        try:
+            return proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except KeyboardInterrupt:
+            continue  # a second Ctrl-C: still let the ranks stop
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            return proc.wait()
 
 
 def report_rank_error(err: BaseException) -> bool:
@@ -247,8 +333,9 @@ def report_rank_error(err: BaseException) -> bool:
     folder = os.environ.get(RANK_ERRORS_ENV)
     if not folder:
         return False
-    message = str(err) if isinstance(err, PgolfError) else f"{type(err).__name__}: {err}"
-    record = {"rank": launched_rank(), "time": time.time(), "message": message,
+    interrupted = isinstance(err, (KeyboardInterrupt, StageInterrupted))
+    message = str(err) if isinstance(err, PgolfError) else "interrupted" if interrupted else f"{type(err).__name__}: {err}"
+    record = {"rank": launched_rank(), "time": time.time(), "message": message, "interrupted": interrupted,
               "traceback": "".join(traceback.format_exception(err))}
     tmp = Path(folder) / f".rank{record['rank']}.json.tmp"
     tmp.write_text(json.dumps(record))
@@ -258,11 +345,17 @@ def report_rank_error(err: BaseException) -> bool:
     return True
 
 
-def first_rank_error(folder: Path, module: str, nproc: int, nodes: Nodes, code: int) -> LaunchError:
+def first_rank_error(folder: Path, module: str, nproc: int, nodes: Nodes, code: int) -> PgolfError:
     """The error of the rank that failed first: the others usually fail because it did (a peer
     gone from a collective, or the SIGTERM torchrun sends them)."""
     records = sorted((json.loads(p.read_text()) for p in folder.glob("rank*.json")), key=lambda r: r["time"])
     world = nproc * nodes.count
+    stopped = [r for r in records if r.get("interrupted")]
+    if stopped or code in (130, -signal.SIGINT):
+        # Ctrl-C, not a failure: the ranks that stopped at it say where (rank 0 first); the ranks cut
+        # off mid-collective by them failed only because of it.
+        first = min(stopped, key=lambda r: (r["message"] == "interrupted", r["rank"])) if stopped else None
+        return StageInterrupted(first["message"] if first else "interrupted")
     if not records:
         return LaunchError(f"{module} on {world} rank(s) failed (exit {code}) before a rank reported an error; "
                            "the workers' output above says why (a rank killed by a signal or out of memory leaves none)")

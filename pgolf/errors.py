@@ -30,3 +30,10 @@ class CapExceededError(PgolfError):
 
 class TrainingError(PgolfError):
     """Training diverged (a non-finite loss) or is not learning (the loss of a uniform guess)."""
+
+
+class StageInterrupted(PgolfError):
+    """Ctrl-C (SIGINT) ended a stage. The message says where it stopped and what a rerun does; the
+    stage exits 130 (128 + SIGINT) with that one line. A PgolfError, so no retry runs it again."""
+
+    EXIT_CODE = 130

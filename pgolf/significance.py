@@ -1,10 +1,15 @@
 """The record test: does one set of runs beat another by the challenge's margin?
 
-The challenge's rule ("Submission process" in its README): a new record beats the standing one by at
-least 0.005 nats (val_loss, nats per token) and shows it at p < 0.01 over several seeds. The records
-argue it with a one-sided t-test: one-sample against the standing mean minus 0.005 when only that
-mean is known, Welch's two-sample test when both sides give per-seed results. Both are here, with
-the Student-t distribution computed from the regularized incomplete beta function (no SciPy).
+Two rules, both reported (docs/lineage.md#significance):
+- the README's ("Submission process" in the challenge's README): a new record beats the standing one
+  by at least 0.005 nats (val_loss, nats per token) and shows it at p < 0.01 over several seeds;
+- the one the leaderboard applied (#1902, #2146; asked about in #2148, where <15% of merged records
+  met the README's): a chronological frontier, each row's val_bpb below the previous row's at
+  p < 0.25, with no margin.
+The records argue either with a one-sided t-test: one-sample against the standing mean (minus the
+margin) when only that mean is known, Welch's two-sample test when both sides give per-seed results
+(#2146's p = 0.014 for #2135 against #2014 is Welch's). Both tests are here, with the Student-t
+distribution computed from the regularized incomplete beta function (no SciPy).
 
 A side is a records folder (its submission.json), a submission.json, or a `pgolf sweep` results
 file (or the folder holding sweep.json). Published submission.json files vary: `seed_results` is a
@@ -23,6 +28,7 @@ from pgolf.errors import FormatError, InputError
 
 THRESHOLD_NATS = 0.005
 ALPHA = 0.01
+APPLIED_ALPHA = 0.25  # the leaderboard's frontier rule: val_bpb lower at p < 0.25, no margin
 # A t-test needs a variance: our side needs two seeds. Their side may be one number (the standing
 # record's mean), which the one-sample test treats as fixed.
 MIN_SEEDS = 2
@@ -149,6 +155,12 @@ def read_side(path: str | Path) -> Side:
         if not isinstance(data.get("seeds"), list) or not data["seeds"]:
             raise FormatError("a pgolf-sweep file without a non-empty 'seeds' list", path)
         return Side(str(path), "pgolf sweep 'seeds'", _entries(data["seeds"], None, data, path, "seeds"))
+    nested = data.get("results")
+    if isinstance(nested, dict) and isinstance(nested.get("seeds"), dict) and nested["seeds"]:
+        # {"results": {"mean_val_bpb": ..., "seeds": {"314": {...}}}} (PR #2130's form)
+        seeds = nested["seeds"]
+        return Side(str(path), "'results.seeds' keyed by seed", _entries(list(seeds.values()), list(seeds), data, path,
+                                                                        "results.seeds"))
     for key in ("seed_results", "seeds"):
         entries = data.get(key)
         if isinstance(entries, dict) and entries:
@@ -280,7 +292,30 @@ def compare(ours: Side, against: Side, via_bpb: bool = False) -> dict:
         result["test"] = test
         result["met"] = result["improvement_nats"] >= THRESHOLD_NATS and test["p"] < ALPHA
     result["verdict"] = verdict(result)
+    result["applied"] = applied_rule(ours, against)
     return result
+
+
+def applied_rule(ours: Side, against: Side) -> dict:
+    """The leaderboard's rule: our seeds' val_bpb below the standing record's at p < 0.25, no margin."""
+    out = {"metric": "val_bpb", "margin": 0.0, "alpha": APPLIED_ALPHA, "improvement_bpb": None, "test": None,
+           "met": False}
+    ours_v, against_v = ours.values("val_bpb"), against.values("val_bpb")
+    missing = [name for name, v in (("ours", ours_v), ("against", against_v)) if v is None]
+    if missing or len(ours.seeds) < MIN_SEEDS:
+        why = (f"{' and '.join(missing)} give no val_bpb for every seed" if missing else
+               f"ours has {len(ours.seeds)} seed: the t-test needs at least {MIN_SEEDS}")
+        out["verdict"] = f"cannot be decided: {why}"
+        return out
+    out["improvement_bpb"] = statistics.fmean(against_v) - statistics.fmean(ours_v)
+    test = (welch_test(ours_v, against_v, margin=0.0) if len(against_v) >= 2
+            else one_sample_test(ours_v, against_v[0], margin=0.0))
+    out["test"] = test
+    out["met"] = test["p"] < APPLIED_ALPHA
+    gain = out["improvement_bpb"]
+    out["verdict"] = (f"met: {gain:.5f} bpb better at p = {test['p']:.3g} < {APPLIED_ALPHA}" if out["met"] else
+                      f"not met: {gain:.5f} bpb better at p = {test['p']:.3g}, not below {APPLIED_ALPHA}")
+    return out
 
 
 def verdict(result: dict) -> str:
@@ -298,7 +333,7 @@ def format_report(result: dict) -> str:
     def num(x, digits=5):
         return "-" if x is None else f"{x:.{digits}f}"
 
-    lines = [f"the record rule: at least {THRESHOLD_NATS} nats better at p < {ALPHA}; metric: {result['metric']}",
+    lines = [f"the README rule: at least {THRESHOLD_NATS} nats better at p < {ALPHA}; metric: {result['metric']}",
              f"{'':8} {'seeds':>5} {'val_loss mean':>13} {'std':>8} {'val_bpb mean':>12} {'std':>8} {'bytes/token':>11}  source"]
     for name in ("ours", "against"):
         s = result[name]
@@ -313,4 +348,13 @@ def format_report(result: dict) -> str:
         lines.append(f"test: {test['name']} of ours < against - {THRESHOLD_NATS}: {t}, df = {test['df']:.2f}, "
                      f"p = {test['p']:.3g}")
     lines.append(f"verdict: {result['verdict']}")
+    applied = result.get("applied")
+    if applied is not None:
+        lines.append(f"the applied rule (the leaderboard's, #1902/#2146): val_bpb lower at p < {APPLIED_ALPHA}, no margin")
+        if applied["test"] is not None:
+            test = applied["test"]
+            t = "no spread" if test["t"] is None else f"t = {test['t']:.3f}"
+            lines.append(f"improvement: {applied['improvement_bpb']:.5f} bpb; test: {test['name']}: {t}, "
+                         f"df = {test['df']:.2f}, p = {test['p']:.3g}")
+        lines.append(f"verdict (applied rule): {applied['verdict']}")
     return "\n".join(lines)

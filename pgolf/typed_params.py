@@ -44,13 +44,36 @@ def _core_schema_resolvers() -> dict:
 
 
 class CoreSchemaLoader(yaml.SafeLoader):
-    """PyYAML's safe loader resolving plain scalars as YAML 1.2 does."""
+    """PyYAML's safe loader resolving plain scalars as YAML 1.2 does, stricter than YAML about what a
+    params file may hold: a key twice in one mapping is an error (YAML keeps the last, so a typo'd
+    second `vocab_size:` would silently win), and so is an alias (`*name`): params need none, and
+    nested aliases expand exponentially (a "billion laughs" document hangs whatever reads it)."""
 
     yaml_implicit_resolvers = _core_schema_resolvers()
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(None, None, f"an alias (*{shown(event.anchor)}) is not allowed in a "
+                                              "params file: write the value out", event.start_mark)
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key {shown(key)} appears twice in one "
+                                                        "mapping: keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def _construct_core_int(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> int:
     text = loader.construct_scalar(node)
+    digits = len(text.lstrip("+-"))
+    if digits > 4000:  # int() refuses past 4,300 digits; so large a value is only ever refused, by its size
+        return 10 ** (digits - 1) * (-1 if text.startswith("-") else 1)
     return int(text[2:], 8) if text.startswith("0o") else int(text, 0) if text.startswith("0x") else int(text)
 
 
@@ -81,6 +104,19 @@ def dump_yaml_text(data: Any, **kwargs) -> str:
     return yaml.dump(data, Dumper=CoreSchemaDumper, **kwargs)
 
 
+def shown(value: Any, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters: an error message never grows with a huge value (an
+    integer of a million digits cannot even be printed whole: Python refuses past 4,300)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 200:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1:,} digits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 20]}...({len(text):,} characters)"
+
+
+# Integers beyond int64 fit no tensor, index or counter any stage keeps.
+INT_LIMIT = 2**63 - 1
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = get_origin(hint)
     if hint is Any:
@@ -97,40 +133,44 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(f"{where}: {value!r} matches none of {hint}")
+        raise ConfigError(f"{where}: {shown(value)} matches none of {hint}")
     if origin is Literal:
         if value not in get_args(hint):
-            raise ConfigError(f"{where}: {value!r} is not one of {list(get_args(hint))}")
+            raise ConfigError(f"{where}: {shown(value)} is not one of {list(get_args(hint))}")
         return value
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
+            raise ConfigError(f"{where}: expected a list, got {shown(value)}")
         (item_hint, *rest) = get_args(hint) or (Any,)
         items = [_coerce(v, item_hint, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+            raise ConfigError(f"{where}: expected a mapping, got {shown(value)}")
         return dict(value)
     if dataclasses.is_dataclass(hint):
         return from_dict(hint, value, where)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+            raise ConfigError(f"{where}: expected true or false, got {shown(value)}")
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+            if not (isinstance(value, float) and value.is_integer()):
+                raise ConfigError(f"{where}: expected an integer, got {shown(value)}")
+            value = int(value)
+        if abs(value) > INT_LIMIT:
+            raise ConfigError(f"{where}: {shown(value)} is out of range: integers must be within +-(2^63 - 1)")
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {shown(value)}")
+        if isinstance(value, int) and abs(value) > INT_LIMIT:
+            raise ConfigError(f"{where}: {shown(value)} is out of range: numbers must be within +-(2^63 - 1)")
         return float(value)
     if hint is str:
         if not isinstance(value, str):
-            raise ConfigError(f"{where}: expected a string, got {value!r}")
+            raise ConfigError(f"{where}: expected a string, got {shown(value)}")
         return value
     raise ConfigError(f"{where}: unsupported config type {hint}")
 
@@ -140,7 +180,7 @@ def from_dict(cls: type[T], data: dict | None, where: str) -> T:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {shown(data)}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -164,6 +204,35 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+# Field metadata of a setting added after outputs first recorded their configs: at its default it is
+# left out of what a stage writes (from_dict fills it back in), so a run that does not use it keeps
+# its output bytes and hashes.
+LATER = {"later": True}
+
+
+def recorded_dict(obj: Any) -> dict:
+    """asdict for a config a stage writes into its output (config.json, an artifact's header): every
+    field but the LATER ones still at their default."""
+    out = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if f.metadata.get("later") and value == (f.default if f.default is not dataclasses.MISSING
+                                                  else f.default_factory()):
+            continue
+        out[f.name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return recorded_dict(value)
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def deep_merge(base: dict, overlay: dict) -> dict:
     """Overlay wins key by key; nested mappings merge, everything else replaces."""
     merged = dict(base)
@@ -179,11 +248,11 @@ def parse_override(text: str) -> dict:
     """`train.model.num_layers=11` -> {"train": {"model": {"num_layers": 11}}} (value parsed as YAML)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"override {text!r}: expected SECTION.KEY=VALUE")
+        raise ConfigError(f"override {shown(text)}: expected SECTION.KEY=VALUE")
     try:
         value = load_yaml_text(raw) if raw.strip() else ""
     except yaml.YAMLError as err:
-        raise ConfigError(f"override {text!r}: the value is not valid YAML: {err}") from err
+        raise ConfigError(f"override {shown(text)}: the value is not valid YAML: {err}") from err
     node: dict = {}
     parts = key.strip().split(".")
     cursor = node
@@ -193,12 +262,23 @@ def parse_override(text: str) -> dict:
     return node
 
 
+# The largest params file pgolf reads: a full params.yaml is about 8 KB.
+MAX_PARAMS_BYTES = 1 << 20
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: file not found")
     try:
+        size = path.stat().st_size
+        if size > MAX_PARAMS_BYTES:
+            raise ConfigError(f"{path}: {size:,} bytes is too large for a params file (at most {MAX_PARAMS_BYTES:,})")
         data = load_yaml_text(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from err
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot be read ({err.strerror})") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from err
     if data is None:
@@ -218,7 +298,8 @@ def check_range(obj: Any, names: str, **bounds: float) -> None:
     for name in names.split():
         value = getattr(obj, name)
         if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"{name} {value!r} must be a finite number")
+            raise ValueError(f"{name} {shown(value)} must be a finite number")
         if not all(_BOUNDS[kind][1](value, bound) for kind, bound in bounds.items()):
-            limits = " and ".join(f"{_BOUNDS[kind][0]} {bound:g}" for kind, bound in bounds.items())
-            raise ValueError(f"{name} {value!r} must be {limits}")
+            limits = " and ".join(f"{_BOUNDS[kind][0]} {bound:,}" if isinstance(bound, int) and abs(bound) >= 10**6
+                                  else f"{_BOUNDS[kind][0]} {bound:g}" for kind, bound in bounds.items())
+            raise ValueError(f"{name} {shown(value)} must be {limits}")

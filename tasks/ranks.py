@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from pgolf import dist
-from pgolf.errors import ConfigError, PgolfError
+from pgolf.errors import ConfigError, PgolfError, StageInterrupted
 from pgolf.typed_params import from_dict
 from pgolf.json_files import write_json
-from tasks.common import StageSpec, check_inputs, load_config, stage_module
+from tasks.common import StageSpec, check_inputs, compile_cache_outside_tmpdir, load_config, stage_module
 
 # Hidden: train's own outputs include a config.json.
 WORKER_CONFIG = ".ranks-config.json"
@@ -40,6 +40,7 @@ def run_on_ranks(spec: StageSpec, cfg: Any, inputs: dict[str, Path], out: Path, 
     """`body(cfg, inputs, out)` on every rank the config asks for (`nproc` per node, `nnodes`)."""
     nodes = dist.Nodes.from_environment(cfg.nnodes)
     if cfg.nproc == 1 and nodes.count == 1:
+        dist.pin_threads()
         body(cfg, inputs, out)
         return
     if nodes.rank != 0:
@@ -62,6 +63,7 @@ def launch_ranks(spec: StageSpec, cfg: Any, inputs: dict[str, Path], out: Path, 
 def worker_main(spec: StageSpec, body: Body, argv: list[str]) -> int:
     """The `--worker` entry point of a stage launched by run_on_ranks: this rank's share of `body`.
     An error is reported to the launching process, which makes it the stage's error."""
+    dist.die_with_launcher()
     try:
         parser = argparse.ArgumentParser(prog=f"python -m {spec.module} --worker")
         parser.add_argument("--worker", action="store_true")
@@ -72,13 +74,15 @@ def worker_main(spec: StageSpec, body: Body, argv: list[str]) -> int:
         out = Path(args.out)
         text = (out / WORKER_CONFIG).read_text()
         cfg = from_dict(spec.config_cls, json.loads(text), str(out / WORKER_CONFIG))
+        dist.pin_threads()
         with dist.process_group(dist.resolve_device(cfg.device)):
             check_same_config(text)
             body(cfg, {name: Path(getattr(args, name)) for name in spec.inputs if getattr(args, name) is not None}, out)
     except BaseException as err:
-        if isinstance(err, (SystemExit, KeyboardInterrupt)) or not dist.report_rank_error(err):
+        if isinstance(err, SystemExit) or not dist.report_rank_error(err):
             raise
-        return 1
+        # Ctrl-C: the launching process prints the one line (where rank 0 stopped), so this rank is quiet.
+        return StageInterrupted.EXIT_CODE if isinstance(err, (KeyboardInterrupt, StageInterrupted)) else 1
     return 0
 
 
@@ -93,9 +97,10 @@ def check_same_config(text: str) -> None:
                           "params.yaml section (and the same inputs)")
 
 
-def join_main(argv: list[str]) -> int:
-    """`python -m tasks.ranks STAGE`: this node's ranks of a multi-node stage that node 0 runs."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.ranks", description=join_main.__doc__)
+def join_main(argv: list[str], prog: str = "python -m tasks.ranks") -> int:
+    """`pgolf ranks STAGE` (python -m tasks.ranks STAGE): this node's ranks of a multi-node stage
+    that node 0 runs."""
+    parser = argparse.ArgumentParser(prog=prog, description=join_main.__doc__)
     parser.add_argument("stage", choices=RANK_STAGES)
     parser.add_argument("--params", default="params.yaml")
     stage = argv[0] if argv and argv[0] in RANK_STAGES else parser.parse_args(argv).stage
@@ -104,6 +109,7 @@ def join_main(argv: list[str]) -> int:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=f"input_{name}", default=default,
                             help=f"this node's copy of input '{name}' (default {default})")
     args = parser.parse_args(argv)
+    compile_cache_outside_tmpdir()
     try:
         cfg = load_config(spec, args.params)
         nodes = dist.Nodes.from_environment(cfg.nnodes)

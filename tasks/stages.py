@@ -1,22 +1,51 @@
 """The pipeline's stages, in order: the registry that params rendering, the flows and the cache check
-read. One params section per stage, named like the stage."""
+read. One params section per stage, named like the stage.
+
+The order and each stage's output are written here as well as in each SPEC (tests/test_contract.py
+checks they agree), so that `pgolf run`, the run records and the cache check name them without
+importing a stage module: most import torch, seconds an all-cached run would otherwise spend
+(issue 25). A SPEC does not read them from here: the eval stage's imports are the code an artifact
+is charged for (tasks/pack.py). The modules load when a spec or config is asked for."""
 from __future__ import annotations
+
+import importlib
+from types import ModuleType
 
 from pgolf.errors import ConfigError
 from pgolf.typed_params import to_dict
-from tasks import corpus, evaluate, gptq, pack, shards, tokenizer, train
-from tasks.common import StageSpec
+from tasks.common import PIPELINE, StageSpec, stage_module
 
-STAGE_MODULES = (corpus, tokenizer, shards, train, gptq, pack, evaluate)
-STAGES = tuple(m.SPEC.name for m in STAGE_MODULES)
+OUTS = {"corpus": "data/corpus", "tokenizer": "artifacts/tokenizer", "shards": "artifacts/shards",
+        "train": "artifacts/train", "gptq": "artifacts/gptq", "pack": "artifacts/pack", "eval": "artifacts/eval"}
+STAGES = PIPELINE
+assert tuple(OUTS) == PIPELINE, "one output per stage of tasks.common.PIPELINE, in its order"
+
+
+def out_of(stage: str) -> str:
+    """The stage's output folder, relative to the workspace."""
+    if stage not in OUTS:
+        raise ConfigError(f"unknown stage {stage!r}; stages are {list(STAGES)}")
+    return OUTS[stage]
+
+
+def module_of(stage: str) -> ModuleType:
+    out_of(stage)
+    return importlib.import_module(stage_module(stage))
 
 
 def spec_of(stage: str) -> StageSpec:
-    for module in STAGE_MODULES:
-        if module.SPEC.name == stage:
-            return module.SPEC
-    raise ConfigError(f"unknown stage {stage!r}; stages are {list(STAGES)}")
+    return module_of(stage).SPEC
+
+
+def stage_modules() -> tuple[ModuleType, ...]:
+    return tuple(module_of(stage) for stage in STAGES)
+
+
+def __getattr__(name: str):
+    if name == "STAGE_MODULES":  # loaded on first use
+        return stage_modules()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def defaults() -> dict:
-    return {m.SPEC.name: to_dict(m.SPEC.config_cls()) for m in STAGE_MODULES}
+    return {m.SPEC.name: to_dict(m.SPEC.config_cls()) for m in stage_modules()}

@@ -8,19 +8,22 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pgolf import dist
-from pgolf.data.shards import check_vocab, verify_shards
+from pgolf.data.shards import check_vocab, read_manifest, verify_shards
 from pgolf.json_files import write_json
 from pgolf.model.config import ModelConfig
 from pgolf.model.io import import_state_dict, save_model
 from pgolf.optim.muon import COEFFICIENTS
 from pgolf.train.loop import Trainer
-from pgolf.typed_params import check_range
+from pgolf.typed_params import check_range, recorded_dict
 from tasks.common import StageSpec, record_timings, stage_main
 from tasks.ranks import run_on_ranks, worker_main
+
+
+MAX_ITERATIONS = 10_000_000
 
 
 @dataclass
@@ -101,6 +104,8 @@ class Config:
 
     def validate(self) -> None:
         check_range(self, "nproc nnodes iterations train_batch_tokens train_seq_len muon_backend_steps log_every", ge=1)
+        # Far past any run (a record trains ~4,500-20,000 steps in 600 s): a typo like 1e30 would run until killed.
+        check_range(self, "iterations", le=MAX_ITERATIONS)
         check_range(self, "seed grad_accum_steps warmup_steps warmdown_iters muon_momentum_warmup_steps swa_every "
                     "resume_every learn_check_step val_every val_tokens", ge=0)
         check_range(self, "max_wallclock_seconds gptq_reserve_seconds matrix_lr scalar_lr tied_embed_lr embed_lr "
@@ -146,13 +151,16 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         write_json(out / "metrics.json", metrics)
         return metrics
     run_on_ranks(SPEC, cfg, inputs, out, train_rank)
+    from pgolf.train.plots import write_train_plots  # the pipeline's only: no exported script draws
+
+    write_train_plots(out)
     return json.loads((out / "metrics.json").read_text())
 
 
 def resolved_config(cfg: Config) -> dict:
     """What config.json records beside the weights: only what determines them (the code's commit and
     the host go to the run record)."""
-    return {"model": asdict(cfg.model), "train": asdict(cfg)}
+    return {"model": recorded_dict(cfg.model), "train": recorded_dict(cfg)}
 
 
 def train_rank(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
@@ -165,7 +173,8 @@ def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict, keep_
     """This process's share of a (torchrun) training run; rank 0 writes the weights and metrics.
     `keep_group`: stay in the process group for the stages that follow in the same processes."""
     trainer = Trainer(cfg, shards, out, tokenizer)
-    metrics = trainer.train()
+    # whether the data is the challenge's (the shards' certificate, pgolf.data.certify)
+    metrics = {**trainer.train(), "canonical": read_manifest(shards).get("canonical")}
     if dist.is_main():
         record_timings(out, **trainer.timings)
         save_model(trainer.model, cfg.model, out, extra_config={k: v for k, v in resolved.items() if k != "model"})

@@ -7,7 +7,10 @@ folders) come from the session's `data_dirs`. A new stage or source adds its row
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +26,7 @@ from tasks import corpus as corpus_stage, evaluate as eval_stage, tokenizer as t
 from tasks import params as P, stages
 from pgolf.json_files import write_json
 from tasks.common import execute, load_config
-from tests.conftest import TINY_MODEL, make_docs, write_corpus
+from tests.conftest import ROOT, TINY_MODEL, make_docs, stage_env, write_corpus, write_params
 
 
 @dataclass
@@ -133,6 +136,140 @@ def txt_source(content: bytes):
     return case
 
 
+def corpus_from(make_source):
+    """The corpus stage on a source `make_source(tmp)` builds."""
+    def case(ctx):
+        source = make_source(ctx.tmp)
+        return execute(corpus_stage.SPEC, corpus_stage.Config(source=str(source)), {}, ctx.tmp / "corpus_out")
+    return case
+
+
+def parquet_with_null(tmp):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["first document", None, "third document"]}), tmp / "docs.parquet")
+    return tmp / "docs.parquet"
+
+
+def jsonl_with_lone_surrogate(tmp):
+    (tmp / "docs.jsonl").write_text('{"text": "fine"}\n{"text": "half a pair \\ud800 here"}\n', encoding="utf-8")
+    return tmp / "docs.jsonl"
+
+
+def folder_with_looping_link(tmp):
+    folder = tmp / "src"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "a document"}\n')
+    (folder / "loop.jsonl").symlink_to("loop.jsonl")
+    return folder
+
+
+def folder_with_folder_link(tmp):
+    folder = tmp / "src"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "a.jsonl").write_text('{"text": "a document"}\n')
+    (folder / "sub" / "up").symlink_to("..")
+    return folder
+
+
+def over_a_users_folder(ctx):
+    """A stage's --out naming a folder of the user's: refused, the folder as it was."""
+    mine = ctx.tmp / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    (ctx.tmp / "doc.txt").write_text("one document\n")
+    try:
+        return execute(corpus_stage.SPEC, corpus_stage.Config(source=str(ctx.tmp / "doc.txt")), {}, mine)
+    finally:
+        assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+
+
+def export_over(make_folder):
+    """tasks.export into a folder it did not write: refused, the folder as it was."""
+    def case(ctx):
+        from pgolf.pack.codesize import wrapped_size
+        from tasks import export
+        from tasks.pack import submission_script
+
+        art = ctx.tmp / "art"
+        for stage in ("eval", "pack", "train"):
+            (art / stage).mkdir(parents=True)
+        write_json(art / "eval" / "metrics.json", {"val_bpb": 1.5, "val_loss": 2.5, "mode": "flat", "seq_len": 64,
+                                                   "tokens": 10, "bytes": 20})
+        # the count the run's pack stage made of the script this export writes (tasks.pack.submission_script)
+        code = wrapped_size(submission_script(P.render("smoke", [])))
+        write_json(art / "pack" / "size.json", {"total_bytes": 1000 + code, "model_bytes": 1000, "code_bytes": code,
+                                                "cap_bytes": 16_000_000, "margin_bytes": 15_999_000 - code})
+        write_json(art / "train" / "metrics.json", {"steps": 5, "ms_per_step": 1.0})
+        out = make_folder(ctx.tmp)
+        before = sorted(p.name for p in out.iterdir())
+        try:
+            return export.export(out, P.render("smoke", []), "run", "a", "a", art)
+        finally:
+            assert sorted(p.name for p in out.iterdir()) == before
+    return case
+
+
+def users_folder(tmp):
+    (tmp / "home" / ".ssh").mkdir(parents=True)
+    (tmp / "home" / "thesis.tex").write_text("years of work")
+    return tmp / "home"
+
+
+def hand_written_records(tmp):
+    """Only the export's file names, but a README pgolf did not write."""
+    (tmp / "rec").mkdir()
+    (tmp / "rec" / "README.md").write_text("# my own write-up\n")
+    (tmp / "rec" / "submission.json").write_text("{}")
+    return tmp / "rec"
+
+
+class PlantedCode:
+    """A pickle that runs a command when loaded (what a file planted in the resume folder would do)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def planted_resume_point(ctx):
+    import pickle
+
+    cfg = tiny_train(resume_every=3, resume_dir=str(ctx.tmp / "resume"))
+    (ctx.tmp / "trainer").mkdir()
+    trainer = training_loop.Trainer(cfg, ctx.data["shards"], ctx.tmp / "trainer")
+    folder = trainer.resume_folder()
+    folder.mkdir(parents=True)
+    (folder / "latest.json").write_text('{"step": 3, "world_size": 1}')
+    marker = ctx.tmp / "code-ran"
+    (folder / "rank000.pt").write_bytes(pickle.dumps({"model": PlantedCode(marker)}))
+    try:
+        return trainer.train()
+    finally:
+        assert not marker.exists(), "the planted pickle ran"
+
+
+def artifact_with_junk(ctx):
+    import torch
+
+    from pgolf.pack.serialize import load_artifact, pack
+    from pgolf.quant.quantized_model import QuantizedModel
+
+    qm = QuantizedModel({"vocab_size": 8}, {"w.q": torch.ones(4, 4, dtype=torch.int8)},
+                        {"w": {"shape": [4, 4], "dtype": "float32", "kind": "passthrough"}})
+    blob, _ = pack(qm, "zlib")
+    (ctx.tmp / "artifact.bin").write_bytes(blob + b"appended after the last stream")
+    return load_artifact(ctx.tmp / "artifact.bin")
+
+
+LAUGHS = "train:\n  model:\n    ve_layers: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\n" + "".join(
+    f"    xsa_{i}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+    f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n" for i in range(9))
+
+
 def non_finite_metric(ctx):
     return write_json(ctx.tmp / "metrics.json", {"val_loss": 2.5, "val_bpb": float("nan")})
 
@@ -164,6 +301,23 @@ CASES = [
      r"cap_bytes 99,000,000 is above the challenge's 16,000,000-byte cap; set pack.non_record: true"),
     ("stage-reads-bad-params", stage_reads("train", "train: {iterations: 0}\n"), ConfigError,
      r"params.yaml: train: iterations 0 must be >= 1"),
+    # params files that YAML accepts but mean something else, or nothing
+    ("params-key-twice", stage_reads("tokenizer", "tokenizer:\n  vocab_size: 512\n  vocab_size: 400\n"), ConfigError,
+     r"params.yaml: not valid YAML: .*the key 'vocab_size' appears twice in one mapping"),
+    ("params-section-misspelt", stage_reads("tokenizer", "tokenzier:\n  vocab_size: 512\n"), ConfigError,
+     r"params.yaml: unknown section\(s\) 'tokenzier'; sections are corpus, tokenizer"),
+    ("params-billion-laughs", stage_reads("train", LAUGHS), ConfigError,
+     r"params.yaml: not valid YAML: an alias \(\*'a'\) is not allowed in a params file"),
+    ("iterations-1e30", render("train.iterations=1e30"), ConfigError,
+     r"train.iterations: 1000000000000000019884624838656 is out of range: integers must be within"),
+    ("iterations-10-to-the-30", stage_reads("train", f"train: {{iterations: {10**30}}}\n"), ConfigError,
+     r"train.iterations: 1000000000000000000000000000000 is out of range"),
+    ("iterations-past-any-run", render("train.iterations=1000000000000"), ConfigError,
+     r"iterations 1000000000000 must be <= 10,000,000"),
+    ("integer-of-a-million-digits", stage_reads("train", f"train: {{seed: 1{'0' * 100_000}}}\n"), ConfigError,
+     r"^\S*params.yaml: train.seed: an integer of about 100,001 digits is out of range.{0,80}$"),
+    ("preset-outside-presets", lambda ctx: P.render("../../tmp/evil"), ConfigError,
+     r"preset '../../tmp/evil': a preset is a name of presets/"),
     # strict JSON outputs
     ("metric-nan", non_finite_metric, FormatError,
      r"metrics.json: refusing to write val_bpb = NaN or Infinity, which strict JSON cannot hold"),
@@ -193,6 +347,26 @@ CASES = [
      r"doc.txt: line 2: control character U\+0000"),
     ("txt-with-escape", txt_source(b"one\ntwo\nthree \x1b[31m red\n"), FormatError,
      r"doc.txt: line 3: control character U\+001B"),
+    ("parquet-null-text", corpus_from(parquet_with_null), FormatError,
+     r"docs.parquet: row 1: column 'text' is null; drop or fill such rows first"),
+    ("jsonl-lone-surrogate", corpus_from(jsonl_with_lone_surrogate), FormatError,
+     r"docs.jsonl: line 2: character 12 is a lone surrogate U\+D800"),
+    ("corpus-looping-link", corpus_from(folder_with_looping_link), InputError,
+     r"loop.jsonl: a link that (loops back on itself|leads nowhere or loops)"),
+    ("corpus-folder-link", corpus_from(folder_with_folder_link), InputError,
+     r"sub/up: a link to a folder inside the corpus folder, which is not followed"),
+    # outputs: nothing is removed that pgolf did not write
+    ("stage-out-a-users-folder", over_a_users_folder, InputError,
+     r"mine: refusing to replace this folder: it is not empty and the 'corpus' stage did not write it"),
+    ("export-over-a-users-folder", export_over(users_folder), InputError,
+     r"home: refusing to replace this folder: it holds files export did not write \(\.ssh, thesis.tex\)"),
+    ("export-over-hand-written-records", export_over(hand_written_records), InputError,
+     r"rec: refusing to replace this folder: it holds a README.md that export did not write"),
+    # loaders: state, never code; every byte accounted for
+    ("resume-point-planted-pickle", planted_resume_point, FormatError,
+     r"rank000.pt: not a pgolf resume point \(UnpicklingError"),
+    ("artifact-junk-appended", artifact_with_junk, FormatError,
+     r"artifact.bin: 30 bytes follow the last stream"),
 ]
 
 
@@ -240,3 +414,188 @@ def test_every_numeric_field_has_its_range_checked(stage):
         value = float("nan") if hint is float else -10**9
         with pytest.raises(ConfigError, match=dotted.rsplit(".", 1)[-1]):
             from_dict(cls, nested(dotted, value), stage)
+
+
+# ---- the same promises where a stage runs as DVC runs it: a process, its exit code and stderr ----
+
+@dataclass
+class Run:
+    """A stage as a subprocess: its argv, extra environment, and what to do while it runs."""
+    argv: list[str]
+    env: dict
+    preexec: object = None
+    stop_when: object = None  # poll(ctx) -> True: send SIGTERM then
+
+
+def cli(stage: str, params: Path, out: Path, **inputs: Path) -> list[str]:
+    import sys
+
+    return [sys.executable, "-m", stages.spec_of(stage).module, "--params", str(params), "--out", str(out),
+            *[arg for name, path in inputs.items() for arg in (f"--{name}", str(path))]]
+
+
+def without_file_access_override() -> list[str]:
+    """Root reads any file whatever its mode; without these capabilities it obeys chmod as users do."""
+    if os.geteuid() != 0:
+        return []
+    if not shutil.which("setpriv"):
+        pytest.skip("running as root without setpriv: cannot make a file unreadable")
+    return ["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+
+
+def unreadable_corpus(ctx) -> Run:
+    source = ctx.tmp / "docs.jsonl"
+    source.write_text('{"text": "a document"}\n')
+    source.chmod(0)
+    params = write_params(ctx.tmp / "params.yaml", corpus=corpus_stage.Config(source=str(source)))
+    return Run(without_file_access_override() + cli("corpus", params, ctx.tmp / "corpus_out"), {})
+
+
+def tiny_gptq_output(ctx) -> Path:
+    import torch
+
+    from pgolf.model.gpt import GPT
+    from pgolf.model.io import save_model
+    from tasks import gptq as gptq_stage
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**TINY_MODEL))
+    (ctx.tmp / "train").mkdir()
+    save_model(model, model.cfg, ctx.tmp / "train")
+    execute(gptq_stage.SPEC, gptq_stage.Config(calib_batches=1, calib_seq_len=32, calib_batch_seqs=2, device="cpu"),
+            {"train": ctx.tmp / "train", "shards": ctx.data["shards"]}, ctx.tmp / "gptq")
+    return ctx.tmp / "gptq"
+
+
+def disk_full_while_pack_writes(ctx) -> Run:
+    """The pack stage writes over its earlier output and the disk fills: a file size limit stands in
+    for the full disk (the same failed write(), EFBIG for ENOSPC), on any machine and any user."""
+    import resource
+    import signal
+
+    from tasks import evaluate, gptq, pack as pack_stage, train
+
+    # pack counts the exported script, which carries train, gptq, pack and eval (tasks.pack.submission_script)
+    params = write_params(ctx.tmp / "params.yaml", train=train.Config(), gptq=gptq.Config(),
+                          pack=pack_stage.Config(compressor="zlib"), eval=evaluate.Config())
+    argv = cli("pack", params, ctx.tmp / "pack", gptq=tiny_gptq_output(ctx))
+    subprocess.run(argv, check=True, capture_output=True, env=stage_env())  # the output to keep
+    ctx.data = {**ctx.data, "kept": (ctx.tmp / "pack" / "artifact.bin").read_bytes()}
+
+    def limit_file_size():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2048, 2048))
+    return Run(argv, {}, preexec=limit_file_size)
+
+
+def train_stopped(nproc: int):
+    """SIGTERM (DVC, Prefect, a scheduler) while training: with nproc 2 it reaches torchrun's workers too."""
+    def case(ctx) -> Run:
+        cfg = tiny_train(iterations=1_000_000, nproc=nproc, train_batch_tokens=512 * nproc, log_every=1000)
+        params = write_params(ctx.tmp / "params.yaml", train=cfg)
+        out = ctx.tmp / "train_out"
+
+        def training(ctx) -> bool:
+            return any(ctx.tmp.glob(".train_out.tmp-*")) and time.time() > ctx.data.setdefault("t0", time.time()) + 3
+        return Run(cli("train", params, out, shards=ctx.data["shards"]), {}, stop_when=training)
+    return case
+
+
+# id, case, exit code, the whole of stderr (one line, naming the file)
+CLI_CASES = [
+    ("unreadable-input", unreadable_corpus, 2, r"pgolf corpus: error: \S*docs.jsonl: Permission denied\n"),
+    ("disk-full-while-pack-writes", disk_full_while_pack_writes, 2,
+     r"pgolf pack: error: \S*/pack: File too large while writing this output \(its earlier version is kept\)\n"),
+    ("sigterm-while-training", train_stopped(1), 143, r"(.*\n)*pgolf train: stopped by SIGTERM; its output is unchanged\n"),
+    ("sigterm-while-training-on-two-ranks", train_stopped(2), 143,
+     r"(.*\n)*pgolf train: stopped by SIGTERM; its output is unchanged\n"),
+]
+
+
+@pytest.mark.parametrize("case,code,stderr", [pytest.param(*row[1:], id=row[0]) for row in CLI_CASES])
+def test_a_stage_process_refuses_or_stops_cleanly(case, code, stderr, data_dirs, tmp_path):
+    """One line naming the file, the exit code, no temporary output left, the earlier output kept,
+    and nothing left in TMPDIR (torchrun's and Dask's folders included)."""
+    import signal
+
+    ctx = Ctx(tmp_path, dict(data_dirs))
+    scratch = tmp_path / "tmpdir"
+    scratch.mkdir()
+    spec = case(ctx)
+    proc = subprocess.Popen(spec.argv, env=stage_env(TMPDIR=str(scratch), **spec.env), cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=spec.preexec)
+    if spec.stop_when is not None:
+        deadline = time.time() + 300
+        while not spec.stop_when(ctx):
+            assert proc.poll() is None and time.time() < deadline, proc.communicate()
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == code, err
+    assert re.fullmatch(stderr, err), err
+    assert "Traceback" not in err
+    assert not [p.name for p in tmp_path.rglob(".*.tmp-*")], "a temporary output was left"
+    assert list(scratch.iterdir()) == [], "left in TMPDIR"
+    if "kept" in ctx.data:
+        assert (tmp_path / "pack" / "artifact.bin").read_bytes() == ctx.data["kept"]
+
+
+def test_killing_a_stage_kills_its_ranks(data_dirs, tmp_path):
+    """kill -9 of a training stage's process group (a crashed Prefect worker, a killed flow run):
+    torchrun starts each rank in a session of its own, outside that group, so without
+    pgolf.dist.die_with_launcher they trained on with the CPU or GPU that the rerun needs."""
+    import signal
+
+    ctx = Ctx(tmp_path, dict(data_dirs))
+    spec = train_stopped(2)(ctx)
+    proc = subprocess.Popen(spec.argv, env=stage_env(), cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    ranks: list[int] = []
+    try:
+        deadline = time.time() + 300
+        while not spec.stop_when(ctx) or len(ranks := rank_pids_under(proc.pid)) < 2:
+            assert proc.poll() is None and time.time() < deadline, "the stage did not start training"
+            time.sleep(0.2)
+        assert {os.getsid(pid) for pid in ranks}.isdisjoint({proc.pid}), "ranks share the stage's session"
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 30
+        while alive := [pid for pid in ranks if is_running(pid)]:
+            assert time.time() < deadline, f"ranks {alive} outlived their killed stage"
+            time.sleep(0.2)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in ranks:
+            if is_running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def rank_pids_under(root: int) -> list[int]:
+    """The ranks among root's descendants: `--worker` processes other than the torchrun agent."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            pid, rest = stat.read_text().split(" ", 1)
+        except OSError:
+            continue
+        children.setdefault(int(rest.rsplit(")", 1)[1].split()[1]), []).append(int(pid))
+    found, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            todo.append(child)
+            try:
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                if b"--worker" in argv and b"pgolf.agent" not in argv:
+                    found.append(child)
+            except OSError:
+                pass
+    return found
+
+
+def is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in ("Z", "X")

@@ -114,3 +114,38 @@ def test_a_killed_runs_temporary_folders_are_removed(tmp_path):
     execute(spec(), ToyConfig(value=1), {}, out)
     left = sorted(p.name for p in (tmp_path / "artifacts").iterdir())
     assert left == sorted([".runs", "toy", live.name, f".toy.tmp-{os.getpid()}x"])
+
+
+def metric_run(cfg: ToyConfig, inputs: dict[str, Path], out: Path) -> dict:
+    (out / "metrics.json").write_text(json.dumps({"score": cfg.value * 10}))
+    common.record_timings(out, toy_seconds=float(cfg.value))
+    return {}
+
+
+def test_a_record_names_its_output_and_is_put_back_when_dvc_restores_that_output(tmp_path):
+    """DVC restores an output from its cache without running the stage: the record beside it is
+    then the last run's, of another config. refresh_run_record puts back the record of the run that
+    made the output in place (this machine's history), or says none is known: never the other's."""
+    import shutil
+
+    toy = StageSpec(name="toy", config_cls=ToyConfig, run=metric_run, out="artifacts/toy")
+    out = tmp_path / "artifacts/toy"
+    execute(toy, ToyConfig(value=1), {}, out)
+    first = common.read_run_record(out)
+    assert first["of"]["params_sha256"] == common.config_sha256(ToyConfig(value=1))
+    assert set(first["of"]["outputs"]) == {"metrics.json"}
+    shutil.copytree(out, tmp_path / "kept")  # what the cache holds of run 1
+    execute(toy, ToyConfig(value=2), {}, out)
+    assert common.refresh_run_record(toy, ToyConfig(value=2), out) == "current"
+    assert common.read_run_record(out)["timings"] == {"toy_seconds": 2.0}
+    shutil.rmtree(out)
+    shutil.copytree(tmp_path / "kept", out)  # `dvc repro` restores run 1's output; the record is run 2's
+    assert common.refresh_run_record(toy, ToyConfig(value=1), out) == "restored"
+    restored = common.read_run_record(out)
+    assert restored["timings"] == {"toy_seconds": 1.0} and restored["started"] == first["started"]
+    assert restored["restored"] is True and restored["restored_at"].endswith("Z")
+    # an output no run here made (another machine's, from a shared cache): no seconds at all
+    (out / "metrics.json").write_text(json.dumps({"score": 99}))
+    assert common.refresh_run_record(toy, ToyConfig(value=1), out) == "unknown"
+    unknown = common.read_run_record(out)
+    assert unknown["seconds"] is None and unknown["timings"] == {} and "no record" in unknown["note"]

@@ -5,15 +5,19 @@ from pathlib import Path
 
 import yaml
 
+from pgolf.data.corpus import BUILTIN
 from pgolf.pack.codesize import import_closure
-from tasks import stages as registry
+from pgolf.pack.single_file import bundled_files
+from tasks import pack as pack_stage, stages as registry
 from tasks.common import stage_module
 
 ROOT = Path(__file__).resolve().parent.parent
 # Imported by every stage but cannot change what a stage computes: listing them would make an
-# edited error message (or progress line) rerun the whole pipeline. pack still lists progress.py:
-# it is part of the eval code that pack counts as the artifact's bytes.
+# edited error message (or progress line) rerun the whole pipeline. pack still lists those the
+# exported script bundles: they are part of the code whose bytes it counts.
 NEUTRAL = {"pgolf/errors.py", "pgolf/typed_params.py", "tasks/params.py", "pgolf/progress.py"}
+# Files a stage reads that are not code: the builtin corpus.
+DATA_DEPS = {"corpus": [BUILTIN.relative_to(ROOT).as_posix()]}
 
 
 def dvc_stages() -> dict:
@@ -38,9 +42,10 @@ def test_stages_match_modules_in_order():
     assert list(stages) == list(registry.STAGES)
     for module in registry.STAGE_MODULES:
         spec = module.SPEC
+        assert registry.out_of(spec.name) == spec.out, "tasks/stages.py OUTS names another output"
         stage = stages[spec.name]
         assert stage["cmd"] == f"bin/stage {spec.name}"
-        assert stage["params"] == [spec.name]
+        assert stage["params"] == [spec.name, *[s for s in spec.reads_params if s != spec.name]]
         assert stage["outs"] == spec.outs_for_dvc()
         for path in spec.deps_for_dvc():
             assert path in stage["deps"], f"{spec.name}: input {path} missing from dvc.yaml deps"
@@ -57,16 +62,21 @@ def test_deps_cover_every_imported_module():
     assert not any(missing.values()), f"dvc.yaml stages run code they do not list as deps: {missing}"
 
 
+def submission_files() -> set[str]:
+    """What the exported train_gpt.py bundles, so what pack counts as the code."""
+    return {f.relative_to(ROOT).as_posix() for f in bundled_files(pack_stage.SUBMISSION_ENTRY, ROOT)}
+
+
 def test_deps_list_only_code_the_stage_runs():
     """A stray dep reruns a stage for nothing (editing shard building must not retrain). pack also
-    lists the eval code it counts as the artifact's code."""
+    lists the code it counts as the artifact's code."""
     stages = dvc_stages()
     stray = {}
     for name, stage in stages.items():
         files = imported_files(module_file(name))
         if name == "pack":
-            files |= imported_files(module_file("eval"))
-        code = [d for d in stage["deps"] if d.startswith(("pgolf", "tasks"))]
+            files |= submission_files()
+        code = [d for d in stage["deps"] if d.startswith(("pgolf", "tasks")) and d not in DATA_DEPS.get(name, [])]
         stray[name] = [d for d in code if not any(covered(f, [d]) for f in files)]
     assert not any(stray.values()), f"dvc.yaml deps that the stage never imports: {stray}"
 
@@ -87,10 +97,17 @@ def test_quantization_code_is_not_a_train_dep():
     assert "pgolf/model" in deps
 
 
-def test_pack_deps_cover_the_counted_eval_code():
+def test_pack_deps_cover_the_counted_code():
+    """Every file the exported script bundles, __init__ files and error messages included: each is
+    bytes of the count."""
     deps = dvc_stages()["pack"]["deps"]
-    missing = sorted(f for f in imported_files(ROOT / "tasks/evaluate.py") - NEUTRAL if not covered(f, deps))
+    missing = sorted(f for f in submission_files() if not covered(f, deps))
     assert not missing, f"pack counts {missing} as code but would not rerun when they change"
+
+
+def test_data_deps_are_listed():
+    for name, files in DATA_DEPS.items():
+        assert set(files) <= set(dvc_stages()[name]["deps"]), f"{name} reads {files}: they must be DVC deps"
 
 
 def test_the_library_never_imports_the_stages():
@@ -103,3 +120,14 @@ def test_the_library_never_imports_the_stages():
             if words[:1] in (["import"], ["from"]) and len(words) > 1 and words[1].split(".")[0] in ("tasks", "flows"):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+def test_pgolf_run_starts_without_torch():
+    """An all-cached `pgolf run` waits for nothing but DVC (issue 25): its CLI, the stage registry
+    and the cache check import no stage module, so no torch."""
+    import subprocess
+    import sys
+
+    code = "import sys, flows.cli, flows.repro, tasks.cache_check, tasks.stages; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from pgolf.errors import FormatError
 from pgolf.evaluate.bpb import BpbResult, bytes_per_position, evaluate_bpb, truncate_val, windows
@@ -221,3 +222,62 @@ def test_compiled_eval_matches_eager_and_keeps_the_warm_up_apart(data_dirs, pack
         assert compiled["warmup_seconds"] > 0 and eager["warmup_seconds"] == 0
         assert compiled["eval_seconds"] == pytest.approx(compiled["load_seconds"] + compiled["scoring_seconds"], abs=2e-3)
         shutil.rmtree(tmp_path / "eager"), shutil.rmtree(tmp_path / "compiled")
+
+
+class DeviceValue(torch.Tensor):
+    """What the model computed, and everything computed from it: every read of one on the host
+    (item, tolist, bool, float, cpu, numpy) is counted, the reads a GPU would wait for."""
+    reads = 0
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if func in (torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.__bool__, torch.Tensor.__float__,
+                    torch.Tensor.__int__, torch.Tensor.cpu, torch.Tensor.numpy):
+            DeviceValue.reads += 1
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def evaluate_bpb_before_issue_25(model, tokens, byte_counts, seq_len, stride, batch_seqs, join=False) -> float:
+    """The loss sum as evaluate_bpb computed it before its sums moved to the device: each batch's
+    NLLs to the host in float64, each window's slice summed there, the windows summed in order."""
+    stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    plan = windows(len(tokens) - 1, seq_len, stride)
+    total = 0.0
+    for b in range(0, len(plan), batch_seqs):
+        batch = plan[b:b + batch_seqs]
+        x = torch.stack([stream[w:w + seq_len] for w, _ in batch])
+        y = torch.stack([stream[w + 1:w + seq_len + 1] for w, _ in batch])
+        with torch.no_grad():
+            logits = model.forward_logits(x.reshape(1, -1) if join else x)
+        nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
+        nll = nll.view(len(batch), seq_len).double().cpu()
+        for row, (w, first) in enumerate(batch):
+            total += float(nll[row, first - (w + 1):].sum())
+    return total
+
+
+@pytest.mark.parametrize("mode", ["flat", "sliding", "joined"])
+def test_eval_sums_on_the_device_are_the_host_sums_bit_for_bit_with_one_read(mode):
+    """Issue 25: the losses stay where the model computed them until one read at the end (a GPU
+    waits once per eval, not once per batch), and the loss sum is the one the host computed before,
+    bit for bit (sliding windows: the first window scores from 0, the rest from seq_len - stride)."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=64, num_layers=2, model_dim=32, num_heads=2, num_kv_heads=1, doc_attention=True,
+                      doc_attention_kernel="varlen", doc_attention_max_len=16)
+    model = GPT(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(2, 64, 32 * 13 + 1)
+    tokens[rng.integers(0, len(tokens), 20)] = 1
+    byte_counts = rng.integers(1, 4, len(tokens))
+    stride, join = {"flat": (0, False), "sliding": (8, False), "joined": (0, True)}[mode]
+    expected = evaluate_bpb_before_issue_25(model, tokens, byte_counts, 32, stride, 5, join)
+    forward_logits = model.forward_logits
+    model.forward_logits = lambda *a, **k: forward_logits(*a, **k).as_subclass(DeviceValue)
+    DeviceValue.reads = 0
+    result = evaluate_bpb(model, tokens, byte_counts, 32, stride, 5, torch.device("cpu"), join_windows=join)
+    assert DeviceValue.reads == 1
+    assert result.loss_sum == expected  # exactly
+    assert result.tokens == len(tokens) - 1 and result.bytes == int(byte_counts[1:].sum())

@@ -409,3 +409,50 @@ def test_calibration_without_the_document_mask_is_r1s_plain_causal(data_dirs, tm
     off, on, ref = (load_quantized(tmp_path / f"{n}/quantized.safetensors") for n in ("off", "on", "ref"))
     assert all(torch.equal(off.tensors[k], ref.tensors[k]) for k in ref.tensors)
     assert any(not torch.equal(on.tensors[k], ref.tensors[k]) for k in ref.tensors)
+
+
+@pytest.fixture(scope="module")
+def wide_trained(tmp_path_factory):
+    """A model wide enough (MLP 4 x 128 = 512 columns) that BLAS and LAPACK split its sums over
+    threads: with any solve left multi-threaded, one and two threads write other codes here."""
+    from pgolf.model.config import ModelConfig
+    from pgolf.model.gpt import GPT
+    from pgolf.model.io import save_model
+    from tests.conftest import TINY_MODEL
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(**{**TINY_MODEL, "model_dim": 128, "num_heads": 4, "num_kv_heads": 2}))
+    for block in model.blocks:
+        torch.nn.init.normal_(block.attn.proj.weight, std=0.05)
+        torch.nn.init.normal_(block.mlp.proj.weight, std=0.05)
+    folder = tmp_path_factory.mktemp("wide_train")
+    save_model(model, model.cfg, folder)
+    return folder
+
+
+def test_the_gptq_stage_writes_the_same_bytes_under_load_and_on_one_or_two_threads(data_dirs, wide_trained, tmp_path):
+    """`python -m tasks.gptq` as DVC runs it, five times: two at once (each slowing the other) and
+    with OMP_NUM_THREADS 1 and 2. A process that never pins its threads leaves MKL free to use fewer
+    at run time, and a multi-threaded solve rounds by the thread count; either writes other codes."""
+    import hashlib
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import ROOT, stage_env, write_params
+
+    params = write_params(tmp_path / "params.yaml", gptq=gptq_stage.Config(
+        calib_batches=4, calib_seq_len=64, calib_batch_seqs=8, device="cpu", passthrough_max_numel=512, lqer_rank=2))
+
+    def run(name: str, threads: str | None) -> str:
+        env = stage_env(**({"OMP_NUM_THREADS": threads} if threads else {}))
+        out = tmp_path / name
+        subprocess.run([sys.executable, "-m", "tasks.gptq", "--params", str(params), "--train", str(wide_trained),
+                        "--shards", str(data_dirs["shards"]), "--out", str(out)], cwd=ROOT, env=env, check=True,
+                       capture_output=True)
+        return hashlib.sha256((out / "quantized.safetensors").read_bytes()).hexdigest()
+
+    with ThreadPoolExecutor(2) as pool:
+        at_once = list(pool.map(lambda i: run(f"at_once{i}", None), range(3)))
+    threads = [run("one_thread", "1"), run("two_threads", "2")]
+    assert len(set(at_once + threads)) == 1, (at_once, threads)

@@ -141,3 +141,93 @@ def test_swa_is_the_running_mean_of_its_snapshots():
         swa.add(model)
     swa.copy_to(model)
     assert swa.count == 3 and torch.allclose(model.weight, torch.full((2, 2), 3.0))
+
+
+def per_matrix_muon_step(params, grads, bufs, group, banked: bool):
+    """The optimizers' step as written before issue 25: every matrix on its own (Muon), or each
+    bank rebuilt from zeros and one copy per matrix and applied matrix by matrix (ShardedMuon)."""
+    from pgolf.optim.muon import COEFFICIENTS as coefficients, newton_schulz as ns
+
+    def update(grad, buf):
+        bf16 = group["bf16"]
+        grad = grad.bfloat16() if bf16 else grad
+        buf.mul_(group["momentum"]).add_(grad)
+        g = grad.add(buf, alpha=group["momentum"])
+        if group["row_normalize"]:
+            norms = (g.float() if bf16 else g).norm(dim=-1, keepdim=True).clamp_min(1e-7)
+            g = g / norms.to(g.dtype)
+        g = ns(g, 5, coefficients[group["coefficients"]], 1e-7, bf16).float()
+        return g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
+
+    def apply(p, u):
+        if group["weight_decay"]:
+            p.mul_(1.0 - group["lr"] * group["weight_decay"])
+        p.add_(u.view_as(p).to(p.dtype), alpha=-group["lr"])
+
+    if not banked:
+        for p, grad, buf in zip(params, grads, bufs):
+            flat = torch.zeros(p.numel())
+            flat[:] = update(grad, buf).flatten()
+            apply(p, flat)
+        return
+    stacked = torch.zeros(len(params), *params[0].shape, dtype=torch.bfloat16 if group["bf16"] else torch.float32)
+    for i, grad in enumerate(grads):
+        stacked[i] = grad.to(stacked.dtype)
+    full = update(stacked, bufs[0])
+    for i, p in enumerate(params):
+        apply(p, full[i])
+
+
+@pytest.mark.parametrize("banked", [False, True])
+@pytest.mark.parametrize("bf16", [False, True])
+@pytest.mark.parametrize("shape", [(8, 8), (16, 8), (8, 16)])
+def test_muon_steps_are_bit_identical_to_the_per_matrix_steps(banked, bf16, shape):
+    """Issue 25: Muon applies each update in place without a flat buffer, ShardedMuon stacks a
+    bank with one copy and applies it with foreach ops; neither may move a bit of the result."""
+    from pgolf.optim.muon import ShardedMuon
+
+    torch.manual_seed(0)
+    group = dict(lr=0.03, momentum=0.95, row_normalize=True, coefficients="polar_express", weight_decay=0.1,
+                 bf16=bf16)
+    params = [torch.nn.Parameter(torch.randn(shape)) for _ in range(3)]
+    ref = [p.detach().clone() for p in params]
+    cls = ShardedMuon if banked else Muon
+    opt = cls(params, lr=group["lr"], momentum=group["momentum"], row_normalize=True, coefficients="polar_express",
+              weight_decay=0.1, bf16=bf16)
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    bufs = [torch.zeros(3, *shape, dtype=dtype)] if banked else [torch.zeros(shape, dtype=dtype) for _ in params]
+    for step in range(4):
+        grads = [torch.randn(shape) for _ in params]
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        opt.param_groups[0]["lr"] = group["lr"] = 0.03 * (1 - step / 8)
+        opt.step()
+        per_matrix_muon_step(ref, grads, bufs, group, banked)
+        for p, r in zip(params, ref):
+            assert torch.equal(p.data, r), f"step {step}"
+
+
+def test_ema_update_is_bit_identical_to_the_state_dict_walk():
+    """Issue 25: the EMA pairs its averages with the live tensors once and updates them with
+    foreach ops; the averages are exactly those of shadow.mul_(d).add_(v.float(), alpha=1-d)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.LayerNorm(7), torch.nn.Linear(7, 3, bias=False))
+    model[2].to(torch.bfloat16)  # a bf16 live tensor, as the embedding on CUDA
+    decay = 0.9965
+    ema = EMA(model, decay)
+    ref = {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+    for _ in range(5):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        ema.update(model)
+        for k, v in model.state_dict().items():
+            ref[k].mul_(decay).add_(v.detach().float(), alpha=1.0 - decay)
+    assert all(torch.equal(ema.shadow[k], ref[k]) for k in ref)
+    saved = {k: v.clone() for k, v in ema.state_dict()["shadow"].items()}
+    ema.update(model)
+    ema.load_state_dict({"decay": decay, "shadow": saved})  # resume: in place, the pairs still hold
+    ema.update(model)
+    for k, v in model.state_dict().items():
+        ref[k].mul_(decay).add_(v.detach().float(), alpha=1.0 - decay)
+    assert all(torch.equal(ema.shadow[k], ref[k]) for k in ref)

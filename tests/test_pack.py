@@ -79,27 +79,70 @@ def test_corrupt_artifacts_are_clear_errors(tmp_path):
         load_artifact(tmp_path / "missing.bin")
 
 
-def run_pack(tmp_path, **cfg):
+def run_pack(tmp_path, params=None, **cfg):
     gptq = tmp_path / "gptq"
     gptq.mkdir(exist_ok=True)
     save_quantized(quantized_model(), gptq / "quantized.safetensors")
-    return execute(pack_stage.SPEC, pack_stage.Config(**cfg), {"gptq": gptq}, tmp_path / "pack")
+    return execute(pack_stage.SPEC, pack_stage.Config(**cfg), {"gptq": gptq}, tmp_path / "pack", params=params)
 
 
-def test_stage_counts_code_and_groups(tmp_path):
-    run_pack(tmp_path)
+def test_stage_counts_the_exported_script_and_groups(tmp_path):
+    from pgolf.pack.codesize import wrapped_size
+    from tasks import params as P
+
+    params = P.render("smoke")
+    run_pack(tmp_path, params)
     size = json.loads((tmp_path / "pack/size.json").read_text())
     artifact = (tmp_path / "pack/artifact.bin").read_bytes()
     assert size["model_bytes"] == len(artifact)
-    assert "tasks/evaluate.py" in size["code_files"] and "pgolf/evaluate/bpb.py" in size["code_files"]
-    assert "pgolf/optim/muon.py" not in size["code_files"] and "tasks/train.py" not in size["code_files"]
+    # The code is the script the export writes for these params, counted the records' way.
+    assert size["code_bytes"] == wrapped_size(pack_stage.submission_script(params))
+    assert "train_gpt.py" in size["code_counted"]
+    assert "tasks/submission.py" in size["code_files"] and "pgolf/optim/muon.py" in size["code_files"]
+    assert "pgolf/train/plots.py" not in size["code_files"] and "tasks/params.py" not in size["code_files"]
+    # The files as they are: a labelled detail, larger, in no total.
+    assert 0 < size["code_bytes"] < size["pipeline_code_bytes"] / 2
     assert size["total_bytes"] == size["model_bytes"] + size["code_bytes"]
-    assert 0 < size["code_bytes_wrapped_estimate"] < size["code_bytes"] / 2
     assert size["margin_bytes"] == 16_000_000 - size["total_bytes"]
     assert set(size["groups"]) == {"attention", "mlp", "scales", "passthrough"}
     assert size["groups"]["attention"]["raw_bytes"] == 16 * 32
     chart = (tmp_path / "pack/bytes_by_group.svg").read_text()
     assert chart.startswith("<svg") and all(group in chart for group in size["groups"])
+    assert "code (train_gpt.py)" in chart and f"{size['code_bytes']:,} / " in chart
+
+
+def test_code_count_follows_every_section_the_script_carries(tmp_path):
+    """An eval or train setting is text in the exported script: its count moves with it (which is
+    why dvc.yaml lists those sections as pack's params)."""
+    from tasks import params as P
+
+    base = pack_stage.submission_script(P.render("smoke"))
+    for override in ("eval.stride=64", "train.seed=7", "gptq.bits=8", "pack.level=9"):
+        assert pack_stage.submission_script(P.render("smoke", [override])) != base, override
+    assert pack_stage.submission_script(P.render("smoke", ["corpus.max_docs=5"])) == base
+    with pytest.raises(PgolfError, match="no section eval"):
+        pack_stage.submission_script({k: v for k, v in P.render("smoke").items() if k != "eval"})
+
+
+def test_pipeline_only_modules_are_never_imported_at_a_bundled_modules_top():
+    """The script leaves them out (pgolf.pack.single_file.PIPELINE_ONLY): a top-level import of one
+    in any bundled module would make the exported script fail at its first line."""
+    import ast
+    from pathlib import Path
+
+    from pgolf.pack.single_file import PIPELINE_ONLY, bundled_files
+
+    root = Path(pack_stage.ROOT)
+    names = {rel.removesuffix(".py").replace("/", ".") for rel in PIPELINE_ONLY}
+    offenders = []
+    for path in bundled_files(pack_stage.SUBMISSION_ENTRY, root):
+        for node in ast.parse(path.read_text()).body:
+            imported = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                        [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+                        if isinstance(node, ast.ImportFrom) and node.module else [])
+            offenders += [f"{path.relative_to(root)}: {n}" for n in imported if n in names]
+    assert not offenders
+    assert not {(root / rel).resolve() for rel in PIPELINE_ONLY} & set(bundled_files(pack_stage.SUBMISSION_ENTRY, root))
 
 
 def test_cap_exceeded_says_by_how_much_and_writes_nothing(tmp_path):
@@ -241,7 +284,8 @@ def test_a_non_record_cap_is_recorded_in_size_json_and_submission(tmp_path):
     say whether the artifact meets the challenge's 16,000,000 bytes."""
     from tasks import export, params as P
 
-    run_pack(tmp_path, cap_bytes=20_000_000, non_record=True)
+    params = P.render("smoke", ["pack.cap_bytes=20000000", "pack.non_record=true"])
+    run_pack(tmp_path, params, cap_bytes=20_000_000, non_record=True)
     size = json.loads((tmp_path / "pack/size.json").read_text())
     assert size["non_record"] is True and size["meets_challenge_cap"] is True
     art = tmp_path / "artifacts"
@@ -252,7 +296,6 @@ def test_a_non_record_cap_is_recorded_in_size_json_and_submission(tmp_path):
                                                        "seq_len": 64, "tokens": 10, "bytes": 20}))
     (art / "train/metrics.json").write_text(json.dumps({"steps": 5, "ms_per_step": 1.0}))
     (art / "pack/size.json").write_text(json.dumps({**size, "model_bytes": 15_999_000}))
-    params = P.render("smoke", ["pack.cap_bytes=20000000", "pack.non_record=true"])
     submission = export.export(tmp_path / "records", params, "big", "a", "a", art)
     assert submission["non_record"] is True and submission["meets_challenge_cap"] is False
     assert submission["bytes_total"] > 16_000_000
@@ -267,7 +310,8 @@ def test_exported_readme_submission_and_size_json_count_the_same_bytes(tmp_path)
 
     from tasks import export, params as P
 
-    run_pack(tmp_path)
+    params = P.render("smoke", [])
+    run_pack(tmp_path, params)
     art = tmp_path / "artifacts"
     (art / "eval").mkdir(parents=True)
     (art / "train").mkdir()
@@ -275,7 +319,6 @@ def test_exported_readme_submission_and_size_json_count_the_same_bytes(tmp_path)
     (art / "eval/metrics.json").write_text(json.dumps({"val_bpb": 1.5, "val_loss": 2.5, "mode": "flat",
                                                        "seq_len": 64, "tokens": 10, "bytes": 20}))
     (art / "train/metrics.json").write_text(json.dumps({"steps": 5, "ms_per_step": 1.0}))
-    params = P.render("smoke", [])
     submission = export.export(tmp_path / "records", params, "tiny", "a", "a", art)
     records = tmp_path / "records"
     size = json.loads((records / "size.json").read_text())
@@ -292,3 +335,26 @@ def test_exported_readme_submission_and_size_json_count_the_same_bytes(tmp_path)
     assert size["margin_bytes"] == size["cap_bytes"] - total and size["code_files"] == ["train_gpt.py"]
     readme = (records / "README.md").read_text()
     assert f"| {total:,} | {model:,} | {code:,} |" in readme
+    # ... and it is the count the pipeline's own pack stage made before any export.
+    pipeline = json.loads((art / "pack/size.json").read_text())
+    assert (pipeline["code_bytes"], pipeline["total_bytes"], pipeline["margin_bytes"]) == (code, total, size["margin_bytes"])
+
+
+def test_export_refuses_a_script_the_run_did_not_count(tmp_path):
+    """params.yaml (or the code) changed since the run: the script the export would write is not
+    the one pack counted, and a records folder with another count than the run's is refused."""
+    import shutil
+
+    from tasks import export, params as P
+
+    run_pack(tmp_path, P.render("smoke"))
+    art = tmp_path / "artifacts"
+    (art / "eval").mkdir(parents=True)
+    (art / "train").mkdir()
+    shutil.copytree(tmp_path / "pack", art / "pack")
+    (art / "eval/metrics.json").write_text(json.dumps({"val_bpb": 1.5, "val_loss": 2.5, "mode": "flat",
+                                                       "seq_len": 64, "tokens": 10, "bytes": 20}))
+    (art / "train/metrics.json").write_text(json.dumps({"steps": 5, "ms_per_step": 1.0}))
+    with pytest.raises(InputError, match="pack counted .* rerun the pipeline") as err:
+        export.export(tmp_path / "records", P.render("smoke", ["eval.stride=64"]), "x", "a", "a", art)
+    assert "size.json" in str(err.value) and not (tmp_path / "records").exists()

@@ -109,9 +109,22 @@ def test_a_checkouts_params_render_from_its_own_presets(tmp_path):
     assert P.render_file(tmp_path / "elsewhere" / "params.yaml", "smoke")[0] == P.render("smoke")
 
 
+def committed_params() -> dict | None:
+    """params.yaml as the last commit holds it (None outside a git checkout)."""
+    import subprocess
+
+    proc = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True)
+    return yaml.safe_load(proc.stdout) if proc.returncode == 0 else None
+
+
 def test_repo_params_yaml_is_the_rendered_smoke_preset():
-    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
-    assert committed == P.render("smoke"), "params.yaml is stale: run `python -m tasks.params --preset smoke`"
+    """The committed params.yaml, not the working one: a user's experiments (dvc exp run -S, make run
+    SET=...) rewrite that, and are no fault of the repository. A working file that is the render
+    (presets/smoke.yaml edited and re-rendered, not yet committed) passes too."""
+    smoke = P.render("smoke")
+    working = yaml.safe_load((ROOT / "params.yaml").read_text()) if (ROOT / "params.yaml").is_file() else None
+    assert smoke in (committed_params(), working), \
+        "the committed params.yaml is not the smoke preset: run `.venv/bin/pgolf params --preset smoke` and commit it"
 
 
 def _parsed_sections(path) -> dict:

@@ -75,10 +75,14 @@ def test_dvc_after_prefect_recomputes_nothing(workspace):
     assert ran(reproduce(workspace, echo=False)) == []
 
 
-def test_eval_param_reruns_eval_only(workspace):
+def test_eval_param_reruns_pack_and_eval_only(workspace):
+    """The exported script carries the eval settings, so pack recounts its code; the model's bytes
+    stay the same."""
+    artifact = (workspace / "artifacts/pack/artifact.bin").read_bytes()
     set_params(workspace, "smoke", TINY + ["eval.stride=64"])
-    assert ran(reproduce(workspace, echo=False)) == ["eval"]
+    assert ran(reproduce(workspace, echo=False)) == ["pack", "eval"]
     assert json.loads((workspace / "artifacts/eval/metrics.json").read_text())["stride"] == 64
+    assert (workspace / "artifacts/pack/artifact.bin").read_bytes() == artifact
 
 
 def test_prefect_after_dvc_recomputes_nothing(workspace, prefect_harness):
@@ -143,3 +147,32 @@ def test_same_seed_same_bytes_for_weights_and_artifact(workspace):
         assert ran(reproduce(workspace, stage=stage, force=True, echo=False)) == [stage]
     for path in outputs:
         assert (workspace / path).read_bytes() == before[path], path
+
+
+def test_ctrl_c_during_pgolf_run_is_one_line_and_exit_130(workspace):
+    """Ctrl-C (SIGINT to the terminal's process group: pgolf, DVC, the stage, torchrun) while
+    training on two ranks: the stage's one line, no traceback, no DVC error, exit 130, no half-written
+    output; the configuration before it comes back from the cache (DVC removed the old output when
+    the stage started)."""
+    import os
+    import signal
+
+    before = (workspace / "artifacts/train/model.safetensors").read_bytes()
+    set_params(workspace, "smoke", TINY + ["eval.stride=64", "train.iterations=100000", "train.log_every=1"])
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("pgolf")), "run"], cwd=workspace, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 3/"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    rest = proc.communicate(timeout=180)[0]
+    assert proc.returncode == 130, "".join(seen) + rest
+    lines = [line for line in rest.splitlines() if line.strip() and not line.startswith(("step ", "pgolf: train steps"))]
+    assert len(lines) == 1 and lines[0].startswith("pgolf train: interrupted at step "), rest
+    assert "a rerun restarts training" in lines[0]
+    assert not [p.name for p in (workspace / "artifacts").iterdir() if ".tmp-" in p.name]
+    set_params(workspace, "smoke", TINY + ["eval.stride=64"])
+    assert ran(reproduce(workspace, echo=False)) == []
+    assert (workspace / "artifacts/train/model.safetensors").read_bytes() == before

@@ -56,7 +56,8 @@ def started_run_id(output: str) -> str:
 
 def score_of(run_id: str) -> dict:
     artifacts = api("/artifacts/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
-    tables = [json.loads(a["data"]) for a in artifacts if a["type"] == "table"]
+    # the run's score table, not its stages table (key ...-stages)
+    tables = [json.loads(a["data"]) for a in artifacts if a["type"] == "table" and not (a["key"] or "").endswith("-stages")]
     assert tables, artifacts
     return tables[0][0]
 
@@ -111,7 +112,7 @@ def team(tmp_path_factory):
         # the other worker has looked, so that two runs started at once would never share the checkout.
         start("PREFECT_WORKER_QUERY_SECONDS=1 make worker", "worker1.log")
         start("PREFECT_WORKER_QUERY_SECONDS=1 make worker", "worker2.log")
-        yield {"repo": repo, "run": run, "base": base, "fake_bin": fake_bin}
+        yield {"repo": repo, "run": run, "base": base, "fake_bin": fake_bin, "start": start}
     finally:
         for proc in reversed(background):
             try:
@@ -119,6 +120,19 @@ def team(tmp_path_factory):
                 proc.wait(timeout=30)
             except (ProcessLookupError, subprocess.TimeoutExpired):
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_the_ui_on_another_port_asks_its_own_api(team):
+    """`make prefect-server PREFECT_PORT=N` serves a UI that talks to the API on N (Prefect's UI
+    otherwise asks 127.0.0.1:4200, and shows "Unable to connect" on any other port)."""
+    base = API.removesuffix("/api")
+    with urllib.request.urlopen(base + "/ui-settings", timeout=30) as response:
+        settings = json.loads(response.read())
+    assert settings["api_url"] == API
+    with urllib.request.urlopen(settings["api_url"] + "/health", timeout=30) as response:
+        assert json.loads(response.read()) is True
+    with urllib.request.urlopen(base + "/", timeout=30) as response:
+        assert "<html" in response.read().decode().lower()
 
 
 def test_the_readme_deployment_run(team):
@@ -133,6 +147,8 @@ def test_the_readme_deployment_run(team):
     assert 0 < score["val_bpb"] < 20 and score["total_bytes"] > 0 and score["margin_bytes"] > 0
     logs = logs_of(run_id)
     assert "Running stage 'train'" in logs and '"stage": "eval"' in logs  # each stage's own lines
+    # DVC's advice to commit dvc.lock and push is for a checkout, not a slot's task log
+    assert "git add dvc.lock" not in logs and "dvc push" not in logs and "autostage" not in logs
     # the deployer's checkout is never rewritten: the run worked in a slot of it
     assert (repo / "params.yaml").read_bytes() == params_before
     assert run("git status --porcelain").stdout.strip() == ""
@@ -155,6 +171,9 @@ def test_runs_started_at_once_each_report_their_own_parameters(team):
     # side by side on the two workers, in two slots
     slots = {key: re.search(r"\(slot (\d+) of", logs_of(ids[key])).group(1) for key in ids}
     assert slots["stride"] != slots["seq"]
+    # the stages these overrides leave alone come from DVC's cache, in a slot used before or a new one
+    for key in ids:
+        assert "stage corpus: cached" in logs_of(ids[key]) and "stage train: cached" in logs_of(ids[key]), key
     (a_start, a_end), (b_start, b_end) = ((api(f"/flow_runs/{ids[k]}")["start_time"], api(f"/flow_runs/{ids[k]}")["end_time"])
                                           for k in ("stride", "seq"))
     assert a_start < b_end and b_start < a_end, "the two runs did not overlap"
@@ -179,6 +198,8 @@ def test_a_seed_sweep_across_the_workers_and_in_process(team):
     assert [s["seed"] for s in deployed["seeds"]] == [42, 0] and "mean" in out
     runs = api("/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["seed:42"]}}})
     assert [r["name"] for r in runs] == ["smoke seed=42"]
+    parents = api("/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["sweep"]}}})
+    assert parents and all({"pgolf", "preset:smoke", "seeds:42,0"} <= set(r["tags"]) for r in parents), parents
     # the README's sweep, in this process: the same numbers for the seeds both ran
     run(".venv/bin/pgolf sweep --preset smoke --seeds 42,0,1234", PREFECT_API_URL=API, timeout=1800)
     local = json.loads((repo / "artifacts/sweeps/smoke/sweep.json").read_text())
@@ -187,3 +208,87 @@ def test_a_seed_sweep_across_the_workers_and_in_process(team):
     assert local["seeds"][2]["val_bpb"] != local["seeds"][0]["val_bpb"]  # the seed reached training
     verdict = run(".venv/bin/pgolf significance artifacts/sweeps/smoke sweeps/deployed", check=False)
     assert verdict.returncode in (0, 1), verdict.stderr
+
+
+def test_one_byte_count_everywhere_a_user_sees_one(team):
+    """One run (the sweep's seed 1234, in this process): its Prefect score, the sweep's row, `pgolf
+    exp show`, and in the checkout with the experiment applied: size.json, `dvc metrics show`,
+    `pgolf summary` and the exported records folder (size.json, submission.json, README) all give
+    the one count the submission carries; the raw code size shows only as a labelled detail."""
+    repo, run = team["repo"], team["run"]
+    local = json.loads((repo / "artifacts/sweeps/smoke/sweep.json").read_text())
+    row = next(s for s in local["seeds"] if s["seed"] == 1234)
+    total = row["total_bytes"]
+    (flow_run,) = api("/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["seed:1234"]}}})
+    assert score_of(flow_run["id"])["total_bytes"] == total
+    view = run(".venv/bin/pgolf exp show").stdout
+    header = view.splitlines()[0].split()
+    exp_row = next(line.split() for line in view.splitlines() if line.strip().startswith(row["experiment"]))
+    assert exp_row[header.index("bytes")] == f"{total:,}", view
+    run(f".venv/bin/dvc exp apply {row['experiment']} && .venv/bin/dvc checkout -q")
+    try:
+        size = json.loads((repo / "artifacts/pack/size.json").read_text())
+        assert size["total_bytes"] == total and size["model_bytes"] + size["code_bytes"] == total
+        assert "train_gpt.py" in size["code_counted"] and size["pipeline_code_bytes"] > size["code_bytes"]
+        metrics = json.loads(run(".venv/bin/dvc metrics show --json").stdout)
+        shown = next(iter(metrics.values()))["data"]["artifacts/pack/size.json"]["data"]
+        assert shown["total_bytes"] == total
+        summary = run(".venv/bin/pgolf summary").stdout
+        assert f"artifact bytes  {total:,}  (model {size['model_bytes']:,} + code {size['code_bytes']:,}" in summary
+        assert f"{size['pipeline_code_bytes']:,}" in summary and "not counted" in summary
+        run(".venv/bin/pgolf export --out records/count --name count")
+        records = repo / "records/count"
+        submission = json.loads((records / "submission.json").read_text())
+        assert submission["bytes_total"] == json.loads((records / "size.json").read_text())["total_bytes"] == total
+        assert submission["bytes_code"] == size["code_bytes"]
+        assert f"| {total:,} | {size['model_bytes']:,} | {size['code_bytes']:,} |" in (records / "README.md").read_text()
+    finally:
+        run("git checkout -- params.yaml dvc.lock artifacts/.runs 2>/dev/null; .venv/bin/dvc checkout -q", check=False)
+
+
+def ancestor_groups(pid: int) -> set[int]:
+    """The process groups of `pid` and its ancestors, up to (not including) this test's own."""
+    groups, own = set(), os.getpgid(0)
+    while pid > 1:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except FileNotFoundError:
+            break
+        fields = stat.rsplit(")", 1)[1].split()
+        ppid, pgid = int(fields[1]), int(fields[2])
+        if pgid == own:
+            break
+        groups.add(pgid)
+        pid = ppid
+    return groups
+
+
+def test_a_run_killed_with_its_worker_is_marked_crashed_and_its_rerun_continues(team):
+    """kill -9 of a worker and its flow run during training: nothing is left to tell Prefect, which
+    shows the run Running until the next run takes a slot and marks it Crashed. That rerun restores
+    what the killed one finished (the data stages) from DVC's cache and completes."""
+    run = team["run"]
+    slow = README_RUN.replace(" -p preset=smoke", " -p preset=smoke -p overrides='[\"train.iterations=400\"]'")
+    killed = started_run_id(run(slow).stdout)
+    deadline = time.time() + 600
+    while "Running stage 'train'" not in logs_of(killed):
+        assert time.time() < deadline, api(f"/flow_runs/{killed}")["state_type"]
+        time.sleep(1)
+    pid = int(str(api(f"/flow_runs/{killed}")["infrastructure_pid"]).rsplit(":", 1)[-1])
+    for group in ancestor_groups(pid):  # the flow run, its stage and the worker that started it
+        os.killpg(group, signal.SIGKILL)
+    time.sleep(5)
+    assert api(f"/flow_runs/{killed}")["state_type"] == "RUNNING"  # what Prefect alone shows
+    team["start"]("PREFECT_WORKER_QUERY_SECONDS=1 make worker", "worker3.log")
+    # Another train setting (400 steps take over 15 minutes on 2 shared cores): the data stages'
+    # inputs are the same, so they still come from the cache.
+    short = README_RUN.replace(" -p preset=smoke", " -p preset=smoke -p overrides='[\"train.iterations=30\"]'")
+    rerun = started_run_id(run(short).stdout)
+    finished = wait_for(rerun)
+    assert finished["state_type"] == "COMPLETED", logs_of(rerun)[-3000:]
+    assert api(f"/flow_runs/{killed}")["state_type"] == "CRASHED"
+    logs = logs_of(rerun)
+    assert "died holding its slot without ending: marked Crashed" in logs
+    for stage in ("corpus", "tokenizer", "shards"):  # restored from the cache, not recomputed
+        assert f"stage {stage}: cached" in logs, logs[-3000:]
+    assert f"stage train: ran" in logs and 0 < score_of(rerun)["val_bpb"] < 20

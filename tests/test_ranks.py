@@ -3,6 +3,7 @@ with the failing rank's own message first, several nodes on 127.0.0.1 giving the
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,8 @@ def test_one_process_on_one_node_runs_in_the_stage_process(data_dirs, tmp_path, 
                       {"shards": data_dirs["shards"]}, tmp_path / "t")
     assert metrics["steps"] == 2 and metrics["world_size"] == 1
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == [
-        "config.json", "dvclive", "metrics.json", "model.safetensors", "train_log.jsonl"]
+        "config.json", "dvclive", "metrics.json", "model.safetensors", "plots", "train_log.jsonl"]
+    assert sorted(p.name for p in (tmp_path / "t" / "plots").iterdir()) == ["learning_rate.svg", "train_loss.svg"]
 
 
 def test_a_bad_input_under_two_ranks_is_the_first_error_line(data_dirs, tmp_path):
@@ -50,6 +52,51 @@ def test_a_bad_input_under_two_ranks_is_the_first_error_line(data_dirs, tmp_path
     assert lines[1].startswith("  (rank ") and lines[1].endswith("of 2; PGOLF_TRACEBACK=1 prints its traceback)")
     assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr
     assert not (tmp_path / "train").exists()
+
+
+def interrupt_training(data_dirs, tmp_path, cfg) -> subprocess.CompletedProcess:
+    """`python -m tasks.train` as a terminal runs it, Ctrl-C'd (SIGINT to its whole process group, as
+    a terminal sends it) once the ranks are past step 3."""
+    import os
+    import signal
+    import time
+
+    params = write_params(tmp_path / "params.yaml", train=cfg)
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.train", "--params", str(params), "--shards",
+                             str(data_dirs["shards"]), "--out", str(tmp_path / "train")], cwd=tmp_path, env=stage_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("step 4/"):
+            break
+    os.killpg(proc.pid, signal.SIGINT)
+    started = time.monotonic()
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + out, err), time.monotonic() - started
+
+
+def test_ctrl_c_under_two_ranks_is_one_line_and_exit_130(data_dirs, tmp_path):
+    """Both ranks and torchrun stop quietly; the stage says where it stopped and what a rerun does,
+    and leaves no half-written output."""
+    proc, seconds = interrupt_training(data_dirs, tmp_path, config(iterations=100000, resume_every=0))
+    assert proc.returncode == 130, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert re.fullmatch(r"pgolf train: interrupted at step \d+ of 100000; a rerun restarts training "
+                        r"\(train.resume_every is 0: no resume points\)", lines[0]), lines[0]
+    assert seconds < 60
+    assert not (tmp_path / "train").exists() and not list(tmp_path.glob(".train.*"))
+
+
+def test_ctrl_c_with_resume_points_says_where_a_rerun_resumes(data_dirs, tmp_path):
+    proc, _ = interrupt_training(data_dirs, tmp_path, config(iterations=100000, resume_every=2,
+                                                             resume_dir=str(tmp_path / "resume")))
+    assert proc.returncode == 130, proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.strip()]
+    step, resumes = map(int, re.fullmatch(r"pgolf train: interrupted at step (\d+) of 100000; a rerun resumes from "
+                                          r"step (\d+) \(the last resume point, .*\)", line).groups())
+    assert 2 <= resumes <= step and resumes % 2 == 0
 
 
 def record(folder: Path, rank: int, at: float, message: str) -> None:

@@ -21,6 +21,13 @@ FILLED_IN = {
     # tests/test_prefect_team.py's server listens on another port than a developer's own
     "PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run pgolf-pipeline/smoke -p preset=smoke":
         "PREFECT_API_URL=http://127.0.0.1:4211/api .venv/bin/prefect deployment run pgolf-pipeline/smoke -p preset=smoke",
+    # tests/test_prefect_leases.py's server is on a random port (API), the run's id its own
+    "PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/pgolf sweep --deployment pgolf-pipeline/smoke --preset smoke --seeds 42,0,1234":
+        'PREFECT_API_URL={API} .venv/bin/pgolf sweep --deployment pgolf-pipeline/smoke --preset smoke --seeds 42,0,1234',
+    "PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect deployment run pgolf-pipeline/split -p preset=smoke":
+        'PREFECT_API_URL={API} .venv/bin/prefect deployment run pgolf-pipeline/split -p preset=smoke',
+    "PREFECT_API_URL=http://127.0.0.1:4200/api .venv/bin/prefect flow-run retry RUN_ID":
+        'PREFECT_API_URL={API} .venv/bin/prefect flow-run retry {parent}',
 }
 # Benchmarks for the device machine (bench/gpu_checks.sh runs them there): here, their arguments.
 UP_TO_THE_DEVICE = {
@@ -32,9 +39,13 @@ UP_TO_THE_DEVICE = {
     ".venv/bin/python bench/reference_parity.py",
     ".venv/bin/python bench/record_parity.py",
     ".venv/bin/python bench/seed_systems_parity.py",
+    ".venv/bin/python bench/pr2135_parity.py",
     ".venv/bin/python bench/flow_overhead.py",
+    ".venv/bin/python bench/step_proxies.py",
     ".venv/bin/python bench/pack_ratio.py --gptq artifacts/gptq",
     ".venv/bin/python bench/shard_throughput.py",
+    ".venv/bin/python bench/certify_cost.py",
+    ".venv/bin/python bench/audit_records.py --repo CLONE",
 }
 def readme_commands() -> list[str]:
     text = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -271,6 +271,37 @@ def test_console_script_exit_codes(tmp_path):
     assert bad.returncode == 2 and str(tmp_path / "broken" / "submission.json") in bad.stderr
 
 
+
+# PR #2135 and the record it followed, #2014: their submission.json seed_results (val_loss, val_bpb).
+PR2135 = {"314": (2.31227656, 1.05662016), "42": (2.311159, 1.05610947), "0": (2.31265572, 1.05679341)}
+PR2014 = {"42": (2.31400153, 1.05740567), "314": (2.31377258, 1.05730104), "0": (2.31545717, 1.05807084)}
+
+
+def record(seed_results: dict) -> dict:
+    return {"seeds": [int(s) for s in seed_results],
+            "seed_results": {s: {"val_loss": loss, "val_bpb": bpb_} for s, (loss, bpb_) in seed_results.items()}}
+
+
+def test_pgolf_significance_prints_both_rules_where_they_disagree(tmp_path):
+    """#2146 merged #2135 over #2014 under the applied rule (it printed p = 0.014); the README's rule,
+    0.005 nats at p < 0.01, is not met. The command prints both, and its exit code is the README's."""
+    write(tmp_path / "pr2135" / "submission.json", record(PR2135))
+    write(tmp_path / "pr2014" / "submission.json", record(PR2014))
+    text = pgolf("significance", str(tmp_path / "pr2135"), str(tmp_path / "pr2014"))
+    assert text.returncode == 1, text.stdout + text.stderr
+    lines = text.stdout.splitlines()
+    readme = next(line for line in lines if line.startswith("verdict: "))
+    applied = next(line for line in lines if line.startswith("verdict (applied rule): "))
+    assert readme.startswith("verdict: not met: an improvement of 0.00238 nats is short of 0.005")
+    assert applied.startswith("verdict (applied rule): met: 0.00108 bpb better at p = 0.0138 < 0.25")
+
+    result = json.loads(pgolf("significance", "--json", str(tmp_path / "pr2135"), str(tmp_path / "pr2014")).stdout)
+    assert result["met"] is False and result["applied"]["met"] is True
+    assert round(result["applied"]["test"]["p"], 3) == 0.014
+    # reversed, neither rule holds: the applied rule is one-sided too
+    back = json.loads(pgolf("significance", "--json", str(tmp_path / "pr2014"), str(tmp_path / "pr2135")).stdout)
+    assert back["met"] is False and back["applied"]["met"] is False and back["applied"]["test"]["p"] > 0.9
+
 # ---------------------------------------------------------------- the export hook
 
 @pytest.fixture
@@ -279,11 +310,16 @@ def run_artifacts(tmp_path, monkeypatch):
     script is not under test here, so it is a stub."""
     from tasks import export
 
-    monkeypatch.setattr(export, "bundle_script", lambda *a: "print('stub')\n")
+    from pgolf.pack.codesize import wrapped_size
+
+    stub = "print('stub')\n"
+    monkeypatch.setattr(export, "submission_script", lambda params: stub)
+    code = wrapped_size(stub)  # what pack counted of the script it bundled, as a run's size.json says
     art = tmp_path / "artifacts"
     write(art / "eval" / "metrics.json", {"val_loss": BETTER[0], "val_bpb": bpb(BETTER[0], CASEOPS_BPT), "mode": "flat",
                                           "seq_len": 64, "tokens": 1000, "bytes": 3157})
-    write(art / "pack" / "size.json", {"total_bytes": 15_000_100, "model_bytes": 15_000_000, "code_bytes": 100, "cap_bytes": 16_000_000, "margin_bytes": 999_900})
+    write(art / "pack" / "size.json", {"total_bytes": 15_000_000 + code, "model_bytes": 15_000_000, "code_bytes": code,
+                                       "cap_bytes": 16_000_000, "margin_bytes": 1_000_000 - code})
     write(art / "train" / "metrics.json", {"steps": 10, "ms_per_step": 1.0})
     write(tmp_path / "sweep" / "sweep.json", sweep(BETTER))
     write(tmp_path / "standing" / "submission.json", submission(STANDING))

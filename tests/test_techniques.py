@@ -240,6 +240,72 @@ def test_flex_document_attention_is_the_dense_mask():
     assert torch.allclose(dense(ids, y), flex(ids, y))  # with grad on CPU: the dense fallback
 
 
+def uneven_documents(rows: int, length: int, seed: int = 0) -> torch.Tensor:
+    """Rows of documents of uneven lengths (1 token up to longer than doc_attention_max_len), a row
+    starting inside a document, two BOS in a row."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, 64, (rows, length), generator=g)
+    ids[0, [0, 1, 9, 10, 31]] = 1
+    if rows > 1:
+        ids[1, [5, 6, 7, 30]] = 1
+    return ids
+
+
+def test_varlen_cu_seqlens_are_r1s():
+    """document_segments: R1's cu_seqlens (segment starts, then the total, padded with the total to
+    a multiple of 64), over the rows flattened, each row starting a segment."""
+    from pgolf.model.docmask import document_segments
+
+    ids = uneven_documents(3, 37)
+    seg = document_segments(ids, 1, 8)
+    starts = [r * 37 + p[0] for r in range(3) for p in r1_segments(ids[r].tolist(), 8)]
+    assert seg.cu_seqlens.dtype == torch.int32 and len(seg.cu_seqlens) == 64
+    assert seg.cu_seqlens.tolist() == starts + [3 * 37] * (64 - len(starts))
+    assert seg.max_seqlen == 8 and document_segments(ids, 1, 0).max_seqlen == 37
+
+
+@pytest.mark.parametrize("extra", [dict(), R1_TINY], ids=["base", "r1"])
+def test_varlen_document_attention_is_the_mask_and_flex_in_logits_and_grads(extra):
+    """Issue 25: doc_attention_kernel varlen (rows cut at cu_seqlens, no T x T mask; on CPU the
+    exact per-segment path) computes the dense mask's and FlexAttention's logits, and the dense
+    mask's gradients (FlexAttention has no backward on CPU: its gradients against varlen's are
+    bench/varlen_attention.py's, on CUDA), on uneven documents with GQA and max_len cuts."""
+    kernels = {k: ModelConfig(**{**BASE, **extra}, doc_attention=True, doc_attention_max_len=8, doc_attention_kernel=k)
+               for k in ("mask", "flex", "varlen")}
+    models = {k: randomized(cfg) for k, cfg in kernels.items()}
+    for m in models.values():
+        m.load_state_dict(models["mask"].state_dict())
+        m.set_looping(True)
+    ids, y = uneven_documents(2, 40), torch.randint(0, 64, (2, 40))
+    with torch.no_grad():
+        logits = {k: m.forward_logits(ids) for k, m in models.items()}
+    assert torch.allclose(logits["varlen"], logits["mask"], atol=1e-5, rtol=0)
+    assert torch.allclose(logits["varlen"], logits["flex"], atol=1e-5, rtol=0)
+    grads = {}
+    for k in ("mask", "varlen"):
+        models[k](ids, y).backward()
+        grads[k] = {n: p.grad for n, p in models[k].named_parameters() if p.grad is not None}
+    assert grads["mask"].keys() == grads["varlen"].keys()
+    for name, g in grads["mask"].items():
+        assert torch.allclose(grads["varlen"][name], g, atol=1e-5, rtol=1e-4), name
+    # the segments built on the host beforehand (what the loader passes) change nothing
+    cu = models["varlen"].document_cu_seqlens(ids, ids.device)
+    assert torch.equal(models["varlen"].forward_logits(ids, cu_seqlens=cu), logits["varlen"])
+
+
+def test_segment_attention_gradients_are_exact():
+    """The exact varlen path's backward (written out: autograd does not run inside a custom op)
+    against finite differences, in float64, with GQA and an empty padding segment."""
+    from pgolf.model.docmask import segment_attention
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(11, 4, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    k = torch.randn(11, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    v = torch.randn(11, 2, 3, dtype=torch.float64, generator=g, requires_grad=True)
+    cu = torch.tensor([0, 1, 5, 11, 11], dtype=torch.int32)
+    assert torch.autograd.gradcheck(lambda q, k, v: segment_attention(q, k, v, cu, True), (q, k, v))
+
+
 def test_each_block_is_built_from_its_spec():
     """Every per-layer choice is the plan's: the blocks the model builds follow block_specs, and a
     choice moved to another layer in the config moves in the model."""

@@ -117,7 +117,7 @@ def test_resume_after_a_kill_continues_with_identical_state(data_dirs, tmp_path,
     assert not folder.exists(), "a finished run removes its checkpoints"
 
 
-@pytest.mark.parametrize("preset", ["record", "pr1693", "pr1790", "pr2116", "pr1383"])
+@pytest.mark.parametrize("preset", ["record", "pr1693", "pr1790", "pr2116", "pr1383", "pr2135"])
 def test_each_preset_trains_at_tiny_width(preset, data_dirs, tmp_path):
     """Every technique switch of a preset, through the real train stage, at a CPU-sized width."""
     from tasks import params as P
@@ -256,3 +256,37 @@ def test_val_every_needs_the_tokenizer_and_ranges_are_checked(data_dirs, tmp_pat
     for field in ("val_every", "val_tokens"):
         with pytest.raises(ConfigError, match=field):
             from_dict(train_stage.Config, {field: -1}, "params.yaml: train")
+
+
+def test_the_compiled_record_train_step_has_no_graph_break(data_dirs, tmp_path):
+    """Issue 25: the Trainer's step of a tiny record model (varlen document attention on flat
+    batches, looping, lanes, XSA, gates, sharded bf16 Muon, EMA) with its model compiled as the
+    Trainer compiles it on CUDA (compile_for_training: fullgraph, so a graph break raises; dynamo's
+    trace is the same with the aot_eager backend, which runs on CPU). Batches hold different
+    document counts (cu_seqlens of 64 and 128 entries) and the loop switches on midway: dynamo
+    compiles once per looping state and never again."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from tasks import params as P
+
+    section = P.render("record", [f"train.model.{k}={v}" for k, v in
+                                  dict(vocab_size=400, model_dim=32, num_heads=4, num_kv_heads=2, num_layers=4, rope_dims=4,
+                                       loop_start=1, loop_end=2, parallel_start_layer=2, xsa_last_n=4,
+                                       doc_attention_max_len=8).items()] + ["tokenizer.vocab_size=400"])["train"]
+    assert section["model"]["doc_attention_kernel"] == "varlen" and section["flat_batches"]
+    section.update(nproc=1, device="cpu", iterations=6, train_batch_tokens=496, train_seq_len=8, grad_accum_steps=1,
+                   max_wallclock_seconds=0, gptq_reserve_seconds=0, warmup_steps=0, compile=False, log_every=1)
+    trainer = training_loop.Trainer(from_dict(train_stage.Config, section, "record"), data_dirs["shards"], tmp_path)
+    trainer.train_model = training_loop.compile_for_training(trainer.model, backend="aot_eager")
+    torch._dynamo.reset()
+    counters.clear()
+    next_batch, lengths = trainer.loader.next_batch, set()
+    trainer.loader.next_batch = lambda *a: (lambda b: lengths.add(len(b[2])) or b)(next_batch(*a))
+    trainer.model.set_looping(False)
+    for step in range(6):
+        if step == 3:
+            trainer.model.set_looping(True)
+        loss = trainer.step(step, 1.0)
+        assert torch.isfinite(loss)
+    assert lengths == {64, 128}, "the batches should need both cu_seqlens buckets"
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])

@@ -47,7 +47,8 @@ def fake_python_bin(base: Path) -> Path:
 
 def copy_checkout(repo: Path) -> Path:
     """This checkout's tracked and unignored files (no dvc.lock: a fresh start) in `repo`, the venv
-    linked in, not yet a git repository."""
+    linked in, not yet a git repository. params.yaml is the smoke preset rendered, whatever the
+    working one holds: a user's experiments there are not the tests' input."""
     files = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True,
                            check=True).stdout.split()
     for rel in files:
@@ -57,6 +58,9 @@ def copy_checkout(repo: Path) -> Path:
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_bytes(src.read_bytes())
         (repo / rel).chmod(src.stat().st_mode)
+    from tasks.params import header_for, render, write_params
+
+    write_params(render("smoke"), repo / "params.yaml", header_for("smoke", []))
     (repo / ".venv").symlink_to(VENV)
     os.utime(repo / "pyproject.toml", (0, 0))  # older than the venv's install stamp: make installs nothing
     return repo

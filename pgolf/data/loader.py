@@ -7,6 +7,7 @@ see exactly the tokens one process would.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -24,15 +25,22 @@ def span_per_rank(global_tokens: int, seq_len: int, world_size: int, grad_accum_
     return local_tokens + 1
 
 
+# inputs on the host -> the model's cu_seqlens on the device (GPT.document_cu_seqlens), or None
+Segmenter = Callable[[torch.Tensor, torch.device], "torch.Tensor | None"]
+
+
 def rank_batch(chunk: np.ndarray, rank: int, span: int, seq_len: int, device: torch.device,
-               flat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+               flat: bool = False, segmenter: Segmenter | None = None) -> tuple[torch.Tensor, ...]:
     """Rank r's slice of one global span, as (inputs, targets) rows of seq_len, or (`flat`) as one
-    row of all of it, R1's layout: its attention segments come from the model's document mask."""
+    row of all of it, R1's layout: its attention segments come from the model's document mask.
+    With a `segmenter`, (inputs, targets, cu_seqlens): the varlen segments, built from the host's
+    copy of the inputs, as R1's loader builds them, so the device never waits for them."""
     local = torch.from_numpy(chunk[rank * span:(rank + 1) * span].astype(np.int64))
     row = span - 1 if flat else seq_len
     x, y = local[:-1].reshape(-1, row), local[1:].reshape(-1, row)
     non_blocking = device.type == "cuda"
-    return x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking)
+    batch = (x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking))
+    return batch if segmenter is None else (*batch, segmenter(x, device))
 
 
 class TokenStream:
@@ -75,13 +83,15 @@ class DistributedTokenLoader:
     """Yields (inputs, targets) of shape [micro_tokens // seq_len, seq_len] for this rank."""
 
     def __init__(self, folder: str | Path, rank: int, world_size: int, device: torch.device,
-                 vocab_size: int | None = None, flat: bool = False):
+                 vocab_size: int | None = None, flat: bool = False, segmenter: Segmenter | None = None):
         self.stream = TokenStream(folder, "train", vocab_size)
         self.rank, self.world_size, self.device, self.flat = rank, world_size, device, flat
+        self.segmenter = segmenter
 
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, ...]:
         span = span_per_rank(global_tokens, seq_len, self.world_size, grad_accum_steps)
-        return rank_batch(self.stream.take(span * self.world_size), self.rank, span, seq_len, self.device, self.flat)
+        return rank_batch(self.stream.take(span * self.world_size), self.rank, span, seq_len, self.device, self.flat,
+                          self.segmenter)
 
 
 class DocumentPackingLoader:
@@ -93,12 +103,13 @@ class DocumentPackingLoader:
     rank, segments cut at BOS and every train_seq_len from a document's start: doc_attention_max_len)."""
 
     def __init__(self, folder: str | Path, rank: int, world_size: int, device: torch.device,
-                 vocab_size: int | None = None, bos_id: int = 1, flat: bool = False):
+                 vocab_size: int | None = None, bos_id: int = 1, flat: bool = False, segmenter: Segmenter | None = None):
         self.files = list_shards(folder, "train")
         if not self.files:
             raise InputError("no fineweb_train_*.bin shards found", folder)
         self.rank, self.world_size, self.device = rank, world_size, device
         self.vocab_size, self.bos_id, self.flat = vocab_size, bos_id, flat
+        self.segmenter = segmenter
         self.seek(0, None)
 
     @property
@@ -114,7 +125,7 @@ class DocumentPackingLoader:
         self.tokens = read_shard(self.files[file_index], self.vocab_size, mmap=False)
         self.pos = self._first_bos() if pos is None else pos
 
-    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def next_batch(self, global_tokens: int, seq_len: int, grad_accum_steps: int) -> tuple[torch.Tensor, ...]:
         span = span_per_rank(global_tokens, seq_len, self.world_size, grad_accum_steps)
         need = span * self.world_size
         for _ in range(2 * len(self.files) + 1):
@@ -126,4 +137,4 @@ class DocumentPackingLoader:
                              "use fewer tokens per step or larger shards", self.files[0].parent)
         chunk = self.tokens[self.pos:self.pos + need]
         self.pos += need
-        return rank_batch(chunk, self.rank, span, seq_len, self.device, self.flat)
+        return rank_batch(chunk, self.rank, span, seq_len, self.device, self.flat, self.segmenter)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -139,9 +140,12 @@ def _ordered_map_dask(fn: Callable, items: Iterable, workers: int, model_bytes: 
     from distributed import Client, LocalCluster
 
     cluster = None
-    if address == "local":
+    # A LocalCluster's workers spill into `local_directory`, by default dask-scratch-space in TMPDIR,
+    # which outlives the run; this one is removed with the cluster.
+    scratch = tempfile.TemporaryDirectory(prefix="pgolf-dask-") if address == "local" else None
+    if scratch is not None:
         cluster = LocalCluster(n_workers=max(workers, 1), threads_per_worker=1, processes=True,
-                               dashboard_address=None)
+                               dashboard_address=None, local_directory=scratch.name)
     try:
         try:
             client = Client(cluster or address, timeout=DASK_CONNECT_TIMEOUT_S)
@@ -163,6 +167,8 @@ def _ordered_map_dask(fn: Callable, items: Iterable, workers: int, model_bytes: 
     finally:
         if cluster is not None:
             cluster.close()
+        if scratch is not None:
+            scratch.cleanup()
 
 
 def _chunks(docs: Iterable[str], val_docs: int) -> Iterator[tuple[str, list[str]]]:

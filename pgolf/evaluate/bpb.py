@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -17,7 +18,12 @@ import torch.nn.functional as F
 
 from pgolf import dist
 from pgolf.progress import tracked
-from pgolf.tokenize.token_bytes import ByteLUTs, target_bytes
+from pgolf.tokenize.token_bytes import bytes_per_position  # noqa: F401 - where callers find it with the rest of val_bpb
+
+
+# (logits [N, V], targets [N], their stream positions [N], which of them are scored [N]) -> (the NLL
+# to train on, with its graph; the score of each target, detached): a replacement for the plain NLL.
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -46,18 +52,6 @@ def truncate_val(tokens: np.ndarray, seq_len: int) -> np.ndarray:
     return tokens[:usable + 1]
 
 
-def bytes_per_position(tokens: np.ndarray, luts: ByteLUTs | None, sidecar: np.ndarray | None) -> np.ndarray:
-    """Bytes charged to the target at each stream position (position 0 is never a target: 0)."""
-    out = np.zeros(len(tokens), dtype=np.int64)
-    if sidecar is not None:
-        if len(sidecar) < len(tokens):
-            raise ValueError(f"the val byte sidecar has {len(sidecar)} entries for {len(tokens)} tokens")
-        out[1:] = sidecar[1:len(tokens)]
-    else:
-        out[1:] = target_bytes(tokens[:-1], tokens[1:], luts)
-    return out
-
-
 def windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]]:
     """(window start, first scored target position) pairs. Window w covers inputs [w, w+L) and
     targets w+1 .. w+L. Flat (stride 0): disjoint windows. Sliding: the first window scores all of
@@ -75,48 +69,99 @@ def windows(num_targets: int, seq_len: int, stride: int) -> list[tuple[int, int]
     return result
 
 
+def window_inputs(model, stream: torch.Tensor, batch: list[tuple[int, int]], seq_len: int, device: torch.device,
+                  join: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs, targets) of a batch of windows on the device, and the model's varlen segments built
+    from the host's copy of the inputs (GPT.document_cu_seqlens; None where it needs none), so
+    the device never waits for them. join: the batch's windows as one row (score_windows)."""
+    x = torch.stack([stream[w:w + seq_len] for w, _ in batch])
+    y = torch.stack([stream[w + 1:w + seq_len + 1] for w, _ in batch])
+    x = x.reshape(1, -1) if join else x
+    segmenter = getattr(model, "document_cu_seqlens", None)
+    cu_seqlens = segmenter(x, device) if segmenter is not None else None
+    return x.to(device), y.to(device), cu_seqlens
+
+
 @torch.no_grad()
-def score_windows(model, stream: torch.Tensor, batch: list[tuple[int, int]], seq_len: int,
-                  device: torch.device, join: bool = False) -> list[tuple[int, int, torch.Tensor]]:
-    """One forward over a batch of windows (start, first scored target): for each window, the span
-    of targets it scores [first, end) and their NLLs (float64, CPU). join: the batch's windows
-    (contiguous: flat mode) go in as one row, as R1's eval_val feeds them, so the model's document
-    attention, not the window edge, decides what each token sees."""
-    x = torch.stack([stream[w:w + seq_len] for w, _ in batch]).to(device)
-    y = torch.stack([stream[w + 1:w + seq_len + 1] for w, _ in batch]).to(device)
+def window_nll(model, stream: torch.Tensor, batch: list[tuple[int, int]], seq_len: int, device: torch.device,
+               join: bool = False, scorer: Scorer | None = None) -> torch.Tensor:
+    """The NLL (fp32, on the device) of every target of a batch of windows, [windows, seq_len]; with
+    a scorer, what it scores instead (the n-gram tilt's loss)."""
+    x, y, cu_seqlens = window_inputs(model, stream, batch, seq_len, device, join)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        logits = model.forward_logits(x.reshape(1, -1) if join else x)
-    nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="none")
-    nll = nll.view(len(batch), seq_len).double().cpu()
+        logits = (model.forward_logits(x, cu_seqlens=cu_seqlens) if cu_seqlens is not None
+                  else model.forward_logits(x))
+    logits, y = logits.reshape(-1, logits.size(-1)), y.reshape(-1)
+    if scorer is None:
+        nll = F.cross_entropy(logits.float(), y, reduction="none")
+    else:
+        positions = torch.cat([torch.arange(w + 1, w + seq_len + 1) for w, _ in batch])
+        scored = torch.cat([torch.arange(w + 1, w + seq_len + 1) >= first for w, first in batch])
+        _, nll = scorer(logits, y, positions.to(device), scored.to(device))
+    return nll.view(len(batch), seq_len)
+
+
+def score_windows(model, stream: torch.Tensor, batch: list[tuple[int, int]], seq_len: int,
+                  device: torch.device, join: bool = False, scorer: Scorer | None = None
+                  ) -> list[tuple[int, int, torch.Tensor]]:
+    """One forward over a batch of windows (start, first scored target): for each window, the span
+    of targets it scores [first, end) and their NLLs (float64, CPU: a device sync; for callers
+    that need every target's loss on the host). join: the batch's windows (contiguous: flat mode)
+    go in as one row, as R1's eval_val feeds them, so the model's document attention, not the
+    window edge, decides what each token sees. scorer: what is scored instead of the NLL (the
+    n-gram tilt's, pgolf.evaluate.ngram_tilt)."""
+    nll = window_nll(model, stream, batch, seq_len, device, join, scorer).double().cpu()
     return [(first, w + seq_len + 1, nll[row, first - (w + 1):]) for row, (w, first) in enumerate(batch)]
 
 
+def window_sums(nll: torch.Tensor, batch: list[tuple[int, int]]) -> torch.Tensor:
+    """Each window's NLL sum over the targets it scores, float64, on nll's device: the windows that
+    score from the same offset (all of a flat batch; a sliding batch's later windows) summed in one
+    op. The same reduction as summing each window's slice on its own (a test checks the bits)."""
+    offsets = [first - (w + 1) for w, first in batch]
+    wide = nll.double()
+    if len(set(offsets)) == 1:
+        return wide[:, offsets[0]:].sum(dim=1)
+    sums = wide.new_empty(len(batch))
+    for offset in sorted(set(offsets)):
+        rows = [i for i, o in enumerate(offsets) if o == offset]
+        sums[rows] = wide[rows, offset:].sum(dim=1)
+    return sums
+
+
 def evaluate_bpb(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len: int, stride: int, batch_seqs: int,
-                 device: torch.device, join_windows: bool = False) -> BpbResult:
+                 device: torch.device, join_windows: bool = False, scorer: Scorer | None = None) -> BpbResult:
     """Score every target of `tokens` (already truncated) once; `byte_counts[t]` is the bytes of target t.
-    join_windows (flat only): each batch's windows are one row (score_windows)."""
+    join_windows (flat only): each batch's windows are one row (score_windows); scorer: see there.
+
+    The losses stay on the device: each batch's window sums are queued there and read once at the
+    end (one sync per eval); token and byte counts come from the window plan on the host."""
     if join_windows and stride:
         raise ValueError("join_windows joins contiguous flat windows: it needs stride 0")
     num_targets = len(tokens) - 1
     stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     plan = windows(num_targets, seq_len, stride)
     batches = [plan[b:b + batch_seqs] for b in range(0, len(plan), batch_seqs)]
-    row_losses: list[tuple[int, list[float]]] = []
+    mine = list(range(dist.rank(), len(batches), dist.world_size()))
+    sums: list[torch.Tensor] = []
     scored_tokens, scored_bytes = 0, 0
     model.eval()
-    for index in tracked(range(dist.rank(), len(batches), dist.world_size()),
-                         f"eval batches of {batch_seqs} windows (this rank's)"):
-        losses = []
-        for first, end, nll in score_windows(model, stream, batches[index], seq_len, device, join_windows):
-            losses.append(float(nll.sum()))
-            scored_tokens += end - first
-            scored_bytes += int(byte_counts[first:end].sum())
-        row_losses.append((index, losses))
+    for index in tracked(mine, f"eval batches of {batch_seqs} windows (this rank's)"):
+        batch = batches[index]
+        sums.append(window_sums(window_nll(model, stream, batch, seq_len, device, join_windows, scorer), batch))
+        for w, first in batch:
+            scored_tokens += w + seq_len + 1 - first
+            scored_bytes += int(byte_counts[first:w + seq_len + 1].sum())
+    losses = torch.cat(sums).tolist() if sums else []  # the one sync
+    row_losses, start = [], 0
+    for index in mine:
+        row_losses.append((index, losses[start:start + len(batches[index])]))
+        start += len(batches[index])
     # Summed in window order whatever the rank count, so N ranks give one process's bits exactly.
     ordered = sorted(item for part in dist.all_gather_objects(row_losses) for item in part)
     loss_sum = 0.0
-    for _, losses in ordered:
-        for value in losses:
+    for _, window_losses in ordered:
+        for value in window_losses:
             loss_sum += value
     _, tokens, nbytes = dist.all_reduce_sums([0.0, scored_tokens, scored_bytes], device)
     result = BpbResult(loss_sum, int(tokens), int(nbytes))

@@ -3,7 +3,9 @@
 Scoring every target is not optional; the training a TTT mode does between scoring steps (a global
 SGD phase, a chunk's SGD epochs) is. Before each such piece of training, the projection "elapsed +
 this training + the scoring still ahead" is compared with the budget, and the training (with all
-training after it) is skipped when it would not fit. All ranks take the same decision."""
+training after it) is skipped when it would not fit. All ranks take the same decision. "Elapsed"
+counts everything since the eval began but the compile warm-up: the artifact load, and the n-gram
+tilt's hint precompute, which PR #2135 counts inside its clock too (docs/lineage.md#eval-budget)."""
 from __future__ import annotations
 
 import time

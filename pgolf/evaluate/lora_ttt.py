@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from pgolf import dist
 from pgolf.evaluate.audit import GLOBAL, Audit
-from pgolf.evaluate.bpb import BpbResult
+from pgolf.evaluate.bpb import BpbResult, Scorer
 from pgolf.evaluate.budget import Budget, unlimited
 from pgolf.model.lora import DocumentAdapters
 from pgolf.typed_params import check_range
@@ -47,6 +47,7 @@ class TTTSettings:
     context: int = 2048
     batch_docs: int = 64
     warm_start_a: bool = False  # R1: keep A across batches (B is always reset)
+    adapt_k: bool = True  # adapters on K too (R1); PR #2135: off (its TTT_K_LORA=0)
     seed: int = 0
     # Multi-phase global SGD (PR #1626 -> R1, docs/lineage.md#phased-ttt): once prefix_docs * k / phases
     # documents are scored, all base weights take one SGD epoch on that many of them, the shortest first.
@@ -140,9 +141,12 @@ def global_sgd(model, tokens: np.ndarray, settings: TTTSettings, device: torch.d
 
 
 def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: TTTSettings, device: torch.device,
-                 bos_id: int, budget: Budget | None = None) -> tuple[BpbResult, dict, np.ndarray]:
-    """Returns (totals over all ranks, the audit and phase summary, the NLL of every target position
-    this rank scored, NaN elsewhere)."""
+                 bos_id: int, budget: Budget | None = None, scorer: Scorer | None = None
+                 ) -> tuple[BpbResult, dict, np.ndarray]:
+    """Returns (totals over all ranks, the audit and phase summary, the score of every target position
+    this rank scored, NaN elsewhere). `scorer` (pgolf.evaluate.bpb.Scorer): what is scored instead of
+    the NLL, e.g. the n-gram tilt's; the adapters still train on the NLL it returns, as PR #2135's
+    train on the untilted loss."""
     budget = budget or unlimited()
     num_targets = len(tokens) - 1
     stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
@@ -203,7 +207,7 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: T
         if adapters is None or len(batch) != adapters.head.A.size(0) or not settings.warm_start_a:
             # Seeded by the batch's place in processing order: the same adapters whichever rank runs it.
             adapters = DocumentAdapters(model.cfg, model.virtual_depth(), len(batch), settings.rank, settings.alpha,
-                                        settings.seed * 1_000_003 + index).to(device)
+                                        settings.seed * 1_000_003 + index, k=settings.adapt_k).to(device)
         else:
             adapters.reset(keep_a=True)
         optimizer = torch.optim.AdamW(adapters.parameters(), lr=settings.lr, betas=(settings.beta1, settings.beta2),
@@ -233,10 +237,21 @@ def evaluate_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, settings: T
                 mask[j, lo - w0:hi - w0] = True
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 logits = model.forward_logits(x.to(device), adapters)
-            nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1),
-                                  reduction="none").view(len(batch), width)
+            if scorer is None:
+                nll = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.to(device).reshape(-1),
+                                      reduction="none").view(len(batch), width)
+                scores = nll.detach()
+            else:
+                positions = torch.zeros(len(batch), width, dtype=torch.long)
+                for j, row in enumerate(rows):
+                    if row is not None:
+                        first = docs[batch[j]][0] + row[2] + 1
+                        positions[j, :row[1] - row[2]] = torch.arange(first, first + row[1] - row[2])
+                nll, scores = scorer(logits.flatten(0, 1), y.to(device).flatten(), positions.to(device).flatten(),
+                                     mask.to(device).flatten())
+                nll, scores = nll.view(len(batch), width), scores.view(len(batch), width)
             # Score first: the chunk's losses and bytes are final before any update that uses them.
-            scored = nll.detach().double().cpu()
+            scored = scores.double().cpu()
             for j, row in enumerate(rows):
                 if row is None:
                     continue

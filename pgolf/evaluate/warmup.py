@@ -16,13 +16,14 @@ from pgolf.model.lora import DocumentAdapters
 
 def compile_forward(model) -> None:
     """Route every forward (scoring, TTT, the SGD loss through model.forward) through a compiled graph."""
-    model.forward_logits = torch.compile(model.forward_logits, dynamic=True)
+    # fullgraph: a graph break is an error, not a silent fall back to eager for part of the forward
+    model.forward_logits = torch.compile(model.forward_logits, dynamic=True, fullgraph=True)
 
 
 def warm_up(model, device: torch.device, shapes: list[tuple[int, int]], lora: tuple[int, int, float] | None = None,
-            train: bool = False, seed: int = 0) -> float:
+            train: bool = False, seed: int = 0, lora_k: bool = True) -> float:
     """Run the compiled model on random tokens at each (rows, width) of `shapes`; with `lora`
-    = (docs, rank, alpha) through throwaway adapters with a backward and an AdamW step, with `train`
+    = (docs, rank, alpha) through throwaway adapters (on K too unless not `lora_k`) with a backward and an AdamW step, with `train`
     a backward through the base weights. No base weight changes. Returns the seconds spent."""
     started = time.perf_counter()
     g = torch.Generator().manual_seed(seed)
@@ -37,7 +38,7 @@ def warm_up(model, device: torch.device, shapes: list[tuple[int, int]], lora: tu
                 for p in model.parameters():
                     p.requires_grad_(False)
                 docs, rank, alpha = lora
-                adapters = DocumentAdapters(model.cfg, model.virtual_depth(), docs, rank, alpha, seed).to(device)
+                adapters = DocumentAdapters(model.cfg, model.virtual_depth(), docs, rank, alpha, seed, k=lora_k).to(device)
                 optimizer = torch.optim.AdamW(adapters.parameters(), lr=1e-4)
                 logits = model.forward_logits(x[:docs], adapters)
                 torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), y[:docs].flatten()).backward()

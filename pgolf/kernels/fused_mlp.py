@@ -91,16 +91,43 @@ def _launch(a: Tensor, b: Tensor, out: Tensor, h: Tensor, slope: float, epilogue
         _TUNED[grid](*args, EPILOGUE=epilogue)
 
 
+# The launches are custom ops with fake implementations: torch.compile traces them whole in a
+# fullgraph graph, and FakeTensor estimates their memory (bench/step_proxies.py).
+@torch.library.custom_op("pgolf::mlp_up_activation", mutates_args=())
+def mlp_up_activation(x: Tensor, w_fc: Tensor, slope: float) -> tuple[Tensor, Tensor]:
+    """(h = x W_fc^T, act(h)), both [tokens, hidden] in x's dtype; x contiguous."""
+    h = torch.empty(x.shape[0], w_fc.shape[0], dtype=x.dtype, device=x.device)
+    activated = torch.empty_like(h)
+    _launch(x, w_fc.t(), activated, h, slope, epilogue=0)
+    return h, activated
+
+
+@mlp_up_activation.register_fake
+def _(x, w_fc, slope):
+    h = x.new_empty(x.shape[0], w_fc.shape[0])
+    return h, torch.empty_like(h)
+
+
+@torch.library.custom_op("pgolf::mlp_activation_grad", mutates_args=())
+def mlp_activation_grad(grad_y: Tensor, w_proj: Tensor, h: Tensor, slope: float) -> Tensor:
+    """dL/dh = (dL/dy W_proj) * act'(h), grad_y contiguous."""
+    grad_h = torch.empty_like(h)
+    _launch(grad_y, w_proj, grad_h, h, slope, epilogue=1)
+    return grad_h
+
+
+@mlp_activation_grad.register_fake
+def _(grad_y, w_proj, h, slope):
+    return torch.empty_like(h)
+
+
 class FusedMLP(torch.autograd.Function):
     """y = act(x W_fc^T) W_proj^T for x [tokens, dim], W_fc [hidden, dim], W_proj [dim, hidden]."""
 
     @staticmethod
     def forward(ctx, x: Tensor, w_fc: Tensor, w_proj: Tensor, slope: float) -> Tensor:
         x = x.contiguous()
-        tokens, hidden = x.shape[0], w_fc.shape[0]
-        h = torch.empty(tokens, hidden, dtype=x.dtype, device=x.device)
-        activated = torch.empty_like(h)
-        _launch(x, w_fc.t(), activated, h, slope, epilogue=0)
+        h, activated = mlp_up_activation(x, w_fc, slope)
         ctx.save_for_backward(x, w_fc, w_proj, h, activated)
         ctx.slope = slope
         return activated @ w_proj.t()
@@ -110,8 +137,7 @@ class FusedMLP(torch.autograd.Function):
         x, w_fc, w_proj, h, activated = ctx.saved_tensors
         grad_y = grad_y.contiguous()
         grad_w_proj = grad_y.t() @ activated
-        grad_h = torch.empty_like(h)
-        _launch(grad_y, w_proj, grad_h, h, ctx.slope, epilogue=1)
+        grad_h = mlp_activation_grad(grad_y, w_proj, h, ctx.slope)
         grad_w_fc = grad_h.t() @ x
         grad_x = grad_h @ w_fc
         return grad_x, grad_w_fc, grad_w_proj, None

@@ -72,17 +72,46 @@ def _warps(block: int) -> int:
     return 8 if block >= 2048 else 4
 
 
+# The launches are custom ops with fake implementations (as R1's fused loss): torch.compile traces
+# them whole in a fullgraph graph, and FakeTensor estimates their memory (bench/step_proxies.py).
+@torch.library.custom_op("pgolf::softcap_ce_forward", mutates_args=())
+def softcap_ce_forward(logits: Tensor, targets: Tensor, cap: float) -> tuple[Tensor, Tensor]:
+    """(loss per row, lse per row), fp32; logits [rows, vocab] with unit column stride."""
+    rows, cols = logits.shape
+    losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
+    block = _block(cols)
+    _forward_kernel[(rows,)](logits, targets, losses, lse, logits.stride(0), cols, cap,
+                             BLOCK=block, num_warps=_warps(block))
+    return losses, lse
+
+
+@softcap_ce_forward.register_fake
+def _(logits, targets, cap):
+    return logits.new_empty(logits.size(0), dtype=torch.float32), logits.new_empty(logits.size(0), dtype=torch.float32)
+
+
+@torch.library.custom_op("pgolf::softcap_ce_backward", mutates_args=())
+def softcap_ce_backward(logits: Tensor, targets: Tensor, lse: Tensor, grad_losses: Tensor, cap: float) -> Tensor:
+    rows, cols = logits.shape
+    grad = torch.empty_like(logits)
+    block = _block(cols)
+    _backward_kernel[(rows,)](logits, targets, lse, grad_losses, grad, logits.stride(0), grad.stride(0), cols, cap,
+                              BLOCK=block, num_warps=_warps(block))
+    return grad
+
+
+@softcap_ce_backward.register_fake
+def _(logits, targets, lse, grad_losses, cap):
+    return torch.empty_like(logits)
+
+
 class SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, cap: float) -> Tensor:
         logits = logits if logits.stride(-1) == 1 else logits.contiguous()
         targets = targets.contiguous()
-        rows, cols = logits.shape
-        losses = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        lse = torch.empty(rows, dtype=torch.float32, device=logits.device)
-        block = _block(cols)
-        _forward_kernel[(rows,)](logits, targets, losses, lse, logits.stride(0), cols, cap,
-                                 BLOCK=block, num_warps=_warps(block))
+        losses, lse = softcap_ce_forward(logits, targets, cap)
         ctx.save_for_backward(logits, targets, lse)
         ctx.cap = cap
         return losses
@@ -90,12 +119,7 @@ class SoftcapCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_losses: Tensor):
         logits, targets, lse = ctx.saved_tensors
-        rows, cols = logits.shape
-        grad = torch.empty_like(logits)
-        block = _block(cols)
-        _backward_kernel[(rows,)](logits, targets, lse, grad_losses.contiguous(), grad, logits.stride(0),
-                                  grad.stride(0), cols, ctx.cap, BLOCK=block, num_warps=_warps(block))
-        return grad, None, None
+        return softcap_ce_backward(logits, targets, lse, grad_losses.contiguous(), ctx.cap), None, None
 
 
 def softcap_cross_entropy(logits: Tensor, targets: Tensor, cap: float) -> Tensor:

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pgolf.typed_params import check_range
+from pgolf.typed_params import LATER, check_range
 
 
 @dataclass
@@ -25,10 +25,16 @@ class ModelConfig:
     tied_embed_init_std: float = 0.005
     orthogonal_init: bool = False  # R1: Q, K, V and MLP-up orthogonal (gain 1)
     logit_softcap: float = 30.0
+    # PR #2135's AsymLogit Rescale (pgolf/model/asym_softcap.py): learned caps for positive and negative logits
+    asym_softcap: bool = field(default=False, metadata=LATER)
     rope_base: float = 10000.0
     rope_dims: int = 0  # 0: RoPE over the whole head; R1 rotates the first 16 of 64 dims
     rope_yarn: bool = False
     rope_train_len: int = 2048  # YaRN stretches the base only past this length
+    # R1's and PR #2135's scripts build their model as GPT(h).bfloat16() and return parameters, not buffers,
+    # to fp32, so their RoPE inverse frequencies are bf16-rounded in training and eval alike (where YaRN
+    # does not stretch them): 0.3164 for 10000^-1/8, half a radian off at position 2,560 (docs/lineage.md#pr2135)
+    rope_bf16_freqs: bool = field(default=False, metadata=LATER)
     qk_gain_init: float = 1.5
     ln_scale: bool = False  # block input norms x 1/sqrt(physical layer + 1)
     xsa_last_n: int = 0  # exclusive self-attention on the last n physical layers
@@ -53,8 +59,10 @@ class ModelConfig:
     doc_attention: bool = False  # attend only within the document (R1's varlen attention at BOS)
     # How: "mask": a dense [T, T] boolean mask through SDPA (any device, no compile); "flex":
     # FlexAttention with a block mask, which skips whole blocks of other documents and is fused into
-    # one kernel when the model is compiled (the CUDA training path). Same function, same parameters.
-    doc_attention_kernel: Literal["mask", "flex"] = "mask"
+    # one kernel when the model is compiled; "varlen": the rows cut into segments at cu_seqlens, as
+    # R1's FlashAttention varlen call (torch's varlen_attn on CUDA, exact per-segment SDPA
+    # elsewhere), no T x T anything. Same function, same parameters (pgolf/model/docmask.py).
+    doc_attention_kernel: Literal["mask", "flex", "varlen"] = "mask"
     # > 0: a document's attention segments are also cut every this many tokens from its start, as
     # R1's cu_seqlens cut them (max_doc_len = train_seq_len); it matters only in rows longer than
     # this (train.flat_batches), so 2048-token rows see the same mask with or without it.

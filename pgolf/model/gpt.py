@@ -15,8 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf import kernels as fused_kernels
+from pgolf.model.asym_softcap import AsymSoftcap
 from pgolf.model.config import ModelConfig
-from pgolf.model.docmask import Mask, document_block_mask, document_causal_mask, masked_attention
+from pgolf.model.docmask import (Mask, Segments, document_block_mask, document_causal_mask, document_segments,
+                                 masked_attention, max_segment_len)
 from pgolf.model.embeddings import BigramHashEmbedding, ValueEmbedding
 from pgolf.model.families import Family, family_of
 from pgolf.model.film import FiLM
@@ -55,7 +57,8 @@ class CausalSelfAttention(nn.Module):
         self.c_v = CastedLinear(cfg.model_dim, kv_dim, orthogonal=cfg.orthogonal_init)
         self.proj = CastedLinear(cfg.model_dim, cfg.model_dim, zero_init=True)
         self.q_gain = nn.Parameter(torch.full((cfg.num_heads,), cfg.qk_gain_init, dtype=torch.float32))
-        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_dims, cfg.rope_yarn, cfg.rope_train_len)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_base, cfg.rope_dims, cfg.rope_yarn, cfg.rope_train_len,
+                             cfg.rope_bf16_freqs)
         self.xsa = spec.xsa
         self.gate = AttnOutputGate(cfg) if cfg.attn_gate != "off" else None
 
@@ -64,7 +67,9 @@ class CausalSelfAttention(nn.Module):
         bsz, seqlen, dim = n.shape
         q_flat, k_flat, v = self.c_q(n), self.c_k(n), self.c_v(n)
         if lora is not None:
-            q_flat, k_flat, v = q_flat + lora.q(n), k_flat + lora.k(n), v + lora.v(n)
+            q_flat, v = q_flat + lora.q(n), v + lora.v(n)
+            if lora.k is not None:
+                k_flat = k_flat + lora.k(n)
         q = q_flat.reshape(bsz, seqlen, self.num_heads, self.head_dim).transpose(1, 2)
         k = k_flat.reshape(bsz, seqlen, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if value_embed is not None:
@@ -160,6 +165,7 @@ class GPT(nn.Module):
         self.skip_gates = nn.Parameter(torch.zeros(skips, cfg.model_dim)) if cfg.skip_gates else None
         self.film = FiLM(len(shared_depths(cfg)), cfg.model_dim) if cfg.film else None
         self.lm_head = None if cfg.tie_embeddings else CastedLinear(cfg.model_dim, cfg.vocab_size, zero_init=True)
+        self.softcap = AsymSoftcap(cfg.logit_softcap) if cfg.asym_softcap else None
         self.plans = {False: layer_plan(cfg, False), True: layer_plan(cfg, True)}
         # Recurrence is on by default (evaluation, calibration, TTT); training turns it off until
         # enable_looping_at and then back on for good.
@@ -237,19 +243,40 @@ class GPT(nn.Module):
         g = torch.sigmoid(self.skip_gates[j].to(x.dtype))
         return g * x + (1 - g) * weighted
 
-    def hidden(self, input_ids: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
+    def document_mask(self, input_ids: Tensor, cu_seqlens: Tensor | None) -> Mask | None:
+        """The attention mask of doc_attention in the configured kernel's form (pgolf.model.docmask).
+        `cu_seqlens`: the varlen segments of `input_ids` built on the host beforehand
+        (docmask.document_segments); without them the varlen kernel builds them here, a device sync."""
+        if not self.doc_attention:
+            return None
+        kernel, bos, max_len = self.cfg.doc_attention_kernel, self.cfg.bos_id, self.cfg.doc_attention_max_len
+        if kernel == "varlen":
+            if cu_seqlens is not None:
+                return Segments(cu_seqlens, max_segment_len(input_ids.size(1), max_len))
+            if not torch.compiler.is_compiling():
+                return document_segments(input_ids, bos, max_len)
+            # Inside a compiled graph segments cannot be read off the ids (a data-dependent shape):
+            # callers that compile without passing them (TTT) get FlexAttention, the same function.
+            kernel = "flex"
+        # FlexAttention has no backward on CPU: there, training falls back to the dense mask.
+        flex = kernel == "flex" and (input_ids.is_cuda or not torch.is_grad_enabled())
+        return (document_block_mask if flex else document_causal_mask)(input_ids, bos, max_len)
+
+    def document_cu_seqlens(self, host_ids: Tensor, device: torch.device) -> Tensor | None:
+        """The cu_seqlens the varlen kernel needs for `host_ids` (a CPU tensor), built on the host and
+        copied to `device` without a wait; None where the model needs none (pass it to forward)."""
+        if not (self.doc_attention and self.cfg.doc_attention_kernel == "varlen"):
+            return None
+        return document_segments(host_ids, self.cfg.bos_id, self.cfg.doc_attention_max_len, device).cu_seqlens
+
+    def hidden(self, input_ids: Tensor, adapters: DocumentAdapters | None = None,
+               cu_seqlens: Tensor | None = None) -> Tensor:
         """Final-normed hidden states [B, T, D]: the input of the LM head (one path for train/eval/TTT;
-        `adapters`: per-document LoRA, one slot per virtual depth)."""
+        `adapters`: per-document LoRA, one slot per virtual depth; `cu_seqlens`: see document_mask)."""
         x = self.embed(input_ids)
         x0 = x
         ve = self.value_embed(input_ids).to(x.dtype) if self.value_embed is not None else None
-        mask = None
-        if self.doc_attention:
-            # FlexAttention has no backward on CPU: there, training falls back to the dense mask.
-            flex = self.cfg.doc_attention_kernel == "flex" and (input_ids.is_cuda or not torch.is_grad_enabled())
-            mask = (document_block_mask if flex else document_causal_mask)(input_ids, self.cfg.bos_id,
-                                                                            self.cfg.doc_attention_max_len)
-        inputs = ForwardInputs(x0, ve, mask, adapters)
+        inputs = ForwardInputs(x0, ve, self.document_mask(input_ids, cu_seqlens), adapters)
         plan = self.plan
         skips: list[Tensor] = []
         for step in plan.encoder:
@@ -282,29 +309,37 @@ class GPT(nn.Module):
         weight = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         return F.linear(h, weight.to(h.dtype))
 
+    def capped(self, logits: Tensor, learned: bool = True) -> Tensor:
+        """The softcap; `learned`: the AsymLogit pair where the model has one (everything that reads
+        logits), else the constant cap (the training loss: docs/lineage.md#asymlogit)."""
+        if learned and self.softcap is not None:
+            return self.softcap(logits)
+        cap = self.cfg.logit_softcap
+        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+
     def logits_from_hidden(self, h: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
         logits = self.head(h).float()
         if adapters is not None:
             logits = logits + adapters.head(h).float()
-        cap = self.cfg.logit_softcap
-        return cap * torch.tanh(logits / cap) if cap > 0 else logits
+        return self.capped(logits)
 
-    def forward_logits(self, input_ids: Tensor, adapters: DocumentAdapters | None = None) -> Tensor:
-        return self.logits_from_hidden(self.hidden(input_ids, adapters), adapters)
+    def forward_logits(self, input_ids: Tensor, adapters: DocumentAdapters | None = None,
+                       cu_seqlens: Tensor | None = None) -> Tensor:
+        return self.logits_from_hidden(self.hidden(input_ids, adapters, cu_seqlens), adapters)
 
     def virtual_depth(self) -> int:
         """Slots a DocumentAdapters needs: one per virtual depth of the current plan."""
         return len(self.plan.steps)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
+    def forward(self, input_ids: Tensor, target_ids: Tensor, cu_seqlens: Tensor | None = None) -> Tensor:
         """Mean next-token loss: the training objective."""
         if self.fused_cross_entropy:
             from pgolf.kernels.softcap_ce import softcap_cross_entropy
 
-            logits = self.head(self.hidden(input_ids))
+            logits = self.head(self.hidden(input_ids, cu_seqlens=cu_seqlens))
             return softcap_cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1),
                                          self.cfg.logit_softcap)
-        logits = self.forward_logits(input_ids)
+        logits = self.capped(self.head(self.hidden(input_ids, cu_seqlens=cu_seqlens)).float(), learned=False)
         return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1))
 
 
@@ -319,6 +354,8 @@ def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     (scales, mixes, gains, gates, lane lambdas, skip weights, small embeddings) to the scalar Adam."""
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
     for name, p in model.named_parameters():
+        if name.startswith("softcap."):
+            continue  # PR #2135's optimizers hold no AsymLogit cap: it keeps its init (docs/lineage.md#asymlogit)
         family = family_of(name, p)
         if family is Family.EMBEDDING:
             groups["embed" if name == "tok_emb.weight" else "head"].append((name, p))

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from pgolf.errors import FormatError, InputError
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
-from pgolf.typed_params import from_dict
+from pgolf.typed_params import from_dict, recorded_dict
 
 
 def model_config_from_dict(data: dict, where: str = "model config") -> ModelConfig:
@@ -26,7 +25,7 @@ def state_dict_fp32(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 def save_model(model: torch.nn.Module, cfg: ModelConfig, folder: str | Path, extra_config: dict | None = None) -> None:
     folder = Path(folder)
     save_file(state_dict_fp32(model), str(folder / "model.safetensors"))
-    config = {"model": asdict(cfg), **(extra_config or {})}
+    config = {"model": recorded_dict(cfg), **(extra_config or {})}
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str, allow_nan=False) + "\n")
 
 

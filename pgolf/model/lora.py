@@ -4,7 +4,7 @@ Every tensor has a leading document dimension: document b of a batch has its own
 batched forward trains as many independent adapters as there are documents. delta(x) = (x A^T) B^T
 * alpha / r, A ~ U(+-1/sqrt(in)), B = 0 (the adapted model starts as the base model). One slot per
 virtual depth (looped layers get distinct adapters) with Q, K, V, O and MLP adapters, plus one on the
-LM head. O and MLP adapters read the block's normalized input, as R1's do.
+LM head; PR #2135 has none on K (`k=False`). O and MLP adapters read the block's normalized input, as R1's do.
 """
 from __future__ import annotations
 
@@ -40,14 +40,15 @@ class BatchedLoRA(nn.Module):
 @dataclass
 class SlotAdapters:
     q: BatchedLoRA
-    k: BatchedLoRA
+    k: BatchedLoRA | None
     v: BatchedLoRA
     o: BatchedLoRA
     mlp: BatchedLoRA
 
 
 class DocumentAdapters(nn.Module):
-    def __init__(self, cfg: ModelConfig, slots: int, docs: int, rank: int, alpha: float, seed: int = 0):
+    def __init__(self, cfg: ModelConfig, slots: int, docs: int, rank: int, alpha: float, seed: int = 0,
+                 k: bool = True):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         d, kv = cfg.model_dim, cfg.num_kv_heads * cfg.head_dim
@@ -55,14 +56,17 @@ class DocumentAdapters(nn.Module):
         def make(out_features: int) -> BatchedLoRA:
             return BatchedLoRA(docs, d, out_features, rank, alpha, g)
 
-        self.layers = nn.ModuleList(
-            nn.ModuleDict({"q": make(d), "k": make(kv), "v": make(kv), "o": make(d), "mlp": make(d)})
-            for _ in range(slots))
+        def one_depth() -> nn.ModuleDict:
+            # drawn in this order: without K the adapters after it draw what K's A would have
+            return nn.ModuleDict({"q": make(d), **({"k": make(kv)} if k else {}), "v": make(kv), "o": make(d),
+                                  "mlp": make(d)})
+
+        self.layers = nn.ModuleList(one_depth() for _ in range(slots))
         self.head = make(cfg.vocab_size)
 
     def slot(self, depth: int) -> SlotAdapters:
         m = self.layers[depth]
-        return SlotAdapters(m["q"], m["k"], m["v"], m["o"], m["mlp"])
+        return SlotAdapters(m["q"], m["k"] if "k" in m else None, m["v"], m["o"], m["mlp"])
 
     def reset(self, generator: torch.Generator | None = None, keep_a: bool = False) -> None:
         for module in self.modules():

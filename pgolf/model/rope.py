@@ -7,10 +7,12 @@ from torch import Tensor, nn
 
 
 class Rotary(nn.Module):
-    def __init__(self, head_dim: int, base: float, rope_dims: int = 0, yarn: bool = False, train_len: int = 2048):
+    def __init__(self, head_dim: int, base: float, rope_dims: int = 0, yarn: bool = False, train_len: int = 2048,
+                 bf16_freqs: bool = False):
         super().__init__()
         self.rope_dims = rope_dims or head_dim
         self.base, self.yarn, self.train_len = base, yarn, train_len
+        self.bf16_freqs = bf16_freqs  # ModelConfig.rope_bf16_freqs: the frequencies R1's bf16 buffers hold
         self._cache: dict = {}
 
     def base_for(self, seq_len: int) -> float:
@@ -25,7 +27,10 @@ class Rotary(nn.Module):
         if key in self._cache:
             return self._cache[key]
         d = self.rope_dims
-        inv_freq = 1.0 / (self.base_for(seq_len) ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        base = self.base_for(seq_len)
+        inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32, device=device) / d))
+        if self.bf16_freqs and base == self.base:  # a YaRN-stretched base is computed afresh there, in fp32
+            inv_freq = inv_freq.to(torch.bfloat16).float()
         freqs = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)
         value = (freqs.cos()[None, None].to(dtype), freqs.sin()[None, None].to(dtype))
         if not torch.compiler.is_compiling():

@@ -31,7 +31,8 @@ def newton_schulz(grad: Tensor, steps: int = 5, coefficients=STOCK_NS5, eps: flo
     """Approximately orthogonalize `grad` [..., rows, cols] (singular values pushed towards 1);
     leading dims are a batch of matrices, each normalized on its own. In bf16 on CUDA or when
     asked (`bf16`: R1's arithmetic on every device), else in fp32 (CPU bf16 matmuls are slow)."""
-    x = grad.to(torch.bfloat16 if grad.is_cuda or bf16 else torch.float32)
+    dtype = torch.bfloat16 if grad.is_cuda or bf16 else torch.float32
+    x = grad if grad.dtype == dtype else grad.to(dtype)
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + eps)
     transposed = x.size(-2) > x.size(-1)
     if transposed:
@@ -50,7 +51,7 @@ def newton_schulz(grad: Tensor, steps: int = 5, coefficients=STOCK_NS5, eps: flo
 def compiled_newton_schulz():
     """newton_schulz under torch.compile, as the baseline and R1 run it: its small matmuls and
     elementwise steps are launch-bound eager (one graph per matrix shape)."""
-    return torch.compile(newton_schulz, dynamic=False)
+    return torch.compile(newton_schulz, dynamic=False, fullgraph=True)
 
 
 def _rank_and_world() -> tuple[int, int]:
@@ -63,9 +64,9 @@ def orthogonal_update(grad: Tensor, buf: Tensor, group: dict) -> Tensor:
     """Momentum (in place on `buf`), optional MuonEq-R row normalization, Newton-Schulz, and the
     sqrt(max(1, rows/cols)) scale; works on one matrix or a bank [n, rows, cols]. With
     group["bf16"] (R1's precision) the gradient, `buf` (bf16, see state_dtype) and the row
-    normalization are bf16 too, the row norms taken in fp32 as R1 takes them."""
+    normalization are bf16 too, the row norms taken in fp32 as R1 takes them. Returns fp32."""
     bf16 = group.get("bf16", False)
-    if bf16:
+    if bf16 and grad.dtype != torch.bfloat16:
         grad = grad.bfloat16()
     buf.mul_(group["momentum"]).add_(grad)
     g = grad.add(buf, alpha=group["momentum"]) if group["nesterov"] else buf
@@ -73,14 +74,29 @@ def orthogonal_update(grad: Tensor, buf: Tensor, group: dict) -> Tensor:
         norms = g.float().norm(dim=-1, keepdim=True).clamp_min(1e-7) if bf16 else g.norm(dim=-1, keepdim=True).clamp_min(1e-7)
         g = g / norms.to(g.dtype)
     orthogonalize = compiled_newton_schulz() if group.get("compiled") and g.is_cuda else newton_schulz
-    g = orthogonalize(g, group["backend_steps"], COEFFICIENTS[group["coefficients"]], 1e-7, bf16).float()
-    return g * max(1.0, g.size(-2) / g.size(-1)) ** 0.5
+    g = orthogonalize(g, group["backend_steps"], COEFFICIENTS[group["coefficients"]], 1e-7, bf16)
+    if g.dtype != torch.float32:
+        g = g.float()
+    scale = max(1.0, g.size(-2) / g.size(-1)) ** 0.5
+    # x 1.0 is exact: skipping it changes no bit and saves a kernel per square or wide matrix
+    return g * scale if scale != 1.0 else g
 
 
 def apply_update(p: Tensor, update: Tensor, group: dict) -> None:
     if group["weight_decay"]:
         p.mul_(1.0 - group["lr"] * group["weight_decay"])
-    p.add_(update.view_as(p).to(p.dtype), alpha=-group["lr"])
+    update = update.view_as(p)
+    p.add_(update if update.dtype == p.dtype else update.to(p.dtype), alpha=-group["lr"])
+
+
+def apply_bank_update(params: list[Tensor], updates: Tensor, group: dict) -> None:
+    """apply_update for every matrix of a bank at once: the same arithmetic per element (a foreach
+    op runs the per-tensor op on each pair), one launch per bank instead of one per matrix."""
+    if group["weight_decay"]:
+        torch._foreach_mul_(params, 1.0 - group["lr"] * group["weight_decay"])
+    if updates.dtype != params[0].dtype:
+        updates = updates.to(params[0].dtype)
+    torch._foreach_add_(params, updates[:len(params)].unbind(0), alpha=-group["lr"])
 
 
 def state_dtype(group: dict, grad: Tensor) -> torch.dtype:
@@ -98,6 +114,12 @@ class Muon(torch.optim.Optimizer):
                                       coefficients=coefficients, row_normalize=row_normalize,
                                       weight_decay=weight_decay, compiled=compiled, bf16=bf16))
 
+    def _momentum(self, p: Tensor, grad: Tensor, group: dict) -> Tensor:
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(grad, dtype=state_dtype(group, grad))
+        return state["momentum_buffer"]
+
     @torch.no_grad()
     def step(self, closure=None):
         rank, world = _rank_and_world()
@@ -105,19 +127,23 @@ class Muon(torch.optim.Optimizer):
             params = group["params"]
             if not params:
                 continue
+            if world == 1:
+                # Nothing to assemble across ranks: each update goes straight into its matrix.
+                for p in params:
+                    if p.grad is not None:
+                        apply_update(p, orthogonal_update(p.grad, self._momentum(p, p.grad, group), group), group)
+                    elif group["weight_decay"]:
+                        apply_update(p, torch.zeros_like(p, dtype=torch.float32), group)
+                continue
             total = sum(p.numel() for p in params)
             updates = torch.zeros(total, device=params[0].device, dtype=torch.float32)
             offset = 0
             for i, p in enumerate(params):
                 if i % world == rank and p.grad is not None:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad, dtype=state_dtype(group, p.grad))
-                    updates[offset:offset + p.numel()] = orthogonal_update(p.grad, state["momentum_buffer"],
+                    updates[offset:offset + p.numel()] = orthogonal_update(p.grad, self._momentum(p, p.grad, group),
                                                                            group).flatten()
                 offset += p.numel()
-            if world > 1:
-                dist.all_reduce(updates, op=dist.ReduceOp.SUM)
+            dist.all_reduce(updates, op=dist.ReduceOp.SUM)
             offset = 0
             for p in params:
                 apply_update(p, updates[offset:offset + p.numel()], group)
@@ -129,25 +155,45 @@ class ShardedMuon(Muon):
     reduce-scattered so each rank holds the average of its share, the rank keeps momentum and runs
     Newton-Schulz only for that share (batched), and an all-gather returns every update. Banks go
     largest first. The optimizer does its own gradient averaging: leave its parameters out of any
-    all-reduce."""
+    all-reduce.
+
+    A bank is fixed at the first step, with a buffer its gradients are stacked into (one copy per
+    bank, in the reduce-scatter's dtype, zero rows padding it to a multiple of the ranks) and the
+    update applied to its matrices with foreach ops: per step a few launches per bank, none per
+    matrix, as R1's banked parameters get (issue 25)."""
+
+    def _banks(self, group_index: int, world: int) -> list[tuple[list[Tensor], Tensor]]:
+        cache = self.__dict__.setdefault("_bank_cache", {})
+        params = self.param_groups[group_index]["params"]
+        key = (group_index, world, tuple(id(p) for p in params))
+        if key not in cache:
+            group = self.param_groups[group_index]
+            by_shape: dict[tuple[int, ...], list[Tensor]] = {}
+            for p in params:
+                by_shape.setdefault(tuple(p.shape), []).append(p)
+            # R1 reduce-scatters bf16 gradients when its precision is asked for
+            dtype = torch.bfloat16 if group.get("bf16", False) else torch.float32
+            banks = []
+            for shape, members in sorted(by_shape.items(), key=lambda kv: -len(kv[1]) * kv[1][0].numel()):
+                per_rank = -(-len(members) // world)
+                stacked = torch.zeros(per_rank * world, *shape, device=members[0].device, dtype=dtype)
+                banks.append((members, stacked))
+            cache.clear()
+            cache[key] = banks
+        return cache[key]
 
     @torch.no_grad()
     def step(self, closure=None):
         rank, world = _rank_and_world()
-        for group in self.param_groups:
-            banks: dict[tuple[int, ...], list] = {}
-            for p in group["params"]:
-                banks.setdefault(tuple(p.shape), []).append(p)
-            for shape, params in sorted(banks.items(), key=lambda kv: -len(kv[1]) * kv[1][0].numel()):
-                per_rank = -(-len(params) // world)
-                # R1 reduce-scatters bf16 gradients when its precision is asked for
-                dtype = torch.bfloat16 if group.get("bf16", False) else torch.float32
-                stacked = torch.zeros(per_rank * world, *shape, device=params[0].device, dtype=dtype)
-                for i, p in enumerate(params):
-                    if p.grad is not None:
-                        stacked[i] = p.grad.to(dtype)
+        for index, group in enumerate(self.param_groups):
+            for params, stacked in self._banks(index, world):
+                grads = [p.grad for p in params]
+                if any(g is None for g in grads):  # a matrix that took no part in the loss updates by zero
+                    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+                torch.stack(grads, out=stacked[:len(params)])
                 if world > 1:
-                    shard = torch.empty(per_rank, *shape, device=stacked.device, dtype=stacked.dtype)
+                    shard = torch.empty(stacked.size(0) // world, *stacked.shape[1:], device=stacked.device,
+                                        dtype=stacked.dtype)
                     dist.reduce_scatter_tensor(shard, stacked)
                     shard /= world
                 else:
@@ -161,5 +207,4 @@ class ShardedMuon(Muon):
                     dist.all_gather_into_tensor(full, g.contiguous())
                 else:
                     full = g
-                for i, p in enumerate(params):
-                    apply_update(p, full[i], group)
+                apply_bank_update(params, full, group)

@@ -1,15 +1,20 @@
 """Artifacts of the R1 lineage (final_model.int6.ptz), read into pgolf's quantized model.
 
 A judge rescoring a submission needs its model, not its script: this reads what R1's serialize()
-writes (docs/lineage.md#model-formats) with code of its own, and hands pgolf's eval the same
-weights R1's deserialize() gives its own eval. Two container forms:
+writes (docs/lineage.md#model-formats), and PR #2135's (#pr2135), with code of its own, and hands
+pgolf's eval the same weights their deserialize() gives their own eval. Container forms:
 
-  pergroup   b"PGRP" | u32 n | n x u32 length | n streams: one per code family in R1's group
+  pergroup   (R1) b"PGRP" | u32 n | n x u32 length | n streams: one per code family in R1's group
              order (each lrzip'd: int8 codes of that family's matrices, layers in order, each
              stored transposed; rows of three families permuted by L1 similarity), then the
              rest (torch.save {"r": tensors, "m": kinds, "s": shapes}, brotli), then the row
              permutations (u16, brotli)
-  flat       torch.save {"w": tensors, "m": kinds}, brotli or lzma
+  pergroup2  (PR #2135) b"PGRP" | u32 version 2 | u32 n | per code tensor, by name: u16 name
+             length, name, u32 rows, u32 cols, rows x u16 permutation | u8 coder (0 brotli,
+             1 lrzip) | u32 size | the codes, every tensor's rows permuted and stored
+             transposed, one after another | u32 size | the rest (torch.save {"w", "m"},
+             byte-shuffled, brotli)
+  flat       torch.save {"w": tensors, "m": kinds}, brotli or lzma (PR #2135: byte-shuffled first)
 
 Only tensors and plain containers are unpickled (torch.load weights_only): an artifact cannot
 run code. The kinds R1 records ("gptq (int6)+lqer_asym", "gate_int8_row", "passthrough
@@ -38,7 +43,10 @@ GROUP_ORDER = ("_tok_emb.weight.q", "attn.c_k.weight.q", "attn.c_q.weight.q", "a
 SORTED_GROUPS = frozenset({"_tok_emb.weight.q", "attn.c_q.weight.q", "mlp.fc.weight.q"})
 # R1 keeps per-layer lane mixes as one [num_layers, ...] tensor; pgolf has one per block.
 LAYER_STACKED = ("parallel_post_lambdas", "parallel_resid_lambdas")
-RENAMED = {"smear_gate.weight": "smear.gate", "smear_lambda": "smear.lam"}
+RENAMED = {"smear_gate.weight": "smear.gate", "smear_lambda": "smear.lam",
+           "softcap_pos": "softcap.pos", "softcap_neg": "softcap.neg"}  # PR #2135's AsymLogit pair
+PGRP_VERSION = 2  # PR #2135's frame; R1's has the stream count (9) in that place
+SHUFFLE_MAGIC = b"BSHF"  # PR #2135's _byte_shuffle header: magic, stride, then the bytes by stride phase
 # R1's deserialize() builds its eval model in bf16 and returns every tensor but the token
 # embedding to fp32 (restore_fp32_params): the embedding it scores with is bf16-rounded.
 BF16_IN_R1_EVAL = frozenset({"tok_emb.weight"})
@@ -46,7 +54,7 @@ BF16_IN_R1_EVAL = frozenset({"tok_emb.weight"})
 
 def detect_format(blob: bytes) -> str:
     if blob[:4] == PACK_MAGIC:
-        return "pergroup"
+        return "pergroup2" if blob[4:8] == struct.pack("<I", PGRP_VERSION) else "pergroup"
     if blob[:6] == b"\xfd7zXZ\x00":
         return "lzma"
     return "brotli"
@@ -107,6 +115,66 @@ def _read_pergroup(blob: bytes, num_layers: int, source: Path) -> tuple[dict, di
     return result, kinds
 
 
+def byte_unshuffle(data: bytes) -> bytes:
+    """PR #2135's _byte_unshuffle: data that does not start with its header is returned as it is."""
+    if len(data) < 5 or data[:4] != SHUFFLE_MAGIC:
+        return data
+    stride, payload = data[4], np.frombuffer(data, dtype=np.uint8, offset=5)
+    if stride < 2:
+        return payload.tobytes()
+    out = np.empty(len(payload), dtype=np.uint8)
+    offset = 0
+    for phase in range(stride):
+        count = len(payload) // stride + (1 if phase < len(payload) % stride else 0)
+        out[phase::stride] = payload[offset:offset + count]
+        offset += count
+    return out.tobytes()
+
+
+def _read_pergroup2(blob: bytes, source: Path) -> tuple[dict, dict]:
+    try:
+        (count,) = struct.unpack_from("<I", blob, 8)
+        offset, layout = 12, []
+        for _ in range(count):
+            (length,) = struct.unpack_from("<H", blob, offset)
+            name = blob[offset + 2:offset + 2 + length].decode()
+            rows, cols = struct.unpack_from("<II", blob, offset + 2 + length)
+            offset += 10 + length
+            perm = np.frombuffer(blob, dtype="<u2", count=rows, offset=offset).astype(np.int64)
+            offset += 2 * rows
+            layout.append((name, rows, cols, perm))
+        coder, size = struct.unpack_from("<BI", blob, offset)
+        codes_blob = blob[offset + 5:offset + 5 + size]
+        offset += 5 + size
+        (rest_size,) = struct.unpack_from("<I", blob, offset)
+        rest_blob = blob[offset + 4:offset + 4 + rest_size]
+        end = offset + 4 + rest_size
+    except (struct.error, UnicodeDecodeError, ValueError) as err:
+        raise FormatError(f"truncated PR #2135 pergroup frame ({err})", source) from err
+    if end != len(blob) or len(codes_blob) != size or len(rest_blob) != rest_size or coder not in (0, 1):
+        raise FormatError(f"PR #2135 pergroup frame: its sections end at byte {end} of {len(blob)} "
+                          f"(coder {coder}); the file is truncated or not this format", source)
+    try:
+        rest = _torch_load(byte_unshuffle(brotli.decompress(rest_blob)), "the remainder section", source)
+        data = np.frombuffer(decompress(codes_blob, "lrzip") if coder == 1 else brotli.decompress(codes_blob),
+                             dtype=np.int8)
+    except brotli.error as err:
+        raise FormatError(f"PR #2135 pergroup frame: a section does not decompress ({err})", source) from err
+    result, used = dict(rest["w"]), 0
+    for name, rows, cols, perm in layout:
+        stored = data[used:used + rows * cols]
+        used += rows * cols
+        if len(stored) != rows * cols or sorted(perm.tolist()) != list(range(rows)):
+            raise FormatError(f"PR #2135 pergroup frame: tensor {name} ({rows} x {cols}) runs past the codes "
+                              "or its row permutation is not one", source)
+        codes = np.empty((rows, cols), dtype=np.int8)
+        codes[perm] = stored.reshape(cols, rows).T  # stored: the permuted rows, transposed
+        result[name] = torch.from_numpy(codes)
+    if used != len(data):
+        raise FormatError(f"PR #2135 pergroup frame: {len(data) - used} code bytes left over", source)
+    return result, dict(rest["m"])
+
+
 def read_r1_artifact(path: str | Path, num_layers: int) -> tuple[dict[str, torch.Tensor], dict[str, str], str]:
     """R1's quantized tensors and their kinds, by R1's names, and the container form."""
     path = Path(path)
@@ -116,8 +184,10 @@ def read_r1_artifact(path: str | Path, num_layers: int) -> tuple[dict[str, torch
     form = detect_format(blob)
     if form == "pergroup":
         return (*_read_pergroup(blob, num_layers, path), form)
+    if form == "pergroup2":
+        return (*_read_pergroup2(blob, path), form)
     try:
-        raw = lzma.decompress(blob) if form == "lzma" else brotli.decompress(blob)
+        raw = byte_unshuffle(lzma.decompress(blob) if form == "lzma" else brotli.decompress(blob))
     except (lzma.LZMAError, brotli.error) as err:
         raise FormatError(f"neither an R1 pergroup container nor {form}-compressed ({err})", path) from err
     state = _torch_load(raw, "the artifact", path)

@@ -95,6 +95,10 @@ def deserialize_payload(payload: bytes, source: str | Path, with_header: bool = 
         else:
             t = torch.frombuffer(bytearray(raw), dtype=dtype)
         tensors[item["name"]] = t.reshape(item["shape"])
+    ends = [base + item["offset"] + item["nbytes"] for item in header["tensors"]]
+    if max(ends, default=base) != len(payload):
+        raise FormatError(f"the payload holds {len(payload) - max(ends, default=base):,} bytes its header does not "
+                          "describe", source)
     qm = QuantizedModel(header["model"], tensors, header["entries"])
     return (qm, header) if with_header else qm
 
@@ -248,6 +252,10 @@ def unpack(blob: bytes, source: str | Path = "artifact") -> QuantizedModel:
         if len(stored) != stored_len:
             raise FormatError(f"truncated artifact: stream {i} is cut off", source)
         table.append((i, stored, raw_len, digest, names[stream_comp], TRANSFORMS[transform]))
+    if offset != len(blob):
+        # Bytes nobody reads would still count against the cap, or hide something: refused.
+        raise FormatError(f"{len(blob) - offset:,} bytes follow the last stream ({offset:,} bytes by its own "
+                          "table): the artifact was appended to or is not one pack wrote", source)
     # Streams decode in parallel, as R1 runs one lrzip per group: the slow coders dominate loading.
     with ThreadPoolExecutor(max_workers=max(1, min(len(table), os.cpu_count() or 1))) as pool:
         streams = list(pool.map(lambda entry: _decode_stream(*entry, source), table))

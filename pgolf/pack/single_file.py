@@ -50,9 +50,21 @@ def module_name(path: Path, root: Path) -> tuple[str, bool]:
     return ".".join(parts), is_package
 
 
+# Modules only the pipeline's stages run, each imported inside a function the script never calls:
+# this bundler (the pack stage counts a script with it) and the train stage's plots. Left out, they
+# cost the submission no bytes; tests/test_pack.py checks no bundled module imports them at its top.
+PIPELINE_ONLY = ("pgolf/pack/single_file.py", "pgolf/train/plots.py")
+
+
+def bundled_files(entry: Path, root: Path) -> list[Path]:
+    """The modules a script bundles: everything `entry` imports but PIPELINE_ONLY."""
+    left_out = {(root / rel).resolve() for rel in PIPELINE_ONLY}
+    return [path for path in import_closure(entry, root) if path not in left_out]
+
+
 def bundle_script(entry: Path, root: Path, params: dict, header: str) -> str:
     sources, packages = {}, []
-    for path in import_closure(entry, root):
+    for path in bundled_files(entry, root):
         name, is_package = module_name(path, root)
         sources[name] = path.read_text(encoding="utf-8")
         if is_package:

@@ -84,7 +84,8 @@ def gptq_quantize(weight: Tensor, hessian: Tensor, bits: int, clip_sigmas: float
     dead = h.diagonal() == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = torch.argsort(h.diagonal(), descending=True) if act_order else torch.arange(w.size(1))
+    # Stable: equal diagonals (dead columns, all set to 1) keep their index order on every device.
+    perm = torch.argsort(h.diagonal(), descending=True, stable=True) if act_order else torch.arange(w.size(1))
     w, h = w[:, perm], h[perm][:, perm]
     u, damp_used = _inverse_cholesky_upper(h, damp, name)
     codes = torch.zeros_like(w)

@@ -5,6 +5,7 @@ and the sums and token counts are all-reduced, so every rank ends with the Hessi
 the same as one process's (see collect_hessians)."""
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,9 @@ def this_ranks_share(batches):
 def collect_hessians(model: GPT, batches, device: torch.device) -> tuple[dict[str, torch.Tensor], int]:
     """Hessians keyed by weight name (`blocks.0.attn.c_q.weight`, ...; the tied embedding's from the
     final-norm output that feeds the LM head), over this rank's share of `batches`, summed over
-    ranks. Returns (hessians / token count, token count).
+    ranks. Returns (hessians / token count, token count). Each product is summed on one CPU thread,
+    so the Hessians are the same whatever threads the stage has (the forward's matmuls split their
+    output rows over threads, never a sum).
 
     Each batch's sum is taken in float32 (the same on whichever rank runs it) and added into float64
     totals: how ranks group the batches changes at most the last float64 bits, which the float32
@@ -61,8 +64,11 @@ def collect_hessians(model: GPT, batches, device: torch.device) -> tuple[dict[st
 
     def add(name: str, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.size(-1)).float()
+        # A [cols, cols] product summed over every token: BLAS splits that sum over CPU threads.
+        with dist.one_thread() if x.device.type == "cpu" else nullcontext():
+            product = x.T @ x
         h = batch_sums.get(name)
-        batch_sums[name] = x.T @ x if h is None else h.add_(x.T @ x)
+        batch_sums[name] = product if h is None else h.add_(product)
 
     def hook_for(name: str):
         return lambda module, inputs, output: add(name, inputs[0])

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from pgolf.dist import one_thread
 from pgolf.model.families import Family, block_part, family_of, is_embedding
 from pgolf.progress import tracked
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
@@ -30,6 +31,15 @@ def matrix_bits_and_clip(cfg, name: str) -> tuple[int, float]:
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], cfg,
                    model_config: dict) -> tuple[QuantizedModel, dict]:
+    """The quantized model and its report. Every solve (Cholesky, GPTQ's column updates, LQER's
+    SVD) runs on one CPU thread: a LAPACK or BLAS sum split over threads rounds by the thread
+    count, and one rounding flips a code, so the same inputs must give the same codes whatever
+    threads the stage runs with (docs/stages.md#determinism)."""
+    with one_thread():
+        return _quantize_state(state, hessians, cfg, model_config)
+
+
+def _quantize_state(state, hessians, cfg, model_config) -> tuple[QuantizedModel, dict]:
     tensors, entries, report = {}, {}, {}
     for name, tensor in tracked(sorted(state.items()), "gptq tensors"):
         entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}

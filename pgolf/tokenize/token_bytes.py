@@ -56,6 +56,27 @@ def target_bytes(prev_ids: np.ndarray, target_ids: np.ndarray, luts: ByteLUTs) -
     return luts.base_bytes[target_ids].astype(np.int64) + extra.astype(np.int64)
 
 
+def bytes_per_position(tokens: np.ndarray, luts: ByteLUTs | None, sidecar: np.ndarray | None) -> np.ndarray:
+    """Bytes charged to the target at each stream position (position 0 is never a target: 0)."""
+    out = np.zeros(len(tokens), dtype=np.int64)
+    if sidecar is not None:
+        if len(sidecar) < len(tokens):
+            raise ValueError(f"the val byte sidecar has {len(sidecar)} entries for {len(tokens)} tokens")
+        out[1:] = sidecar[1:len(tokens)]
+    else:
+        out[1:] = target_bytes(tokens[:-1], tokens[1:], luts)
+    return out
+
+
+def val_byte_counts(tokens: np.ndarray, sp: spm.SentencePieceProcessor, vocab_size: int,
+                    shards_folder: str | Path) -> np.ndarray:
+    """The bytes behind val_bpb, per position of `tokens` (the val stream or a prefix of it): the
+    shards' sidecar where they carry one, else the LUT rule. The eval and the shards stage's
+    certificate (pgolf.data.certify, which checks them against the text) both count with this."""
+    sidecar = load_val_byte_sidecar(shards_folder)
+    return bytes_per_position(tokens, None if sidecar is not None else build_byte_luts(sp, vocab_size), sidecar)
+
+
 def original_byte_counts(sp: spm.SentencePieceProcessor, original: str,
                          with_provenance=casefold_with_provenance) -> tuple[list[int], list[int]]:
     """Transform `original` (casefold by default), encode it, and return (token ids, original UTF-8

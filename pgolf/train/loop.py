@@ -12,7 +12,6 @@ import json
 import math
 import resource
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -20,17 +19,18 @@ import torch
 from pgolf import dist
 from pgolf.data.loader import DistributedTokenLoader, DocumentPackingLoader
 from pgolf.data.shards import load_split
-from pgolf.errors import FormatError, TrainingError
-from pgolf.evaluate.bpb import bytes_per_position, evaluate_bpb, truncate_val
+from pgolf.errors import FormatError, StageInterrupted, TrainingError
+from pgolf.evaluate.bpb import evaluate_bpb, truncate_val
 from pgolf.json_files import write_json
 from pgolf.model.gpt import GPT
 from pgolf.optim.ema import EMA
 from pgolf.optim.schedule import lr_multiplier, muon_momentum, training_fraction, warmdown_multiplier
 from pgolf.optim.swa import SWA
 from pgolf.progress import Progress
-from pgolf.tokenize.token_bytes import build_byte_luts, load_tokenizer, load_val_byte_sidecar
+from pgolf.tokenize.token_bytes import load_tokenizer, val_byte_counts
 from pgolf.train import resume
 from pgolf.train.optimizers import build_optimizers, learning_rates
+from pgolf.typed_params import recorded_dict
 
 VAL_LOG_NAME = "val_log.json"
 
@@ -51,6 +51,16 @@ def check_learning(loss: float, step: int, cfg) -> None:
                             f"of ln(vocab_size) = {uniform:.4f}, the loss of a uniform guess: the model is not "
                             f"learning. Likely cause: learning rates far too high or zero ({learning_rates(cfg)}), "
                             "or training data without structure; learn_check_step=0 turns this check off")
+
+
+def interrupted_message(step: int, cfg, saved_step: int | None) -> str:
+    """Ctrl-C's one line: where training stopped and what a rerun of the stage does."""
+    where = f"interrupted at step {step} of {cfg.iterations}"
+    if not cfg.resume_every:
+        return f"{where}; a rerun restarts training (train.resume_every is 0: no resume points)"
+    if saved_step is None:
+        return f"{where}; a rerun restarts training (no resume point yet: one every {cfg.resume_every} steps)"
+    return f"{where}; a rerun resumes from step {saved_step} (the last resume point, {cfg.resume_dir})"
 
 
 def remaining_seconds(step: int, elapsed_ms: float, iterations: int, cap_ms: float | None) -> float:
@@ -76,7 +86,9 @@ class HostPace:
         self.pending_vote: torch.Tensor | None = None
 
     def step_queued(self) -> None:
-        if not self.cuda:
+        # On a process group the cap vote, read one step later (stop_vote), waits for the same
+        # previous step: one wait per step there, not two.
+        if not self.cuda or dist.collective():
             return
         done = torch.cuda.Event()
         done.record()
@@ -90,6 +102,14 @@ class HostPace:
             return over_cap
         previous, self.pending_vote = self.pending_vote, dist.queue_max_vote(over_cap, self.device)
         return previous is not None and bool(previous.item())
+
+
+def compile_for_training(model: torch.nn.Module, backend: str = "inductor") -> torch.nn.Module:
+    """The train step's model under torch.compile, as R1 compiles it: static shapes, and fullgraph,
+    so that a graph break is an error here instead of a silent fall back to eager for part of the
+    forward. The varlen segments' length is marked dynamic (docmask.document_segments): one graph
+    per looping state, whatever the batch's documents. `backend`: tests trace with aot_eager on CPU."""
+    return torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
 
 
 class Trainer:
@@ -110,7 +130,7 @@ class Trainer:
         if cfg.bf16_embedding and self.device.type == "cuda":
             self.model.store_embedding_in_bf16()
         self.model.set_fused_kernels(cfg.fused_cross_entropy, cfg.fused_mlp)
-        self.train_model = torch.compile(self.model, dynamic=False) if cfg.compile and self.device.type == "cuda" else self.model
+        self.train_model = compile_for_training(self.model) if cfg.compile and self.device.type == "cuda" else self.model
         self.optimizers = build_optimizers(self.model, cfg, fused=self.device.type == "cuda")
         self.adam_params = [p for group in self.optimizers[1].param_groups for p in group["params"]]
         self.accum = cfg.resolved_grad_accum()
@@ -127,9 +147,7 @@ class Trainer:
             raise FormatError("train.val_every > 0 needs the tokenizer (input 'tokenizer') to count val bytes", self.shards)
         tokens = load_split(self.shards, "val", cfg.model.vocab_size)
         tokens = truncate_val(tokens[:cfg.val_tokens + 1] if cfg.val_tokens else tokens, cfg.train_seq_len)
-        sidecar = load_val_byte_sidecar(self.shards)
-        luts = None if sidecar is not None else build_byte_luts(load_tokenizer(tokenizer)[0], cfg.model.vocab_size)
-        return tokens, bytes_per_position(tokens, luts, sidecar)
+        return tokens, val_byte_counts(tokens, load_tokenizer(tokenizer)[0], cfg.model.vocab_size, self.shards)
 
     def validate(self, step: int) -> dict:
         """val_loss and val_bpb of the live weights; every rank scores its share of the windows."""
@@ -141,24 +159,37 @@ class Trainer:
                 "tokens": result.tokens, "bytes": result.bytes}
 
     def new_loader(self) -> DistributedTokenLoader | DocumentPackingLoader:
+        # Batches come with the model's varlen segments (or None), built from the host's tokens.
+        segmenter = self.model.document_cu_seqlens
         if self.cfg.loader == "documents":
             return DocumentPackingLoader(self.shards, self.rank, self.world, self.device, self.cfg.model.vocab_size,
-                                         self.cfg.model.bos_id, self.cfg.flat_batches)
+                                         self.cfg.model.bos_id, self.cfg.flat_batches, segmenter)
         return DistributedTokenLoader(self.shards, self.rank, self.world, self.device, self.cfg.model.vocab_size,
-                                      self.cfg.flat_batches)
+                                      self.cfg.flat_batches, segmenter)
 
     def step(self, step: int, lr_scale: float) -> torch.Tensor:
         """One optimizer step; returns this rank's mean loss as a device tensor (no host sync)."""
-        cfg = self.cfg
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for _ in range(self.accum):
-            x, y = self.loader.next_batch(cfg.train_batch_tokens, cfg.train_seq_len, self.accum)
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                loss = self.train_model(x, y)
-            (loss / self.accum).backward()
-            total += loss.detach()
+            total += self.forward_backward(self.loader.next_batch(self.cfg.train_batch_tokens, self.cfg.train_seq_len,
+                                                                  self.accum))
+        self.optimizer_step(step, lr_scale)
+        return total / self.accum
+
+    def forward_backward(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """One micro-batch (inputs, targets, cu_seqlens or None): its loss, detached, its gradients
+        accumulated."""
+        x, y, cu_seqlens = batch
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            loss = self.train_model(x, y, cu_seqlens)
+        (loss / self.accum).backward()
+        return loss.detach()
+
+    def optimizer_step(self, step: int, lr_scale: float) -> None:
+        """Everything after the backward: clip, average, the schedules, both optimizers, EMA."""
+        cfg = self.cfg
         if cfg.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip_norm)
         # Sharded Muon averages its own gradients (reduce-scatter); everything else is all-reduced.
@@ -173,7 +204,6 @@ class Trainer:
             opt.step()
         if self.ema is not None:
             self.ema.update(self.model)
-        return total / self.accum
 
     def learning_rates(self) -> dict[str, float]:
         """The scheduled lr of Muon's matrices and Adam's embedding, the groups the schedules move."""
@@ -211,7 +241,7 @@ class Trainer:
     def resume_folder(self) -> Path:
         """One folder per (config, data): a resumed run must be the same run."""
         manifest = (self.shards / "manifest.json").read_bytes() if (self.shards / "manifest.json").is_file() else b""
-        key = hashlib.sha256(json.dumps(asdict(self.cfg), sort_keys=True).encode() + manifest).hexdigest()[:16]
+        key = hashlib.sha256(json.dumps(recorded_dict(self.cfg), sort_keys=True).encode() + manifest).hexdigest()[:16]
         return Path(self.cfg.resume_dir) / key
 
     def save_resume_point(self, progress: dict) -> None:
@@ -280,67 +310,72 @@ class Trainer:
         progress = Progress("train steps", cfg.iterations, done=step)
         self.sync()
         t0 = time.perf_counter() - elapsed_ms / 1000.0
-        while step < cfg.iterations:
-            if stop_after is not None and step >= stop_after:
-                progress.close()
-                return None
-            frac = training_fraction(step, elapsed_ms, cfg.iterations, cap_ms)
-            if cfg.warmdown_frac > 0:
-                lr_scale = warmdown_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
-            else:
-                lr_scale = lr_multiplier(step, elapsed_ms, cfg.iterations, cfg.warmdown_iters, cap_ms)
-            if looping_step is None and cfg.model.num_loops and frac >= cfg.model.enable_looping_at:
-                self.model.set_looping(True)
-                looping_step = step
-            if not qat_on and cfg.late_qat_threshold > 0 and lr_scale < cfg.late_qat_threshold:
-                self.model.set_qat(cfg.qat_bits)
-                qat_on = True
-            rank_loss = self.step(step, lr_scale)
-            step += 1
-            nonfinite = nonfinite | ~torch.isfinite(rank_loss)
-            pace.step_queued()
-            elapsed_ms = (time.perf_counter() - t0) * 1000.0
-            if self.swa is not None and lr_scale < cfg.swa_start_lr_scale and step % cfg.swa_every == 0:
-                self.swa.add(self.model)
-            log_step = step % cfg.log_every == 0 or step == 1 or step == cfg.iterations
-            learn_check_step = step == cfg.learn_check_step
-            if log_step or learn_check_step:
-                loss = self.host_loss(rank_loss)
-                check_finite(nonfinite, step, cfg)
-            if learn_check_step:
-                check_learning(loss, step, cfg)
-            if log and log_step:
-                record = {"step": step, "train_loss": round(loss, 6), "lr_scale": round(lr_scale, 6),
-                          **self.learning_rates(), "tokens": step * tokens_per_step}
-                records.append(record)
-                log.write(json.dumps(record, allow_nan=False) + "\n")
-                log.flush()
-                print(f"step {step}/{cfg.iterations} loss {loss:.4f} lr_scale {lr_scale:.3f} "
-                      f"{elapsed_ms / step:.1f} ms/step", flush=True)
-                if live:
-                    live.step = step
-                    live.log_metric("train_loss", loss)
-                    live.log_metric("lr_scale", lr_scale)
-                    for name, value in self.learning_rates().items():
-                        live.log_metric(f"lr/{name.removeprefix('lr_')}", value)
-                    live.next_step()
-            if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations):
-                self.sync()
-                val_started = time.perf_counter()
-                val_records.append(self.validate(step))
-                if dist.is_main():
-                    write_json(self.out / VAL_LOG_NAME, val_records)
-                    print(f"step {step}/{cfg.iterations} val_loss {val_records[-1]['val_loss']:.4f} "
-                          f"val_bpb {val_records[-1]['val_bpb']:.4f}", flush=True)
-                t0 += time.perf_counter() - val_started
-            progress.update(1, f"loss {loss:.4f}, {step * tokens_per_step / max(elapsed_ms, 1e-9) * 1000:,.0f} tokens/s",
-                            remaining_seconds(step, elapsed_ms, cfg.iterations, cap_ms))
-            if pace.stop_vote(cap_ms is not None and elapsed_ms >= cap_ms):
-                break
-            if cfg.resume_every and step % cfg.resume_every == 0 and step < cfg.iterations:
-                self.save_resume_point({"step": step, "elapsed_ms": elapsed_ms, "looping_step": looping_step,
-                                      "looping": self.model.looping, "qat": qat_on, "log": records,
-                                      "val_log": val_records})
+        saved_step = resumed["step"] if resumed else None
+        try:
+            while step < cfg.iterations:
+                if stop_after is not None and step >= stop_after:
+                    progress.close()
+                    return None
+                frac = training_fraction(step, elapsed_ms, cfg.iterations, cap_ms)
+                if cfg.warmdown_frac > 0:
+                    lr_scale = warmdown_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
+                else:
+                    lr_scale = lr_multiplier(step, elapsed_ms, cfg.iterations, cfg.warmdown_iters, cap_ms)
+                if looping_step is None and cfg.model.num_loops and frac >= cfg.model.enable_looping_at:
+                    self.model.set_looping(True)
+                    looping_step = step
+                if not qat_on and cfg.late_qat_threshold > 0 and lr_scale < cfg.late_qat_threshold:
+                    self.model.set_qat(cfg.qat_bits)
+                    qat_on = True
+                rank_loss = self.step(step, lr_scale)
+                step += 1
+                nonfinite = nonfinite | ~torch.isfinite(rank_loss)
+                pace.step_queued()
+                elapsed_ms = (time.perf_counter() - t0) * 1000.0
+                if self.swa is not None and lr_scale < cfg.swa_start_lr_scale and step % cfg.swa_every == 0:
+                    self.swa.add(self.model)
+                log_step = step % cfg.log_every == 0 or step == 1 or step == cfg.iterations
+                learn_check_step = step == cfg.learn_check_step
+                if log_step or learn_check_step:
+                    loss = self.host_loss(rank_loss)
+                    check_finite(nonfinite, step, cfg)
+                if learn_check_step:
+                    check_learning(loss, step, cfg)
+                if log and log_step:
+                    record = {"step": step, "train_loss": round(loss, 6), "lr_scale": round(lr_scale, 6),
+                              **self.learning_rates(), "tokens": step * tokens_per_step}
+                    records.append(record)
+                    log.write(json.dumps(record, allow_nan=False) + "\n")
+                    log.flush()
+                    print(f"step {step}/{cfg.iterations} loss {loss:.4f} lr_scale {lr_scale:.3f} "
+                          f"{elapsed_ms / step:.1f} ms/step", flush=True)
+                    if live:
+                        live.step = step
+                        live.log_metric("train_loss", loss)
+                        live.log_metric("lr_scale", lr_scale)
+                        for name, value in self.learning_rates().items():
+                            live.log_metric(f"lr/{name.removeprefix('lr_')}", value)
+                        live.next_step()
+                if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations):
+                    self.sync()
+                    val_started = time.perf_counter()
+                    val_records.append(self.validate(step))
+                    if dist.is_main():
+                        write_json(self.out / VAL_LOG_NAME, val_records)
+                        print(f"step {step}/{cfg.iterations} val_loss {val_records[-1]['val_loss']:.4f} "
+                              f"val_bpb {val_records[-1]['val_bpb']:.4f}", flush=True)
+                    t0 += time.perf_counter() - val_started
+                progress.update(1, f"loss {loss:.4f}, {step * tokens_per_step / max(elapsed_ms, 1e-9) * 1000:,.0f} tokens/s",
+                                remaining_seconds(step, elapsed_ms, cfg.iterations, cap_ms))
+                if pace.stop_vote(cap_ms is not None and elapsed_ms >= cap_ms):
+                    break
+                if cfg.resume_every and step % cfg.resume_every == 0 and step < cfg.iterations:
+                    self.save_resume_point({"step": step, "elapsed_ms": elapsed_ms, "looping_step": looping_step,
+                                          "looping": self.model.looping, "qat": qat_on, "log": records,
+                                          "val_log": val_records})
+                    saved_step = step
+        except KeyboardInterrupt:
+            raise StageInterrupted(interrupted_message(step, cfg, saved_step)) from None
         progress.close()
         self.sync()
         elapsed_ms = (time.perf_counter() - t0) * 1000.0

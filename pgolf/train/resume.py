@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from pgolf.errors import FormatError
+
 MARKER = "latest.json"
 
 
@@ -45,7 +47,14 @@ def latest_step(folder: Path, world_size: int) -> int | None:
 
 
 def load_rank_state(folder: Path, rank: int, device: torch.device) -> dict:
-    return torch.load(rank_path(folder, rank), map_location=device, weights_only=False)
+    """Tensors and plain containers only (torch.load's weights_only): a resume point is state, never
+    code, so a file planted in the resume folder cannot run anything; it is an error naming it."""
+    path = rank_path(folder, rank)
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises several types for a bad or unsafe pickle
+        raise FormatError(f"not a pgolf resume point ({type(err).__name__}: {str(err)[:200]}); remove the folder "
+                          f"{folder} to start the run afresh", path) from err
 
 
 def remove(folder: Path) -> None:
