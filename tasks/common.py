@@ -306,6 +306,7 @@ def record_run(stage: str, out: Path, started: float, seconds: float, timings: d
     """The run's record beside `out` (and under its identity in the history, when it has one), with
     the environment that produced it (the inputs' shard folders among it)."""
     path = run_record_path(out)
+    env = environment([*inputs, out])
     record = {
         "stage": stage,
         "out": str(out),
@@ -314,9 +315,9 @@ def record_run(stage: str, out: Path, started: float, seconds: float, timings: d
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
         "seconds": round(seconds, 3),
         "host": socket.gethostname(),
-        "code_version": code_version(),
+        "code_version": env["commit"],  # the environment's, asked once per process: the two never disagree
         "identity": output_file_identity(out),
-        "environment": environment([*inputs, out]),
+        "environment": env,
         "timings": timings,
         **({"of": identity} if identity is not None else {}),
     }

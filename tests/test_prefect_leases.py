@@ -36,7 +36,6 @@ SHRUNK = {"corpus": {"max_docs": 400}, "shards": {"val_docs": 4},
           "train": {"nproc": 1, "iterations": 2, "warmup_steps": 1, "train_batch_tokens": 4096, "val_every": 0,
                     "model": {"num_layers": 2, "model_dim": 64}},
           "gptq": {"calib_batches": 1}, "eval": {"seq_len": 128}}
-SEEDS = "42,0,1234"
 
 
 def api(path: str, body: dict | None = None):
@@ -179,12 +178,14 @@ def test_a_deployed_seed_sweep_computes_what_the_seed_never_reaches_once(team):
     assert all(len(table[s]["ran_in"]) == 1 and table[s]["restored_in"] == 2 for s in DATA_STAGES), table
     assert all(sorted(table[s]["ran_in"]) == [0, 42, 1234] for s in MODEL_STAGES), table
     assert re.search(r"^shards +seed \d+ +[\d.]+ +2 run\(s\)$", out, re.M) and re.search(r"^train +every seed ", out, re.M), out
-    # One after another, in a checkout with a cache of its own: the same score per seed.
+    # A seed whose run restored the data stages, run alone in a checkout with a cache of its own: the same
+    # score. (One seed: each seed alone costs minutes on a 2-core machine, and the seeds differ only in train.)
+    restoring = next(seed for seed, i in ids.items() if "corpus" not in ran_in_logs(i))
     alone = team["checkout"](team["base"] / "alone")
     run("git init -q && git add -A && git commit -qm pgolf", cwd=alone)
-    run(f".venv/bin/pgolf sweep --preset smoke --seeds {SEEDS}", cwd=alone, PREFECT_API_URL=API, timeout=2400)
-    one_by_one = json.loads((alone / "artifacts/sweeps/smoke/sweep.json").read_text())
-    assert [(s["seed"], s["val_bpb"]) for s in swept["seeds"]] == [(s["seed"], s["val_bpb"]) for s in one_by_one["seeds"]]
+    run(f".venv/bin/pgolf sweep --preset smoke --seeds {restoring}", cwd=alone, PREFECT_API_URL=API, timeout=2400)
+    (by_itself,) = json.loads((alone / "artifacts/sweeps/smoke/sweep.json").read_text())["seeds"]
+    assert by_itself["val_bpb"] == next(s["val_bpb"] for s in swept["seeds"] if s["seed"] == restoring)
     assert len({s["val_bpb"] for s in swept["seeds"]}) == 3  # the seed reached training
 
 
