@@ -62,8 +62,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import record_parity as rp  # noqa: E402
-from pgolf.evaluate.lora_ttt import TTTSettings, evaluate_ttt, find_documents  # noqa: E402
-from pgolf.evaluate.ngram_tilt import TiltScorer, TiltSettings, score_tilted, token_hints  # noqa: E402
+from pgolf.evaluate.config import TTTSettings, TiltSettings  # noqa: E402
+from pgolf.evaluate.lora_ttt import evaluate_ttt, find_documents  # noqa: E402
+from pgolf.evaluate.ngram_tilt import TiltScorer, score_tilted, token_hints  # noqa: E402
 from pgolf.model.config import ModelConfig  # noqa: E402
 from pgolf.model.gpt import GPT, count_parameters, param_groups  # noqa: E402
 from pgolf.typed_params import from_dict  # noqa: E402

@@ -683,7 +683,7 @@ def compare_artifact(ref, h, theirs, cfg: ModelConfig, hessians: dict, stream: t
 
 def ttt_settings(phases: int, prefix_docs: int):
     """The record preset's eval.lora at this bench's sizes."""
-    from pgolf.evaluate.lora_ttt import TTTSettings
+    from pgolf.evaluate.config import TTTSettings
     lora = presets.render("record")["eval"]["lora"]
     return from_dict(TTTSettings, {**lora, "context": SEQ_LEN, "batch_docs": 4, "phases": phases,
                                    "prefix_docs": prefix_docs, "global_chunk_tokens": 4 * SEQ_LEN,

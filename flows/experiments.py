@@ -74,19 +74,18 @@ def record_is_of_row(stage: str, record: dict | None, params: dict, files: dict)
     output files, those of them the row has as metrics."""
     from pgolf.typed_params import from_dict
     from tasks.common import canonical_sha256, config_sha256, identity_matches
-    from tasks.stages import spec_of
+    from tasks.stages import config_of, out_of
 
     if not isinstance(record, dict) or (record.get("restored") and not record.get("timings")):
         return False
     if "of" not in record:
         return True  # a record from before records named their output: nothing to tell it by
-    spec = spec_of(stage)
     try:
-        params_sha = config_sha256(from_dict(spec.config_cls, params.get(stage), stage))
+        params_sha = config_sha256(from_dict(config_of(stage), params.get(stage), stage))
     except PgolfError:
         return False
     outputs = {name.rsplit("/", 1)[1]: canonical_sha256(data) for name, data in files.items()
-               if name.rsplit("/", 1)[0] == spec.out and isinstance(data, dict)}
+               if name.rsplit("/", 1)[0] == out_of(stage) and isinstance(data, dict)}
     return identity_matches(record["of"], params_sha, outputs)
 
 

@@ -29,7 +29,7 @@ from pgolf.typed_params import from_dict, read_yaml
 from tasks.common import RUNS_DIR_NAME, refresh_run_record, run_record_path
 from tasks.params import check_params_file, render_file, write_params
 from tasks.run_records import clock_lines, workspace_run
-from tasks.stages import STAGES, out_of, spec_of
+from tasks.stages import STAGES, config_of, out_of
 
 
 class ReproError(PgolfError):
@@ -284,19 +284,19 @@ def refresh_records(workspace: str | Path, stages: list[str] | tuple[str, ...]) 
     stage -> "current", "restored" (from this machine's history of runs) or "unknown"."""
     workspace = Path(workspace)
     statuses: dict[str, str] = {}
-    present = [spec_of(stage) for stage in stages if (workspace / out_of(stage)).exists()]
+    present = [stage for stage in stages if (workspace / out_of(stage)).exists()]
     if not present:
         return statuses
     try:
         params = read_yaml(workspace / "params.yaml")
     except PgolfError:
         return statuses
-    for spec in present:
+    for stage in present:
         try:
-            cfg = from_dict(spec.config_cls, params.get(spec.name, {}), f"params.yaml: {spec.name}")
+            cfg = from_dict(config_of(stage), params.get(stage, {}), f"params.yaml: {stage}")
         except PgolfError:
             continue  # a section the stage would refuse: it did not make this output either
-        statuses[spec.name] = refresh_run_record(spec, cfg, workspace / spec.out)
+        statuses[stage] = refresh_run_record(stage, cfg, workspace / out_of(stage))
     return statuses
 
 

@@ -91,7 +91,7 @@ def history_path(out: str | Path, identity: dict) -> Path:
     return out.parent / RUNS_DIR_NAME / HISTORY_DIR_NAME / f"{out.name}-{canonical_sha256(identity)[:20]}.json"
 
 
-def refresh_run_record(spec: "StageSpec", cfg: Any, out: str | Path) -> str:
+def refresh_run_record(stage: str, cfg: Any, out: str | Path) -> str:
     """After DVC restored `out` from its cache: make its run record the one of the run that made
     it. "current" (it was), "restored" (this machine's history had it), or "unknown" (no run of it
     here: the record then says so, with no seconds, rather than showing another run's)."""
@@ -108,7 +108,7 @@ def refresh_run_record(spec: "StageSpec", cfg: Any, out: str | Path) -> str:
         record = {**json.loads(history_path(out, identity).read_text()), **restored}
         status = "restored"
     except (FileNotFoundError, json.JSONDecodeError):
-        record = {"stage": spec.name, "out": str(out), **restored, "seconds": None, "timings": {}, "of": identity,
+        record = {"stage": stage, "out": str(out), **restored, "seconds": None, "timings": {}, "of": identity,
                   "note": "outputs restored from DVC's cache; this machine has no record of the run that made them"}
         status = "unknown"
     _write_record(run_record_path(out), record)

@@ -3,29 +3,14 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-from pgolf.data.corpus import read_documents
+from pgolf.data.corpus import CorpusConfig as Config, read_documents
 from pgolf.data.docs import DOCS_NAME, encode_doc
 from pgolf.data.hub import HUB_PREFIX, download, verify
 from pgolf.errors import InputError
-from pgolf.typed_params import check_range
 from pgolf.json_files import write_json
 from tasks.common import StageSpec, stage_main
-
-
-@dataclass
-class Config:
-    # 'builtin'; a jsonl / jsonl.gz / parquet / txt file or folder; or hf://owner/dataset/path.jsonl, e.g.
-    # the challenge's hf://willdepueoai/parameter-golf/datasets/docs_selected.jsonl. A .jsonl with a
-    # .source_manifest.json beside it is checked against the manifest's docs_sha256 first.
-    source: str = "builtin"
-    text_field: str = "text"
-    max_docs: int = 0  # 0: every document
-
-    def validate(self) -> None:
-        check_range(self, "max_docs", ge=0)
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:

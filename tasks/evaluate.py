@@ -9,8 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import sys
-from dataclasses import dataclass, field, replace
-from typing import Literal
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -21,57 +20,21 @@ from pgolf.data.shards import list_shards, load_split, read_manifest, verify_sha
 from pgolf.errors import FormatError
 from pgolf.evaluate.bpb import evaluate_bpb, truncate_val
 from pgolf.evaluate.budget import Budget
-from pgolf.evaluate.ngram_tilt import ScoreSampler, TiltScorer, TiltSettings, audit as audit_tilt, token_hints
-from pgolf.evaluate.sgd_ttt import SGDTTTSettings, evaluate_sgd_ttt
-from pgolf.evaluate.lora_ttt import TTTSettings, evaluate_ttt
+from pgolf.evaluate.config import EvalConfig as Config
+from pgolf.evaluate.ngram_tilt import ScoreSampler, TiltScorer, audit as audit_tilt, token_hints
+from pgolf.evaluate.sgd_ttt import evaluate_sgd_ttt
+from pgolf.evaluate.lora_ttt import evaluate_ttt
 from pgolf.evaluate.warmup import compile_forward, warm_up
 from pgolf.model.gpt import GPT
 from pgolf.model.io import load_state_dict_into, model_config_from_dict
-from pgolf.typed_params import check_range
 from pgolf.pack.serialize import load_artifact
 from pgolf.tokenize.token_bytes import load_tokenizer, val_byte_counts
 from pgolf.json_files import write_json
 from tasks.common import StageSpec, record_timings, stage_main
 from tasks.ranks import run_on_ranks, worker_main
 
+
 MODES = {"off": "flat", "lora": "ttt_lora", "sgd": "ttt_sgd"}
-
-
-@dataclass
-class Config:
-    seq_len: int = 1024
-    stride: int = 0  # 0: flat non-overlapping windows; > 0: sliding windows scoring `stride` new tokens each
-    batch_seqs: int = 32
-    # Flat mode as R1's eval_val: a batch's windows form one row, and documents (BOS to BOS, cut every
-    # doc_attention_max_len tokens) run on across window edges. Needs the model's doc_attention.
-    join_windows: bool = False
-    device: str = "auto"
-    nproc: int = 1  # > 1: torchrun processes (GPUs) per node, each scoring its share
-    nnodes: int = 1  # > 1: nodes joined by torchrun's c10d rendezvous (docs/stages.md)
-    # lora: score-first per-document LoRA TTT, with optional global SGD phases (R0416 -> R1);
-    # sgd: score-first chunked SGD over the sliding windows (R0409 full-weight, PR #1383 FiLM-only).
-    ttt: Literal["off", "lora", "sgd"] = "off"
-    lora: TTTSettings = field(default_factory=TTTSettings)
-    sgd: SGDTTTSettings = field(default_factory=SGDTTTSettings)
-    # The token n-gram tilt (PR #2135, docs/lineage.md#ngram-tilt) on flat, sliding or LoRA-TTT scores;
-    # its hints are computed inside the eval clock, after the compile warm-up, as PR #2135 runs it.
-    tilt: TiltSettings = field(default_factory=TiltSettings)
-    # > 0: TTT training (global SGD phases, SGD chunks) is skipped where the projection says the eval
-    # would not finish within this many seconds; scoring always completes (docs/lineage.md#eval-budget).
-    budget_s: float = 0.0
-    # torch.compile the forward path; compilation runs on random tokens before the clock starts and is
-    # reported as warmup_seconds, outside eval_seconds and the budget, as R1 reports it.
-    compile: bool = False
-
-    def validate(self) -> None:
-        check_range(self, "seq_len batch_seqs nproc nnodes", ge=1)
-        check_range(self, "stride budget_s", ge=0)
-        if self.join_windows and (self.stride or self.ttt != "off"):
-            raise ValueError("join_windows is a flat-mode layout: it needs stride 0 and ttt off")
-        if self.stride >= self.seq_len:
-            raise ValueError(f"stride {self.stride} must be smaller than seq_len {self.seq_len} (0 for flat)")
-        if self.tilt.on and self.ttt == "sgd":
-            raise ValueError("tilt: the n-gram tilt scores flat, sliding or LoRA-TTT evals, not ttt: sgd")
 
 
 def model_from_artifact(artifact: Path, device: torch.device) -> GPT:

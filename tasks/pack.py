@@ -11,50 +11,23 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 from pgolf.errors import CapExceededError, ConfigError
 from pgolf.pack.chart import bytes_chart
+from pgolf.pack.config import CHALLENGE_CAP_BYTES, PackConfig as Config
 from pgolf.pack.codesize import code_bytes, wrapped_size
 from pgolf.pack.groups import group_sizes
 from pgolf.pack.serialize import pack, stream_choices, unpack
 from pgolf.quant.quantized_model import load_quantized
-from pgolf.typed_params import check_range
 from pgolf.json_files import write_json
 from tasks.common import StageSpec, record_timings, stage_main
+
 
 ROOT = Path(__file__).resolve().parent.parent
 # The exported script's main; the params sections it embeds (what tasks/submission.py reads).
 SUBMISSION_ENTRY = ROOT / "tasks" / "submission.py"
 SUBMISSION_SECTIONS = ("train", "gptq", "pack", "eval")
-CHALLENGE_CAP_BYTES = 16_000_000
-MAX_LEVELS = {"lzma": 9, "brotli": 11, "zlib": 9, "zstd": 22, "lrzip": 9}
-
-
-@dataclass
-class Config:
-    # best: each stream with whichever installed compressor (lrzip, lzma, brotli, zstd) is smallest
-    compressor: Literal["lzma", "brotli", "zlib", "zstd", "lrzip", "best"] = "brotli"
-    level: int = -1  # -1: the compressor's strongest (lzma 9e, brotli 11, zlib 9, zstd 22, lrzip 9)
-    layout: Literal["flat", "pergroup"] = "flat"  # pergroup: R1's per-family streams, transposed
-    sort_rows: bool = False  # pergroup: greedy L1 row order for tok_emb, c_q, mlp.fc (R1)
-    cap_bytes: int = CHALLENGE_CAP_BYTES
-    # A run under a cap above the challenge's cannot be a record, so it has to say so: size.json and
-    # an exported submission.json then record that it does not meet the challenge's cap.
-    non_record: bool = False
-    # The one script that is the submission's code (an exported train_gpt.py): counted the records'
-    # way, minified + brotli + base85 in a self-extracting stub. Empty: count the eval code's files.
-    code_file: str = ""
-
-    def validate(self) -> None:
-        check_range(self, "cap_bytes", ge=1)
-        # -1: each compressor's strongest; otherwise within its range (best hands the level to all of them).
-        check_range(self, "level", ge=-1, le=MAX_LEVELS.get(self.compressor, min(MAX_LEVELS.values())))
-        if self.cap_bytes > CHALLENGE_CAP_BYTES and not self.non_record:
-            raise ValueError(f"cap_bytes {self.cap_bytes:,} is above the challenge's {CHALLENGE_CAP_BYTES:,}-byte cap; "
-                             "set pack.non_record: true for a run that does not claim the record track")
 
 
 def meets_challenge_cap(total_bytes: int) -> bool:

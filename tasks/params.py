@@ -15,7 +15,7 @@ from pathlib import Path
 from pgolf.errors import ConfigError, PgolfError
 from pgolf.typed_params import deep_merge, dump_yaml_text, from_dict, parse_override, read_yaml, shown, to_dict
 from tasks.common import check_sections
-from tasks.stages import STAGES, defaults, stage_modules
+from tasks.stages import STAGES, config_of, defaults
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 
@@ -64,9 +64,8 @@ def render(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (
         params = deep_merge(params, patch)
     where = f"preset {preset!r}" if preset else "defaults"
     resolved = {}
-    for module in stage_modules():
-        name = module.SPEC.name
-        cfg = from_dict(module.SPEC.config_cls, params.get(name, {}), f"{where}: {name}")
+    for name in STAGES:
+        cfg = from_dict(config_of(name), params.get(name, {}), f"{where}: {name}")
         resolved[name] = to_dict(cfg)
     check_across_sections(resolved, where)
     return resolved
@@ -77,8 +76,8 @@ def check_params_file(path: str | Path) -> dict:
     key twice, no aliases, at most 1 MB), only known sections, every value in range."""
     data = read_yaml(path)
     check_sections(data, path)
-    for module in stage_modules():
-        from_dict(module.SPEC.config_cls, data.get(module.SPEC.name, {}), f"{path}: {module.SPEC.name}")
+    for name in STAGES:
+        from_dict(config_of(name), data.get(name, {}), f"{path}: {name}")
     check_across_sections(render(None, base=data), str(path))
     return data
 

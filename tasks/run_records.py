@@ -14,7 +14,7 @@ from pathlib import Path
 from pgolf import compliance
 from pgolf.errors import FormatError, InputError
 from tasks.common import read_run_record, record_matches
-from tasks.stages import STAGES, spec_of
+from tasks.stages import STAGES, out_of
 
 EXPORTED_NAME = "run_records.json"
 # The environment fields that can change a run's numbers or bytes; host and paths only say where.
@@ -33,7 +33,7 @@ def workspace_run(workspace: str | Path) -> dict:
     workspace = Path(workspace)
     records = {}
     for stage in STAGES:
-        out = workspace / spec_of(stage).out
+        out = workspace / out_of(stage)
         record = read_run_record(out)
         if record is not None:
             records[stage] = {**record, "current": record_matches(record, out)}

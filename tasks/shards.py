@@ -3,38 +3,16 @@ or a published shard folder, validated and adopted."""
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 from pgolf.data.certify import Source, certify
+from pgolf.data.config import ShardsConfig as Config
 from pgolf.data.docs import iter_docs
 from pgolf.data.shard_writer import adopt_shards, build_shards, file_entries, resolve_workers
-from pgolf.data.shards import MANIFEST_NAME, MAX_TOKENS, sha256_file
-from pgolf.typed_params import check_range
+from pgolf.data.shards import MANIFEST_NAME, sha256_file
 from pgolf.tokenize.token_bytes import load_tokenizer
 from pgolf.json_files import write_json
 from tasks.common import StageSpec, stage_main
-
-
-@dataclass
-class Config:
-    val_docs: int = 50000  # the challenge's val split: the first 50,000 documents
-    shard_tokens: int = 100_000_000
-    workers: int = 0  # tokenizer processes; 0: one per core
-    # "": those processes here; "local": a Dask LocalCluster of them; "tcp://host:8786": an existing
-    # Dask cluster across machines (its workers need this pgolf installed). The bytes out are the same.
-    # The stage is the Dask client itself, so `dvc repro` and the Prefect flow both use the cluster
-    # (why not Prefect's DaskTaskRunner: pgolf.data.shard_writer._ordered_map_dask).
-    dask_address: str = ""
-    adopt: str = ""  # a published shard folder (e.g. data/datasets/fineweb10B_sp1024) to validate and use
-
-    def validate(self) -> None:
-        check_range(self, "val_docs", ge=1)
-        check_range(self, "shard_tokens", ge=1, lt=MAX_TOKENS)
-        check_range(self, "workers", ge=0)
-        if self.dask_address not in ("", "local") and ":" not in self.dask_address:
-            raise ValueError(f"dask_address {self.dask_address!r}: expected '' (local processes), 'local' "
-                             "(a Dask LocalCluster) or a scheduler address such as tcp://host:8786")
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:

@@ -4,41 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import sentencepiece as spm
 
 from pgolf.data.docs import iter_docs
 from pgolf.errors import FormatError, InputError
-from pgolf.typed_params import check_range
+from pgolf.tokenize.config import TokenizerConfig as Config
 from pgolf.tokenize.variants import VARIANTS, variant_misfit
-from pgolf.tokenize.trainer import (BOS_ID, CHALLENGE_MAX_SENTENCE_LENGTH, CHALLENGE_TRAINER_SETTINGS, train_bpe,
+from pgolf.tokenize.trainer import (BOS_ID, CHALLENGE_TRAINER_SETTINGS, train_bpe,
                                     training_sentences)
 from pgolf.json_files import write_json
 from tasks.common import StageSpec, stage_main
-
-
-@dataclass
-class Config:
-    variant: Literal["plain", "casefold", "caseops"] = "plain"
-    vocab_size: int = 1024
-    train_docs: int = 0  # documents fed to the trainer, from document 0 (val included, as the challenge does); 0: all
-    num_threads: int = 2
-    seed: int = 1337
-    # Documents longer than this many bytes are skipped by the trainer (SentencePiece's default,
-    # kept by the challenge); raise it for corpora of long documents.
-    max_sentence_length: int = CHALLENGE_MAX_SENTENCE_LENGTH
-    # A published .model (e.g. the challenge's fineweb_1024_bpe.model) to validate against variant and
-    # vocab_size and use instead of training one.
-    adopt: str = ""
-
-    def validate(self) -> None:
-        # 4 specials + 256 byte-fallback pieces come first; shards store ids as uint16.
-        check_range(self, "vocab_size", gt=260, le=65536)
-        check_range(self, "train_docs seed", ge=0)
-        check_range(self, "num_threads max_sentence_length", ge=1)
 
 
 def adopt_model(path: Path, cfg: Config) -> bytes:

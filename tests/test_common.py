@@ -136,16 +136,16 @@ def test_a_record_names_its_output_and_is_put_back_when_dvc_restores_that_output
     assert set(first["of"]["outputs"]) == {"metrics.json"}
     shutil.copytree(out, tmp_path / "kept")  # what the cache holds of run 1
     execute(toy, ToyConfig(value=2), {}, out)
-    assert common.refresh_run_record(toy, ToyConfig(value=2), out) == "current"
+    assert common.refresh_run_record(toy.name, ToyConfig(value=2), out) == "current"
     assert common.read_run_record(out)["timings"] == {"toy_seconds": 2.0}
     shutil.rmtree(out)
     shutil.copytree(tmp_path / "kept", out)  # `dvc repro` restores run 1's output; the record is run 2's
-    assert common.refresh_run_record(toy, ToyConfig(value=1), out) == "restored"
+    assert common.refresh_run_record(toy.name, ToyConfig(value=1), out) == "restored"
     restored = common.read_run_record(out)
     assert restored["timings"] == {"toy_seconds": 1.0} and restored["started"] == first["started"]
     assert restored["restored"] is True and restored["restored_at"].endswith("Z")
     # an output no run here made (another machine's, from a shared cache): no seconds at all
     (out / "metrics.json").write_text(json.dumps({"score": 99}))
-    assert common.refresh_run_record(toy, ToyConfig(value=1), out) == "unknown"
+    assert common.refresh_run_record(toy.name, ToyConfig(value=1), out) == "unknown"
     unknown = common.read_run_record(out)
     assert unknown["seconds"] is None and unknown["timings"] == {} and "no record" in unknown["note"]

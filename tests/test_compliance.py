@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from pgolf.evaluate.config import TTTSettings
 from pgolf import compliance
 from pgolf.model.config import ModelConfig
 from tasks import evaluate as eval_stage, gptq, pack, shards as shards_stage, train
@@ -91,7 +92,7 @@ def test_timings_stay_out_of_outputs(workspace, tmp_path):
     """A rerun on the same inputs writes the same bytes: seconds live in the records only, TTT's
     (phased LoRA: global SGD phases) included."""
     art = workspace / "artifacts"
-    lora = eval_stage.TTTSettings(rank=2, alpha=2.0, lr=1e-3, chunk=16, context=64, batch_docs=4, phases=2,
+    lora = TTTSettings(rank=2, alpha=2.0, lr=1e-3, chunk=16, context=64, batch_docs=4, phases=2,
                                   prefix_docs=8, global_chunk_tokens=128, global_seq_len=64, global_batch_seqs=2)
     cfg = eval_stage.Config(seq_len=64, device="cpu", ttt="lora", lora=lora)
     inputs = {"pack": art / "pack", "shards": art / "shards", "tokenizer": art / "tokenizer"}

@@ -43,6 +43,7 @@ def test_stages_match_modules_in_order():
     for module in registry.STAGE_MODULES:
         spec = module.SPEC
         assert registry.out_of(spec.name) == spec.out, "tasks/stages.py OUTS names another output"
+        assert registry.config_of(spec.name) is spec.config_cls, "tasks/stages.py CONFIGS names another class"
         stage = stages[spec.name]
         assert stage["cmd"] == f"bin/stage {spec.name}"
         assert stage["params"] == [spec.name, *[s for s in spec.reads_params if s != spec.name]]
@@ -51,6 +52,28 @@ def test_stages_match_modules_in_order():
             assert path in stage["deps"], f"{spec.name}: input {path} missing from dvc.yaml deps"
         data = [d for d in stage["deps"] if d.startswith(("data/", "artifacts/"))]
         assert data == spec.deps_for_dvc(), f"{spec.name}: dvc.yaml reads {data}, the stage {spec.deps_for_dvc()}"
+
+
+def test_a_params_check_and_a_cached_runs_records_import_no_torch(tmp_path):
+    """What `pgolf run` does around `dvc repro` when every stage is cached (check params.yaml whole,
+    make each output's run record its own) loads no stage and so no torch: importing it costs more
+    than the whole all-cached `dvc repro` (issue 25)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "artifacts" / "eval"
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text('{"val_bpb": 2.5}')
+    code = ("import sys\n"
+            "from flows.repro import refresh_records\n"
+            "from tasks.params import check_params_file, render, write_params\n"
+            f"ws = {str(tmp_path)!r}\n"
+            "write_params(render('smoke'), ws + '/params.yaml')\n"
+            "check_params_file(ws + '/params.yaml')\n"
+            "assert refresh_records(ws, ['train', 'eval']) == {'eval': 'unknown'}\n"
+            "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'triton')))\n")
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() == "[]", loaded
 
 
 def test_deps_cover_every_imported_module():

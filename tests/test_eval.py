@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from pgolf.evaluate.config import SGDTTTSettings, TTTSettings
 from pgolf.errors import FormatError
 from pgolf.evaluate.bpb import BpbResult, bytes_per_position, evaluate_bpb, truncate_val, windows
 from pgolf.model.config import ModelConfig
@@ -176,7 +177,7 @@ def test_tokenizer_vocab_must_match_the_model(data_dirs, packed, tmp_path):
 def test_stage_runs_score_first_lora_ttt_with_its_audit(data_dirs, packed, tmp_path):
     flat = run_eval(data_dirs, packed, tmp_path / "flat")
     lora = {"rank": 2, "alpha": 2.0, "lr": 3e-2, "chunk": 16, "context": 64, "batch_docs": 8}
-    cfg = eval_stage.Config(seq_len=64, device="cpu", ttt="lora", lora=eval_stage.TTTSettings(**lora))
+    cfg = eval_stage.Config(seq_len=64, device="cpu", ttt="lora", lora=TTTSettings(**lora))
     metrics = execute(eval_stage.SPEC, cfg, {"pack": packed / "pack", "shards": data_dirs["shards"],
                                              "tokenizer": data_dirs["tokenizer"]}, tmp_path / "ttt")
     assert metrics["mode"] == "ttt_lora" and metrics["audit"]["passed"] and metrics["audit"]["train_steps"] > 0
@@ -190,9 +191,9 @@ def test_two_ranks_score_like_one_process(data_dirs, packed, tmp_path):
     """nproc 2 (torchrun, gloo): each rank scores its share and the totals are summed; the numbers are
     one process's for flat and sliding (bit for bit), LoRA TTT (each batch seeded by its place, whichever rank runs it)
     and chunked SGD TTT (sequences dealt over ranks, gradients summed); phased TTT passes its audit."""
-    lora = eval_stage.TTTSettings(rank=2, alpha=2.0, lr=1e-3, chunk=16, context=64, batch_docs=4)
-    sgd = eval_stage.SGDTTTSettings(lr=0.01, epochs=1, chunk_tokens=256, batch_seqs=4)
-    phased = eval_stage.TTTSettings(**{**lora.__dict__, "phases": 2, "prefix_docs": 8, "global_chunk_tokens": 128,
+    lora = TTTSettings(rank=2, alpha=2.0, lr=1e-3, chunk=16, context=64, batch_docs=4)
+    sgd = SGDTTTSettings(lr=0.01, epochs=1, chunk_tokens=256, batch_seqs=4)
+    phased = TTTSettings(**{**lora.__dict__, "phases": 2, "prefix_docs": 8, "global_chunk_tokens": 128,
                                        "global_seq_len": 32, "global_batch_seqs": 2})
     for name, cfg in {"flat": {}, "sliding": {"stride": 16}, "lora": {"ttt": "lora", "lora": lora},
                       "sgd": {"ttt": "sgd", "stride": 32, "sgd": sgd}, "phased": {"ttt": "lora", "lora": phased}}.items():
@@ -213,7 +214,7 @@ def test_two_ranks_score_like_one_process(data_dirs, packed, tmp_path):
 def test_compiled_eval_matches_eager_and_keeps_the_warm_up_apart(data_dirs, packed, tmp_path):
     """eval.compile: the same scores through torch.compile (one dynamic-shape graph), its warm-up on
     random tokens reported apart from eval_seconds. LoRA TTT compiled: forward, backward and AdamW."""
-    lora = eval_stage.TTTSettings(rank=2, alpha=2.0, lr=1e-3, chunk=16, context=64, batch_docs=4)
+    lora = TTTSettings(rank=2, alpha=2.0, lr=1e-3, chunk=16, context=64, batch_docs=4)
     for cfg in ({}, {"ttt": "lora", "lora": lora}):
         eager = run_eval(data_dirs, packed, tmp_path / "eager", **cfg)
         compiled = run_eval(data_dirs, packed, tmp_path / "compiled", compile=True, **cfg)

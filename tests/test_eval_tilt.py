@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from pgolf.data.shards import load_split
 from pgolf.evaluate import ngram_tilt
 from pgolf.evaluate.bpb import bytes_per_position, truncate_val
-from pgolf.evaluate.lora_ttt import TTTSettings
-from pgolf.evaluate.ngram_tilt import TiltSettings, token_hints
+from pgolf.evaluate.config import TTTSettings, TiltSettings
+from pgolf.evaluate.ngram_tilt import token_hints
 from pgolf.model.config import ModelConfig
 from pgolf.model.lora import DocumentAdapters
 from pgolf.tokenize.token_bytes import build_byte_luts, load_tokenizer

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 pytest.importorskip("triton")  # a dev dependency on Linux; no wheels elsewhere
 
 from pgolf import kernels  # noqa: E402
+from pgolf.evaluate.config import SGDTTTSettings, TTTSettings  # noqa: E402
 from pgolf.kernels import fused_mlp as mlp_kernel, softcap_ce as softcap_ce_kernel  # noqa: E402
 from pgolf.kernels.fused_mlp import fused_mlp  # noqa: E402
 from pgolf.kernels.softcap_ce import softcap_cross_entropy  # noqa: E402
@@ -162,14 +163,13 @@ def packed_without_kernels(data_dirs, tmp_path_factory):
 def test_eval_builds_keep_the_eager_path(data_dirs, packed_without_kernels, tmp_path, monkeypatch):
     """What the eval stage runs, gradients included (LoRA TTT, chunked SGD TTT): the eager loss and
     MLP only, as R1 evaluates; GPTQ calibration too."""
-    from tasks import evaluate as eval_stage
     from tests.test_eval import run_eval
 
     packed, calibration_calls = packed_without_kernels
     assert calibration_calls == {"fused_mlp": 0, "softcap_cross_entropy": 0}
     calls = spy_on_kernels(monkeypatch)
-    lora = eval_stage.TTTSettings(rank=2, alpha=2.0, lr=1e-3, chunk=16, context=64, batch_docs=8)
-    sgd = eval_stage.SGDTTTSettings(lr=0.01, epochs=1, chunk_tokens=256, batch_seqs=4)
+    lora = TTTSettings(rank=2, alpha=2.0, lr=1e-3, chunk=16, context=64, batch_docs=8)
+    sgd = SGDTTTSettings(lr=0.01, epochs=1, chunk_tokens=256, batch_seqs=4)
     for name, cfg in {"flat": {}, "lora": {"ttt": "lora", "lora": lora},
                       "sgd": {"ttt": "sgd", "stride": 32, "sgd": sgd}}.items():
         metrics = run_eval(data_dirs, packed, tmp_path / name, **cfg)

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from pgolf.evaluate import ngram_tilt as tilt
-from pgolf.evaluate.ngram_tilt import (COEFFS, Hints, ScoreSampler, TiltScorer, TiltSettings, audit_causal,
+from pgolf.evaluate.config import TiltSettings
+from pgolf.evaluate.ngram_tilt import (COEFFS, Hints, ScoreSampler, TiltScorer, audit_causal,
                                        audit_scores, tilt_nll, token_hints, top_continuations)
 
 SETTINGS = TiltSettings(order=4, threshold=0.5, boost=2.625)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from pgolf.evaluate import lora_ttt
-from pgolf.evaluate.lora_ttt import TTTSettings, evaluate_ttt, find_documents, global_sgd
+from pgolf.evaluate.config import TTTSettings
+from pgolf.evaluate.lora_ttt import evaluate_ttt, find_documents, global_sgd
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
 from tests.conftest import TINY_MODEL

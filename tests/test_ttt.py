@@ -7,7 +7,8 @@ import torch
 
 from pgolf.evaluate.bpb import evaluate_bpb
 from pgolf.evaluate.audit import Audit
-from pgolf.evaluate.lora_ttt import TTTSettings, evaluate_ttt, find_documents
+from pgolf.evaluate.config import TTTSettings
+from pgolf.evaluate.lora_ttt import evaluate_ttt, find_documents
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT
 from tests.conftest import TINY_MODEL
@@ -167,7 +168,8 @@ def test_phased_global_sgd_carries_what_earlier_documents_taught_to_later_ones()
 
 from pgolf.errors import PgolfError  # noqa: E402
 from pgolf.evaluate.budget import Budget  # noqa: E402
-from pgolf.evaluate.sgd_ttt import SGDTTTSettings, evaluate_sgd_ttt  # noqa: E402
+from pgolf.evaluate.config import SGDTTTSettings  # noqa: E402
+from pgolf.evaluate.sgd_ttt import evaluate_sgd_ttt  # noqa: E402
 
 SGD = SGDTTTSettings(lr=0.05, epochs=2, chunk_tokens=64, batch_seqs=2)
 

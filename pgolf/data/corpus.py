@@ -10,15 +10,30 @@ import json
 import lzma
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from pgolf.errors import FormatError, InputError
+from pgolf.typed_params import check_range
 
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet", ".txt")
 # The builtin corpus: fixed bytes shipped with pgolf (its README says what and under which licence).
 # Text taken from the running interpreter (its docstrings, pydoc's topics) would change with
 # Python's patch release, and every hash of dvc.lock with it.
 BUILTIN = Path(__file__).resolve().parent / "builtin" / "jargon.jsonl.xz"
+
+
+@dataclass
+class CorpusConfig:
+    # 'builtin'; a jsonl / jsonl.gz / parquet / txt file or folder; or hf://owner/dataset/path.jsonl, e.g.
+    # the challenge's hf://willdepueoai/parameter-golf/datasets/docs_selected.jsonl. A .jsonl with a
+    # .source_manifest.json beside it is checked against the manifest's docs_sha256 first.
+    source: str = "builtin"
+    text_field: str = "text"
+    max_docs: int = 0  # 0: every document
+
+    def validate(self) -> None:
+        check_range(self, "max_docs", ge=0)
 
 
 def builtin_documents() -> Iterator[str]:

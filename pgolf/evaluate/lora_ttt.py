@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,49 +27,10 @@ import torch.nn.functional as F
 from pgolf import dist
 from pgolf.evaluate.audit import GLOBAL, Audit
 from pgolf.evaluate.bpb import BpbResult, Scorer
+from pgolf.evaluate.config import TTTSettings
 from pgolf.evaluate.budget import Budget, unlimited
 from pgolf.model.lora import DocumentAdapters
-from pgolf.typed_params import check_range
 from pgolf.progress import tracked
-
-
-@dataclass
-class TTTSettings:
-    rank: int = 96
-    alpha: float = 96.0
-    lr: float = 1e-4
-    beta1: float = 0.0
-    beta2: float = 0.999
-    eps: float = 1e-10
-    weight_decay: float = 0.5
-    chunk: int = 48
-    context: int = 2048
-    batch_docs: int = 64
-    warm_start_a: bool = False  # R1: keep A across batches (B is always reset)
-    adapt_k: bool = True  # adapters on K too (R1); PR #2135: off (its TTT_K_LORA=0)
-    seed: int = 0
-    # Multi-phase global SGD (PR #1626 -> R1, docs/lineage.md#phased-ttt): once prefix_docs * k / phases
-    # documents are scored, all base weights take one SGD epoch on that many of them, the shortest first.
-    phases: int = 0
-    prefix_docs: int = 2000
-    global_lr: float = 1e-3
-    global_momentum: float = 0.9
-    global_chunk_tokens: int = 32768
-    global_seq_len: int = 2048
-    # One SGD step per chunk over all of its sequences; R1 steps once per batch of global_batch_seqs of
-    # a rank's share, the same whenever a share fits one batch (R1's run: 16 a chunk over 8 ranks).
-    global_batch_seqs: int = 32
-    global_clip: float = 1.0
-
-    def validate(self) -> None:
-        check_range(self, "rank chunk context batch_docs global_chunk_tokens global_seq_len global_batch_seqs", ge=1)
-        check_range(self, "lr alpha weight_decay global_lr global_clip seed phases prefix_docs", ge=0)
-        check_range(self, "beta1 beta2 global_momentum", ge=0, lt=1)
-        check_range(self, "eps", gt=0)
-        if self.chunk > self.context:
-            raise ValueError(f"lora chunk {self.chunk} must fit in its context {self.context}")
-        if self.phases and self.prefix_docs < self.phases:
-            raise ValueError(f"phases {self.phases} needs prefix_docs >= phases (got {self.prefix_docs})")
 
 
 def find_documents(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
@@ -90,7 +50,6 @@ def find_documents(tokens: np.ndarray, bos_id: int) -> list[tuple[int, int]]:
 def phase_boundaries(prefix_docs: int, phases: int) -> list[int]:
     """R1: 2,500 docs in 3 phases -> [833, 1666, 2500]."""
     return [prefix_docs * (k + 1) // phases for k in range(phases)]
-
 
 
 def global_sgd(model, tokens: np.ndarray, settings: TTTSettings, device: torch.device) -> int:

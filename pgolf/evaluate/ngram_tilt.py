@@ -30,7 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from pgolf.typed_params import check_range
+from pgolf.evaluate.config import TILT_MAX_ORDER, TiltSettings
+
 
 # PR #2135's ROLLING_COEFFS (online_ngram_state.c): the context key is XOR_j token_j * COEFFS[j], oldest
 # token first. The key is what decides which contexts are "the same", so it must be the PR's.
@@ -38,23 +39,8 @@ COEFFS = np.array([36313, 27191, 51647, 81929, 131071, 196613, 262147, 393241, 5
                    1048583, 1179653, 1310729, 1441801, 1572869, 1703941, 1835017, 1966087, 2097169, 2228243,
                    2359319, 2490389, 2621471, 2752549, 2883617, 3014687, 3145757, 3276833, 3407903, 3538973],
                   dtype=np.uint64)
+assert len(COEFFS) + 1 == TILT_MAX_ORDER, "eval.tilt.order validates against the key's length"
 HASH_BLOCK = 1 << 18  # targets hashed per block: the block's arrays stay in cache across the context's terms
-
-
-@dataclass
-class TiltSettings:
-    order: int = 0  # 0: off; > 0: the n of the n-gram (the hint reads the previous order - 1 tokens); PR #2135: 16
-    threshold: float = 0.8  # hint only where its frequency p is at least this
-    boost: float = 2.625  # beta
-
-    def validate(self) -> None:
-        check_range(self, "order", ge=0, le=len(COEFFS) + 1)
-        check_range(self, "threshold", ge=0, le=1)
-        check_range(self, "boost", ge=0)
-
-    @property
-    def on(self) -> bool:
-        return self.order > 0
 
 
 @dataclass(frozen=True)

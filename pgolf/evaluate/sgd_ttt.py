@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
@@ -26,29 +24,9 @@ from pgolf import dist
 from pgolf.errors import PgolfError
 from pgolf.evaluate.audit import GLOBAL, Audit
 from pgolf.evaluate.bpb import BpbResult, score_windows, windows
+from pgolf.evaluate.config import SGDTTTSettings
 from pgolf.evaluate.budget import Budget, unlimited
-from pgolf.typed_params import check_range
 from pgolf.progress import tracked
-
-
-@dataclass
-class SGDTTTSettings:
-    # "all": every weight (R0409); "film": only the FiLM scales and shifts of the shared depths, as
-    # PR #1383 intends (its own code left the shared matrices trainable, docs/lineage.md#film-ttt).
-    trainable: Literal["all", "film"] = "all"
-    lr: float = 0.005  # R0409; PR #1383: 0.002
-    momentum: float = 0.9
-    epochs: int = 3
-    chunk_tokens: int = 32768
-    batch_seqs: int = 32
-    clip: float = 1.0
-
-    def validate(self) -> None:
-        if self.trainable not in ("all", "film"):
-            raise ValueError(f"sgd trainable {self.trainable!r} must be 'all' or 'film'")
-        check_range(self, "epochs chunk_tokens batch_seqs", ge=1)
-        check_range(self, "lr clip", ge=0)
-        check_range(self, "momentum", ge=0, lt=1)
 
 
 def trainable_parameters(model, which: str) -> list[torch.nn.Parameter]:

@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from pgolf.train.config import MUON_COEFFICIENTS
+
 STOCK_NS5 = ((3.4445, -4.7750, 2.0315),) * 5
 POLAR_EXPRESS_NS5 = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
@@ -24,6 +26,7 @@ POLAR_EXPRESS_NS5 = (
     (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
 )
 COEFFICIENTS = {"stock": STOCK_NS5, "polar_express": POLAR_EXPRESS_NS5}
+assert tuple(COEFFICIENTS) == MUON_COEFFICIENTS, "train.muon_coefficients validates against these names"
 
 
 def newton_schulz(grad: Tensor, steps: int = 5, coefficients=STOCK_NS5, eps: float = 1e-7,

@@ -15,9 +15,10 @@ from pgolf.progress import tracked
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
 from pgolf.quant.lqer import correction, low_rank_factors, pack_factors
 from pgolf.quant.quantized_model import QuantizedModel
+from pgolf.quant.config import GPTQConfig
 
 
-def matrix_bits_and_clip(cfg, name: str) -> tuple[int, float]:
+def matrix_bits_and_clip(cfg: GPTQConfig, name: str) -> tuple[int, float]:
     """(bits, clip sigmas) of a matrix, by its name (docs/lineage.md#gptq)."""
     if is_embedding(name):
         return cfg.embed_bits or cfg.bits, cfg.embed_clip_sigmas or cfg.clip_sigmas
@@ -29,7 +30,7 @@ def matrix_bits_and_clip(cfg, name: str) -> tuple[int, float]:
     return cfg.bits, cfg.clip_sigmas
 
 
-def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], cfg,
+def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], cfg: GPTQConfig,
                    model_config: dict) -> tuple[QuantizedModel, dict]:
     """The quantized model and its report. Every solve (Cholesky, GPTQ's column updates, LQER's
     SVD) runs on one CPU thread: a LAPACK or BLAS sum split over threads rounds by the thread
@@ -39,7 +40,7 @@ def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Ten
         return _quantize_state(state, hessians, cfg, model_config)
 
 
-def _quantize_state(state, hessians, cfg, model_config) -> tuple[QuantizedModel, dict]:
+def _quantize_state(state, hessians, cfg: GPTQConfig, model_config) -> tuple[QuantizedModel, dict]:
     tensors, entries, report = {}, {}, {}
     for name, tensor in tracked(sorted(state.items()), "gptq tensors"):
         entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
@@ -80,7 +81,7 @@ def _quantize_state(state, hessians, cfg, model_config) -> tuple[QuantizedModel,
     return QuantizedModel(model_config, tensors, entries), report
 
 
-def apply_lqer(state, tensors, entries, report, hessians, cfg) -> None:
+def apply_lqer(state, tensors, entries, report, hessians, cfg: GPTQConfig) -> None:
     """Rank-r correction of the top-k tensors by ||W - Q s||_F; the report says how much error it removes."""
     candidates = sorted((r["error_fro"], n) for n, r in report.items() if "error_fro" in r)
     for _, name in reversed(candidates[-cfg.lqer_top_k:] if cfg.lqer_top_k else []):

@@ -6,9 +6,10 @@ import torch
 
 from pgolf.model.gpt import GPT, param_groups
 from pgolf.optim.muon import Muon, ShardedMuon
+from pgolf.train.config import TrainConfig
 
 
-def build_optimizers(model: GPT, cfg, fused: bool) -> list[torch.optim.Optimizer]:
+def build_optimizers(model: GPT, cfg: TrainConfig, fused: bool) -> list[torch.optim.Optimizer]:
     """[Muon, AdamW]; `cfg` is the train stage's Config (tasks/train.py). Each group keeps its
     configured lr as base_lr, which the schedules scale."""
     groups = param_groups(model)
@@ -33,7 +34,7 @@ def build_optimizers(model: GPT, cfg, fused: bool) -> list[torch.optim.Optimizer
     return optimizers
 
 
-def learning_rates(cfg) -> str:
+def learning_rates(cfg: TrainConfig) -> str:
     """The configured learning rates a diverged or stuck run is told to look at."""
     embed_lr = cfg.tied_embed_lr if cfg.model.tie_embeddings else cfg.embed_lr
     return (f"matrix_lr={cfg.matrix_lr:g}, scalar_lr={cfg.scalar_lr:g}, "
