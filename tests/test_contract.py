@@ -124,8 +124,10 @@ def test_the_library_never_imports_the_stages():
 
 
 # A repository path in a comment, docstring or string: docs/stages.md, pgolf/quant/gptq.py,
-# docs/lineage.md#gptq. The lookbehind skips paths inside other paths (bench/reference/pgolf/...).
-PATH_REFERENCE = re.compile(r"(?<![\w./-])((?:docs|pgolf|tasks|flows|bench)/[\w./-]*?\.(?:md|py))(?:#([\w-]+))?")
+# docs/lineage.md#gptq, and anchors that follow into the same file (docs/lineage.md#muon,
+# #baseline-config). The lookbehind skips paths inside other paths (bench/reference/pgolf/...).
+PATH_REFERENCE = re.compile(r"(?<![\w./-])((?:docs|pgolf|tasks|flows|bench)/[\w./-]*?\.(?:md|py))"
+                            r"((?:#[\w-]+)?(?:, #[\w-]+)*)")
 
 
 def markdown_anchors(path: Path) -> set[str]:
@@ -138,20 +140,24 @@ def markdown_anchors(path: Path) -> set[str]:
 
 def unresolved_references(text: str) -> list[str]:
     bad = []
-    for rel, anchor in PATH_REFERENCE.findall(text):
+    for rel, anchors in PATH_REFERENCE.findall(text):
         target = ROOT / rel
         if not target.is_file():
             bad.append(rel)
-        elif anchor and anchor not in markdown_anchors(target):
-            bad.append(f"{rel}#{anchor}")
+            continue
+        cited = re.findall(r"#([\w-]+)", anchors)
+        known = markdown_anchors(target) if cited else set()
+        bad += [f"{rel}#{anchor}" for anchor in cited if anchor not in known]
     return bad
 
 
 def test_every_path_the_code_cites_resolves():
     """A comment that points at a moved or never-written file (or a renamed docs heading) sends
     the reader nowhere; the scan names each one."""
-    assert unresolved_references("docs/gone.md, pgolf/gone.py, docs/lineage.md#no-such-topic, docs/lineage.md#gptq") \
-        == ["docs/gone.md", "pgolf/gone.py", "docs/lineage.md#no-such-topic"]
+    planted = "docs/gone.md, pgolf/gone.py, docs/lineage.md#no-such-topic, docs/lineage.md#gptq, #no-such-either"
+    planted += ", docs/stages.md#determinism"  # a heading's slug
+    assert unresolved_references(planted) == ["docs/gone.md", "pgolf/gone.py", "docs/lineage.md#no-such-topic",
+                                              "docs/lineage.md#no-such-either"]
     offenders, cited = [], 0
     for folder in ("pgolf", "tasks", "flows"):
         for path in sorted((ROOT / folder).rglob("*.py")):
