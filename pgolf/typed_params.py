@@ -125,14 +125,13 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         args = get_args(hint)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, where)
-            except ConfigError as err:
-                errors.append(str(err))
+            except ConfigError:
+                continue
         raise ConfigError(f"{where}: {shown(value)} matches none of {hint}")
     if origin is Literal:
         if value not in get_args(hint):

@@ -1,6 +1,7 @@
 """dvc.yaml, the stage modules and params.yaml agree; each stage's deps cover the code it imports."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import yaml
@@ -143,6 +144,51 @@ def test_the_library_never_imports_the_stages():
             if words[:1] in (["import"], ["from"]) and len(words) > 1 and words[1].split(".")[0] in ("tasks", "flows"):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, offenders
+
+
+# A repository path in a comment, docstring or string: docs/stages.md, pgolf/quant/gptq.py,
+# docs/lineage.md#gptq, and anchors that follow into the same file (docs/lineage.md#muon,
+# #baseline-config). The lookbehind skips paths inside other paths (bench/reference/pgolf/...).
+PATH_REFERENCE = re.compile(r"(?<![\w./-])((?:docs|pgolf|tasks|flows|bench)/[\w./-]*?\.(?:md|py))"
+                            r"((?:#[\w-]+)?(?:, #[\w-]+)*)")
+
+
+def markdown_anchors(path: Path) -> set[str]:
+    """Explicit <a id> anchors and GitHub's heading slugs (lowercase, punctuation dropped, spaces to '-')."""
+    text = path.read_text(encoding="utf-8")
+    headings = re.findall(r"^#+ (.+)$", text, re.M)
+    return set(re.findall(r'<a id="([^"]+)"></a>', text)) | {
+        re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def unresolved_references(text: str) -> list[str]:
+    bad = []
+    for rel, anchors in PATH_REFERENCE.findall(text):
+        target = ROOT / rel
+        if not target.is_file():
+            bad.append(rel)
+            continue
+        cited = re.findall(r"#([\w-]+)", anchors)
+        known = markdown_anchors(target) if cited else set()
+        bad += [f"{rel}#{anchor}" for anchor in cited if anchor not in known]
+    return bad
+
+
+def test_every_path_the_code_cites_resolves():
+    """A comment that points at a moved or never-written file (or a renamed docs heading) sends
+    the reader nowhere; the scan names each one."""
+    planted = "docs/gone.md, pgolf/gone.py, docs/lineage.md#no-such-topic, docs/lineage.md#gptq, #no-such-either"
+    planted += ", docs/stages.md#determinism"  # a heading's slug
+    assert unresolved_references(planted) == ["docs/gone.md", "pgolf/gone.py", "docs/lineage.md#no-such-topic",
+                                              "docs/lineage.md#no-such-either"]
+    offenders, cited = [], 0
+    for folder in ("pgolf", "tasks", "flows"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            text = path.read_text(encoding="utf-8")
+            cited += len(PATH_REFERENCE.findall(text))
+            offenders += [f"{path.relative_to(ROOT)}: {bad}" for bad in unresolved_references(text)]
+    assert cited > 50  # the scan itself finds references
+    assert not offenders, f"references to files or anchors that do not exist: {offenders}"
 
 
 def test_pgolf_run_starts_without_torch():

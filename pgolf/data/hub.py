@@ -13,7 +13,6 @@ from pathlib import Path
 from pgolf.errors import FormatError, InputError
 
 HUB_PREFIX = "hf://"
-CHALLENGE_DOCS = "hf://willdepueoai/parameter-golf/datasets/docs_selected.jsonl"
 MANIFEST_SUFFIX = ".source_manifest.json"
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import sentencepiece as spm
 
 from pgolf.data.shards import (SPLIT_FOLDERS, list_shards, read_header, read_shard, sha256_file, shard_entry_name,
-                               shard_name, shard_path, write_shard)
+                               shard_path, write_shard)
 from pgolf.errors import FormatError, InputError
 from pgolf.progress import Progress
 from pgolf.tokenize.token_bytes import original_byte_counts

@@ -28,6 +28,7 @@ from pgolf import dist
 from pgolf.evaluate.audit import GLOBAL, Audit
 from pgolf.evaluate.bpb import BpbResult, Scorer
 from pgolf.evaluate.config import TTTSettings
+from pgolf.evaluate.chunk_sgd import set_cosine_lr, sgd_step, sgd_training
 from pgolf.evaluate.budget import Budget, unlimited
 from pgolf.model.lora import DocumentAdapters
 from pgolf.progress import tracked
@@ -52,6 +53,14 @@ def phase_boundaries(prefix_docs: int, phases: int) -> list[int]:
     return [prefix_docs * (k + 1) // phases for k in range(phases)]
 
 
+def sequence_batch(piece: torch.Tensor, first: int, end: int, seq_len: int,
+                   flat: bool) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Inputs and targets of sequences first..end-1 of `piece`: as one flat row, or a row each."""
+    shape = (1, -1) if flat else (end - first, seq_len)
+    x, y = piece[first * seq_len:end * seq_len], piece[first * seq_len + 1:end * seq_len + 1]
+    return x.view(shape), y.view(shape), end - first
+
+
 def global_sgd(model, tokens: np.ndarray, settings: TTTSettings, device: torch.device) -> int:
     """One epoch of SGD over every base weight on `tokens`, in chunks with a cosine lr over chunks;
     the last chunk is skipped. A chunk's sequences are split into one contiguous share per rank (as
@@ -62,40 +71,23 @@ def global_sgd(model, tokens: np.ndarray, settings: TTTSettings, device: torch.d
     cuts it: W ranks train as R1's W ranks); without it, rows of global_seq_len. Returns the number
     of chunks trained on."""
     params = list(model.parameters())
-    for p in params:
-        p.requires_grad_(True)
-        p.grad = torch.zeros_like(p)  # every rank reduces every gradient, also with no sequence of its own
-    optimizer = torch.optim.SGD(params, lr=settings.global_lr, momentum=settings.global_momentum)
     chunk, seq_len = settings.global_chunk_tokens, settings.global_seq_len
     flat = bool(model.cfg.doc_attention)
     n_chunks = max(1, math.ceil((len(tokens) - 1) / chunk))
-    model.train()
     trained = 0
-    for c in range(n_chunks - 1):
-        lr = settings.global_lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        piece = torch.from_numpy(np.asarray(tokens[c * chunk:(c + 1) * chunk + 1], dtype=np.int64))
-        rows = (len(piece) - 1) // seq_len
-        if rows == 0:
-            continue
-        first, last = rows * dist.rank() // dist.world_size(), rows * (dist.rank() + 1) // dist.world_size()
-        optimizer.zero_grad(set_to_none=False)
-        for b in range(first, last, settings.global_batch_seqs):
-            e = min(b + settings.global_batch_seqs, last)
-            x, y = piece[b * seq_len:e * seq_len], piece[b * seq_len + 1:e * seq_len + 1]
-            shape = (1, -1) if flat else (e - b, seq_len)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = model(x.view(shape).to(device), y.view(shape).to(device))
-            (loss * (e - b) / rows).backward()
-        dist.average_gradients(params, mean=False)
-        torch.nn.utils.clip_grad_norm_(params, settings.global_clip)
-        optimizer.step()
-        trained += 1
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
-    model.eval()
+    with sgd_training(model, params, settings.global_lr, settings.global_momentum) as optimizer:
+        model.train()
+        for c in range(n_chunks - 1):
+            set_cosine_lr(optimizer, settings.global_lr, c, n_chunks)
+            piece = torch.from_numpy(np.asarray(tokens[c * chunk:(c + 1) * chunk + 1], dtype=np.int64))
+            rows = (len(piece) - 1) // seq_len
+            if rows == 0:
+                continue
+            first, last = rows * dist.rank() // dist.world_size(), rows * (dist.rank() + 1) // dist.world_size()
+            share = (sequence_batch(piece, b, min(b + settings.global_batch_seqs, last), seq_len, flat)
+                     for b in range(first, last, settings.global_batch_seqs))
+            sgd_step(model, optimizer, params, share, rows, settings.global_clip, device)
+            trained += 1
     return trained
 
 

@@ -26,6 +26,7 @@ from pgolf.evaluate.audit import GLOBAL, Audit
 from pgolf.evaluate.bpb import BpbResult, score_windows, windows
 from pgolf.evaluate.config import SGDTTTSettings
 from pgolf.evaluate.budget import Budget, unlimited
+from pgolf.evaluate.chunk_sgd import set_cosine_lr, sgd_step, sgd_training
 from pgolf.progress import tracked
 
 
@@ -38,6 +39,13 @@ def trainable_parameters(model, which: str) -> list[torch.nn.Parameter]:
         raise PgolfError("eval.sgd.trainable is 'film' but the model has no FiLM parameters "
                          "(train it with train.model.film: true and a block_map that reuses blocks)")
     return chosen
+
+
+def sequence_batch(stream: torch.Tensor, starts: list[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Inputs and targets of the sequences of `seq_len` starting at `starts`, a row each."""
+    x = torch.stack([stream[s:s + seq_len] for s in starts])
+    y = torch.stack([stream[s + 1:s + seq_len + 1] for s in starts])
+    return x, y, len(starts)
 
 
 def evaluate_sgd_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len: int, stride: int, batch_seqs: int,
@@ -54,12 +62,6 @@ def evaluate_sgd_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len
     for w, first in windows(num_targets, seq_len, stride):
         by_chunk[(first - 1) // size].append((w, first))
     params = trainable_parameters(model, settings.trainable)
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-        p.grad = torch.zeros_like(p)  # every rank reduces every gradient, also with no sequence of its own
-    optimizer = torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum)
     world, rank = dist.world_size(), dist.rank()
     audit = Audit(num_targets)
     nll_at = np.full(len(tokens), np.nan)
@@ -67,63 +69,50 @@ def evaluate_sgd_ttt(model, tokens: np.ndarray, byte_counts: np.ndarray, seq_len
     scoring_seconds, training_seconds, trained_targets = 0.0, 0.0, 0
     chunks_trained, steps = 0, 0
     skipped_from = -1
-    for c in tracked(range(n_chunks), "eval SGD TTT chunks"):
-        audit.tick += 1
-        started = time.perf_counter()
-        model.eval()
-        batches = [by_chunk[c][b:b + batch_seqs] for b in range(0, len(by_chunk[c]), batch_seqs)]
-        for batch in batches[rank::world]:
-            for first, end, nll in score_windows(model, stream, batch, seq_len, device):
-                loss_sum += float(nll.sum())
-                nll_at[first:end] = nll.numpy()
-                scored_tokens += end - first
-                scored_bytes += int(byte_counts[first:end].sum())
-                audit.scored(c, first, end)
-        scoring_seconds += time.perf_counter() - started
-        if c == n_chunks - 1 or skipped_from >= 0:
-            continue  # the last chunk: nothing is left to score with what it would teach
-        # Training sequences: inputs from the chunk's start, every target inside the chunk.
-        lo = c * size
-        n_seqs = (min(lo + size, num_targets) - lo) // seq_len
-        if n_seqs == 0:
-            continue
-        targets_left = num_targets - (c + 1) * size
-        per_target = scoring_seconds / ((c + 1) * size)
-        per_train_token = training_seconds / trained_targets if trained_targets else 3 * per_target
-        if not budget.fits(per_train_token * n_seqs * seq_len * settings.epochs, per_target * targets_left, device):
-            skipped_from = c
-            continue
-        audit.tick += 1
-        started = time.perf_counter()
-        model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = settings.lr * 0.5 * (1 + math.cos(math.pi * c / max(n_chunks - 1, 1)))
-        seqs = torch.arange(n_seqs)
-        for _ in range(settings.epochs):
-            for b in range(0, n_seqs, settings.batch_seqs):
-                step_seqs = seqs[b:b + settings.batch_seqs]
-                mine = step_seqs[rank::world]
-                optimizer.zero_grad(set_to_none=False)
-                if len(mine):
-                    starts = lo + mine * seq_len
-                    x = torch.stack([stream[s:s + seq_len] for s in starts.tolist()]).to(device)
-                    y = torch.stack([stream[s + 1:s + seq_len + 1] for s in starts.tolist()]).to(device)
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                        loss = model(x, y)
-                    (loss * len(mine) / len(step_seqs)).backward()
-                dist.average_gradients(params, mean=False)
-                torch.nn.utils.clip_grad_norm_(params, settings.clip)
-                optimizer.step()
-                steps += 1
-        if rank == 0:
-            audit.trained(c, lo + 1, lo + n_seqs * seq_len + 1, kind=GLOBAL)
-        chunks_trained += 1
-        trained_targets += n_seqs * seq_len * settings.epochs
-        training_seconds += time.perf_counter() - started
-    for p in params:
-        p.requires_grad_(False)
-        p.grad = None
-    model.eval()
+    with sgd_training(model, params, settings.lr, settings.momentum) as optimizer:
+        for c in tracked(range(n_chunks), "eval SGD TTT chunks"):
+            audit.tick += 1
+            started = time.perf_counter()
+            model.eval()
+            batches = [by_chunk[c][b:b + batch_seqs] for b in range(0, len(by_chunk[c]), batch_seqs)]
+            for batch in batches[rank::world]:
+                for first, end, nll in score_windows(model, stream, batch, seq_len, device):
+                    loss_sum += float(nll.sum())
+                    nll_at[first:end] = nll.numpy()
+                    scored_tokens += end - first
+                    scored_bytes += int(byte_counts[first:end].sum())
+                    audit.scored(c, first, end)
+            scoring_seconds += time.perf_counter() - started
+            if c == n_chunks - 1 or skipped_from >= 0:
+                continue  # the last chunk: nothing is left to score with what it would teach
+            # Training sequences: inputs from the chunk's start, every target inside the chunk.
+            lo = c * size
+            n_seqs = (min(lo + size, num_targets) - lo) // seq_len
+            if n_seqs == 0:
+                continue
+            targets_left = num_targets - (c + 1) * size
+            per_target = scoring_seconds / ((c + 1) * size)
+            per_train_token = training_seconds / trained_targets if trained_targets else 3 * per_target
+            if not budget.fits(per_train_token * n_seqs * seq_len * settings.epochs, per_target * targets_left,
+                               device):
+                skipped_from = c
+                continue
+            audit.tick += 1
+            started = time.perf_counter()
+            model.train()
+            set_cosine_lr(optimizer, settings.lr, c, n_chunks)
+            for _ in range(settings.epochs):
+                for b in range(0, n_seqs, settings.batch_seqs):
+                    step_seqs = torch.arange(b, min(b + settings.batch_seqs, n_seqs))
+                    mine = (lo + step_seqs[rank::world] * seq_len).tolist()
+                    share = [sequence_batch(stream, mine, seq_len)] if mine else []
+                    sgd_step(model, optimizer, params, share, len(step_seqs), settings.clip, device)
+                    steps += 1
+            if rank == 0:
+                audit.trained(c, lo + 1, lo + n_seqs * seq_len + 1, kind=GLOBAL)
+            chunks_trained += 1
+            trained_targets += n_seqs * seq_len * settings.epochs
+            training_seconds += time.perf_counter() - started
     totals = BpbResult(loss_sum, scored_tokens, scored_bytes).summed_over_ranks(device)
     summary = audit.merged().check({})
     summary.update(chunks=n_chunks, chunks_trained=chunks_trained, sgd_steps=steps,

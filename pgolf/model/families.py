@@ -1,7 +1,8 @@
-"""The tensor families: which rule applies to a parameter, by its name ("parameter names are an API",
-docs/design.md). The optimizer groups (pgolf.model.gpt.param_groups), GPTQ's gates and clip ranges
-(tasks/gptq.py), the pack's size groups (tasks/pack.py) and the baseline's int8 format
-(pgolf.quant.baseline_int8) all read them here, so a new parameter is classified once.
+"""The tensor families: which rule applies to a parameter, by its name (parameter names are an API:
+artifacts, checkpoints and these rules all key on them). The optimizer groups
+(pgolf.model.gpt.param_groups), GPTQ's gates and clip ranges (pgolf/quant/policy.py), the pack's size
+groups (pgolf/pack/groups.py) and the baseline's int8 format (pgolf.quant.baseline_int8) all read them
+here, so a new parameter is classified once.
 
 - embedding: the token embedding and an untied head (their own Adam lr, GPTQ's embed bits/clip);
 - matrix: the blocks' attention and MLP weight matrices (Muon; GPTQ's attn/mlp clip);

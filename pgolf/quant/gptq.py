@@ -32,10 +32,6 @@ def quantize_rtn(weight: Tensor, scale: Tensor, bits: int) -> Tensor:
     return torch.clamp(torch.round(weight.float() / scale[:, None]), -r, r)
 
 
-def dequantize(codes: Tensor, scale: Tensor) -> Tensor:
-    return codes.float() * scale.float()[:, None]
-
-
 def output_error(weight: Tensor, approx: Tensor, hessian: Tensor) -> float:
     """tr(E H E^T) / tr(W H W^T): the relative squared error of the layer's output on the
     calibration inputs (H = sum of x x^T), which is what GPTQ minimizes."""

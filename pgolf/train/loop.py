@@ -12,7 +12,9 @@ import json
 import math
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TextIO
 
 import torch
 
@@ -110,6 +112,27 @@ def compile_for_training(model: torch.nn.Module, backend: str = "inductor") -> t
     forward. The varlen segments' length is marked dynamic (docmask.document_segments): one graph
     per looping state, whatever the batch's documents. `backend`: tests trace with aot_eager on CPU."""
     return torch.compile(model, dynamic=False, fullgraph=True, backend=backend)
+
+
+@dataclass
+class Run:
+    """Where one call of Trainer.train stands: what a resume point saves and restores, the clock,
+    the last loss read on the host, and rank 0's logs."""
+    cap_ms: float | None  # the wallclock cap, less the reserve for GPTQ; None: steps alone end the run
+    looping_step: int | None  # the step looping turned on at (0: on from the start)
+    step: int = 0
+    elapsed_ms: float = 0.0
+    qat_on: bool = False
+    records: list[dict] = field(default_factory=list)
+    val_records: list[dict] = field(default_factory=list)
+    resumed_from: int | None = None  # the step of the resume point this run started from
+    saved_step: int | None = None  # the last resume point on disk, for the Ctrl-C message
+    t0: float = 0.0  # perf_counter at step 0, moved forward past validation
+    loss: float = float("nan")
+    rank_loss: torch.Tensor | None = None
+    nonfinite: torch.Tensor | None = None
+    log: TextIO | None = None
+    live: Any = None  # dvclive.Live on rank 0 when DVCLive is installed
 
 
 class Trainer:
@@ -286,119 +309,146 @@ class Trainer:
     def train(self, stop_after: int | None = None) -> dict | None:
         """Train to `iterations` or the wallclock cap. `stop_after` ends the run early without
         cleaning up, the way a killed process would (tests resume from there)."""
-        cfg = self.cfg
         self.warmup()
-        cap_ms = (cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) * 1000.0 if cfg.max_wallclock_seconds > 0 else None
-        elapsed_ms, step, loss = 0.0, 0, float("nan")
-        looping_step = 0 if self.model.looping else None
-        qat_on = False
-        records: list[dict] = []
-        val_records: list[dict] = []
-        resumed = self.load_resume_point()
-        if resumed:
-            step, elapsed_ms, looping_step, qat_on, records = (resumed["step"], resumed["elapsed_ms"],
-                                                               resumed["looping_step"], resumed["qat"], resumed["log"])
-            val_records = resumed.get("val_log", [])
-        log = open(self.out / "train_log.jsonl", "w") if dist.is_main() else None
-        if log:
-            log.writelines(json.dumps(r, allow_nan=False) + "\n" for r in records)
-        live = self.open_live()
-        tokens_per_step = cfg.train_batch_tokens
-        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        rank_loss = None
+        run = self.start_run()
         pace = HostPace(self.device)
-        progress = Progress("train steps", cfg.iterations, done=step)
+        progress = Progress("train steps", self.cfg.iterations, done=run.step)
         self.sync()
-        t0 = time.perf_counter() - elapsed_ms / 1000.0
-        saved_step = resumed["step"] if resumed else None
+        run.t0 = time.perf_counter() - run.elapsed_ms / 1000.0
         try:
-            while step < cfg.iterations:
-                if stop_after is not None and step >= stop_after:
+            while run.step < self.cfg.iterations:
+                if stop_after is not None and run.step >= stop_after:
                     progress.close()
                     return None
-                frac = training_fraction(step, elapsed_ms, cfg.iterations, cap_ms)
-                if cfg.warmdown_frac > 0:
-                    lr_scale = warmdown_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
-                else:
-                    lr_scale = lr_multiplier(step, elapsed_ms, cfg.iterations, cfg.warmdown_iters, cap_ms)
-                if looping_step is None and cfg.model.num_loops and frac >= cfg.model.enable_looping_at:
-                    self.model.set_looping(True)
-                    looping_step = step
-                if not qat_on and cfg.late_qat_threshold > 0 and lr_scale < cfg.late_qat_threshold:
-                    self.model.set_qat(cfg.qat_bits)
-                    qat_on = True
-                rank_loss = self.step(step, lr_scale)
-                step += 1
-                nonfinite = nonfinite | ~torch.isfinite(rank_loss)
-                pace.step_queued()
-                elapsed_ms = (time.perf_counter() - t0) * 1000.0
-                if self.swa is not None and lr_scale < cfg.swa_start_lr_scale and step % cfg.swa_every == 0:
-                    self.swa.add(self.model)
-                log_step = step % cfg.log_every == 0 or step == 1 or step == cfg.iterations
-                learn_check_step = step == cfg.learn_check_step
-                if log_step or learn_check_step:
-                    loss = self.host_loss(rank_loss)
-                    check_finite(nonfinite, step, cfg)
-                if learn_check_step:
-                    check_learning(loss, step, cfg)
-                if log and log_step:
-                    record = {"step": step, "train_loss": round(loss, 6), "lr_scale": round(lr_scale, 6),
-                              **self.learning_rates(), "tokens": step * tokens_per_step}
-                    records.append(record)
-                    log.write(json.dumps(record, allow_nan=False) + "\n")
-                    log.flush()
-                    print(f"step {step}/{cfg.iterations} loss {loss:.4f} lr_scale {lr_scale:.3f} "
-                          f"{elapsed_ms / step:.1f} ms/step", flush=True)
-                    if live:
-                        live.step = step
-                        live.log_metric("train_loss", loss)
-                        live.log_metric("lr_scale", lr_scale)
-                        for name, value in self.learning_rates().items():
-                            live.log_metric(f"lr/{name.removeprefix('lr_')}", value)
-                        live.next_step()
-                if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations):
-                    self.sync()
-                    val_started = time.perf_counter()
-                    val_records.append(self.validate(step))
-                    if dist.is_main():
-                        write_json(self.out / VAL_LOG_NAME, val_records)
-                        print(f"step {step}/{cfg.iterations} val_loss {val_records[-1]['val_loss']:.4f} "
-                              f"val_bpb {val_records[-1]['val_bpb']:.4f}", flush=True)
-                    t0 += time.perf_counter() - val_started
-                progress.update(1, f"loss {loss:.4f}, {step * tokens_per_step / max(elapsed_ms, 1e-9) * 1000:,.0f} tokens/s",
-                                remaining_seconds(step, elapsed_ms, cfg.iterations, cap_ms))
-                if pace.stop_vote(cap_ms is not None and elapsed_ms >= cap_ms):
+                lr_scale = self.schedule(run)
+                self.take_step(run, lr_scale, pace)
+                self.log_step(run, lr_scale)
+                self.validate_if_due(run)
+                progress.update(1, self.progress_note(run),
+                                remaining_seconds(run.step, run.elapsed_ms, self.cfg.iterations, run.cap_ms))
+                # Stop: every rank must leave on the same step, so the cap is a vote (HostPace).
+                if pace.stop_vote(run.cap_ms is not None and run.elapsed_ms >= run.cap_ms):
                     break
-                if cfg.resume_every and step % cfg.resume_every == 0 and step < cfg.iterations:
-                    self.save_resume_point({"step": step, "elapsed_ms": elapsed_ms, "looping_step": looping_step,
-                                          "looping": self.model.looping, "qat": qat_on, "log": records,
-                                          "val_log": val_records})
-                    saved_step = step
+                self.save_resume_point_if_due(run)
         except KeyboardInterrupt:
-            raise StageInterrupted(interrupted_message(step, cfg, saved_step)) from None
+            raise StageInterrupted(interrupted_message(run.step, self.cfg, run.saved_step)) from None
         progress.close()
+        return self.finish(run)
+
+    def start_run(self) -> Run:
+        """Resume: a rerun after a kill continues from the last resume point with its step, clock,
+        schedule switches and logs, so it ends with the bytes an unbroken run would have."""
+        cfg = self.cfg
+        run = Run(cap_ms=(cfg.max_wallclock_seconds - cfg.gptq_reserve_seconds) * 1000.0
+                  if cfg.max_wallclock_seconds > 0 else None,
+                  looping_step=0 if self.model.looping else None)
+        resumed = self.load_resume_point()
+        if resumed:
+            run.step, run.elapsed_ms, run.looping_step, run.qat_on, run.records = (
+                resumed["step"], resumed["elapsed_ms"], resumed["looping_step"], resumed["qat"], resumed["log"])
+            run.val_records = resumed.get("val_log", [])
+            run.resumed_from = run.saved_step = resumed["step"]
+        run.log = open(self.out / "train_log.jsonl", "w") if dist.is_main() else None
+        if run.log:
+            run.log.writelines(json.dumps(r, allow_nan=False) + "\n" for r in run.records)
+        run.live = self.open_live()
+        run.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        return run
+
+    def schedule(self, run: Run) -> float:
+        """Schedule: the lr scale of this step, and the one-way switches (looping, late QAT) that
+        the same fraction of training, by steps or by the wallclock cap, turns on."""
+        cfg = self.cfg
+        frac = training_fraction(run.step, run.elapsed_ms, cfg.iterations, run.cap_ms)
+        if cfg.warmdown_frac > 0:
+            lr_scale = warmdown_multiplier(frac, cfg.warmdown_frac, cfg.min_lr)
+        else:
+            lr_scale = lr_multiplier(run.step, run.elapsed_ms, cfg.iterations, cfg.warmdown_iters, run.cap_ms)
+        if run.looping_step is None and cfg.model.num_loops and frac >= cfg.model.enable_looping_at:
+            self.model.set_looping(True)
+            run.looping_step = run.step
+        if not run.qat_on and cfg.late_qat_threshold > 0 and lr_scale < cfg.late_qat_threshold:
+            self.model.set_qat(cfg.qat_bits)
+            run.qat_on = True
+        return lr_scale
+
+    def take_step(self, run: Run, lr_scale: float, pace: HostPace) -> None:
+        """Step: the loss stays on the device (a non-finite one is remembered there and checked at
+        the next log step) so the host never waits for the step it just queued."""
+        run.rank_loss = self.step(run.step, lr_scale)
+        run.step += 1
+        run.nonfinite = run.nonfinite | ~torch.isfinite(run.rank_loss)
+        pace.step_queued()
+        run.elapsed_ms = (time.perf_counter() - run.t0) * 1000.0
+        if self.swa is not None and lr_scale < self.cfg.swa_start_lr_scale and run.step % self.cfg.swa_every == 0:
+            self.swa.add(self.model)
+
+    def log_step(self, run: Run, lr_scale: float) -> None:
+        """Log: the loss is read on the host (a sync) only at log steps and the learning check."""
+        cfg, step = self.cfg, run.step
+        log_step = step % cfg.log_every == 0 or step == 1 or step == cfg.iterations
+        learn_check_step = step == cfg.learn_check_step
+        if log_step or learn_check_step:
+            run.loss = self.host_loss(run.rank_loss)
+            check_finite(run.nonfinite, step, cfg)
+        if learn_check_step:
+            check_learning(run.loss, step, cfg)
+        if not (run.log and log_step):
+            return
+        record = {"step": step, "train_loss": round(run.loss, 6), "lr_scale": round(lr_scale, 6),
+                  **self.learning_rates(), "tokens": step * cfg.train_batch_tokens}
+        run.records.append(record)
+        run.log.write(json.dumps(record, allow_nan=False) + "\n")
+        run.log.flush()
+        print(f"step {step}/{cfg.iterations} loss {run.loss:.4f} lr_scale {lr_scale:.3f} "
+              f"{run.elapsed_ms / step:.1f} ms/step", flush=True)
+        if run.live:
+            run.live.step = step
+            run.live.log_metric("train_loss", run.loss)
+            run.live.log_metric("lr_scale", lr_scale)
+            for name, value in self.learning_rates().items():
+                run.live.log_metric(f"lr/{name.removeprefix('lr_')}", value)
+            run.live.next_step()
+
+    def progress_note(self, run: Run) -> str:
+        tokens_per_s = run.step * self.cfg.train_batch_tokens / max(run.elapsed_ms, 1e-9) * 1000
+        return f"loss {run.loss:.4f}, {tokens_per_s:,.0f} tokens/s"
+
+    def validate_if_due(self, run: Run) -> None:
+        """Validation, when due, is off the clock: t0 moves forward by its time, so val_every
+        changes neither the wallclock cap's step nor the schedules."""
+        cfg, step = self.cfg, run.step
+        if not (cfg.val_every and (step % cfg.val_every == 0 or step == cfg.iterations)):
+            return
         self.sync()
-        elapsed_ms = (time.perf_counter() - t0) * 1000.0
-        loss = self.host_loss(rank_loss) if rank_loss is not None else loss
-        check_finite(nonfinite, step, cfg)
-        seconds = elapsed_ms / 1000.0
-        # How the run went, not what it learned: for the run record, so metrics.json and the weights
-        # are the same bytes for every run of the same config (a resumed one included).
-        self.timings = {"train_seconds": round(seconds, 3), "ms_per_step": round(elapsed_ms / max(step, 1), 3),
-                        "tokens_per_s": round(step * tokens_per_step / max(seconds, 1e-9), 1),
-                        "peak_mem_bytes": self.peak_memory(), "resumed_from_step": resumed["step"] if resumed else None,
-                        "torch": torch.__version__}
-        metrics = {
-            "steps": step,
-            "final_train_loss": round(loss, 6),
-            "world_size": self.world,
-            "device": self.device.type,
-            "looping_enabled_at_step": looping_step,
-            # What ran, not what was asked: the kernels need a device that runs Triton.
-            "fused_cross_entropy": self.model.fused_cross_entropy,
-            "fused_mlp": any(getattr(m, "fused", False) for m in self.model.modules()),
-            "embedding_dtype": str(self.model.tok_emb.weight.dtype).removeprefix("torch."),
-        }
+        val_started = time.perf_counter()
+        run.val_records.append(self.validate(step))
+        if dist.is_main():
+            write_json(self.out / VAL_LOG_NAME, run.val_records)
+            print(f"step {step}/{cfg.iterations} val_loss {run.val_records[-1]['val_loss']:.4f} "
+                  f"val_bpb {run.val_records[-1]['val_bpb']:.4f}", flush=True)
+        run.t0 += time.perf_counter() - val_started
+
+    def save_resume_point_if_due(self, run: Run) -> None:
+        """Checkpoint: every resume_every steps, all a rerun needs to continue this run exactly
+        (start_run reads it back); none after the last step, which finish writes as the weights."""
+        cfg, step = self.cfg, run.step
+        if cfg.resume_every and step % cfg.resume_every == 0 and step < cfg.iterations:
+            self.save_resume_point({"step": step, "elapsed_ms": run.elapsed_ms, "looping_step": run.looping_step,
+                                    "looping": self.model.looping, "qat": run.qat_on, "log": run.records,
+                                    "val_log": run.val_records})
+            run.saved_step = step
+
+    def finish(self, run: Run) -> dict:
+        """After the last step: the final loss and check, the timings, the resume points removed (a
+        finished run is not resumed), and the averaged weights (SWA or EMA) put in the model."""
+        cfg = self.cfg
+        self.sync()
+        run.elapsed_ms = (time.perf_counter() - run.t0) * 1000.0
+        run.loss = self.host_loss(run.rank_loss) if run.rank_loss is not None else run.loss
+        check_finite(run.nonfinite, run.step, cfg)
+        self.timings = self.run_timings(run)
+        metrics = self.run_metrics(run)
         if cfg.resume_every:
             if self.world > 1:
                 torch.distributed.barrier()
@@ -409,11 +459,33 @@ class Trainer:
             self.swa.copy_to(self.model)
         elif self.ema is not None:
             self.ema.copy_to(self.model)
-        if log:
-            log.close()
-        if live:
-            live.end()
+        if run.log:
+            run.log.close()
+        if run.live:
+            run.live.end()
         return metrics
+
+    def run_timings(self, run: Run) -> dict:
+        # How the run went, not what it learned: for the run record, so metrics.json and the weights
+        # are the same bytes for every run of the same config (a resumed one included).
+        seconds = run.elapsed_ms / 1000.0
+        return {"train_seconds": round(seconds, 3), "ms_per_step": round(run.elapsed_ms / max(run.step, 1), 3),
+                "tokens_per_s": round(run.step * self.cfg.train_batch_tokens / max(seconds, 1e-9), 1),
+                "peak_mem_bytes": self.peak_memory(), "resumed_from_step": run.resumed_from,
+                "torch": torch.__version__}
+
+    def run_metrics(self, run: Run) -> dict:
+        return {
+            "steps": run.step,
+            "final_train_loss": round(run.loss, 6),
+            "world_size": self.world,
+            "device": self.device.type,
+            "looping_enabled_at_step": run.looping_step,
+            # What ran, not what was asked: the kernels need a device that runs Triton.
+            "fused_cross_entropy": self.model.fused_cross_entropy,
+            "fused_mlp": any(getattr(m, "fused", False) for m in self.model.modules()),
+            "embedding_dtype": str(self.model.tok_emb.weight.dtype).removeprefix("torch."),
+        }
 
     def open_live(self):
         if not dist.is_main():
