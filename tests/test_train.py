@@ -290,3 +290,23 @@ def test_the_compiled_record_train_step_has_no_graph_break(data_dirs, tmp_path):
         assert torch.isfinite(loss)
     assert lengths == {64, 128}, "the batches should need both cu_seqlens buckets"
     assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])
+
+
+def test_the_library_trains_from_its_own_config_without_the_stages(data_dirs, tmp_path):
+    """pgolf/ owns the trainer's config: a user of the library (a notebook, another pipeline) builds
+    a TrainConfig and trains, and no tasks/ module is loaded."""
+    code = ("import json, sys\n"
+            "from pathlib import Path\n"
+            "from pgolf.model.config import ModelConfig\n"
+            "from pgolf.train.config import TrainConfig\n"
+            "from pgolf.train.loop import Trainer\n"
+            f"cfg = TrainConfig(model=ModelConfig(**{TINY_MODEL!r}), device='cpu', iterations=4, train_batch_tokens=512,\n"
+            "                  train_seq_len=64, grad_accum_steps=1, max_wallclock_seconds=0, warmup_steps=0,\n"
+            "                  compile=False, log_every=1, learn_check_step=0)\n"
+            "cfg.validate()\n"
+            f"metrics = Trainer(cfg, Path({str(data_dirs['shards'])!r}), Path({str(tmp_path)!r})).train()\n"
+            "print(json.dumps({'steps': metrics['steps'], 'stages': sorted(m for m in sys.modules if m.split('.')[0] in ('tasks', 'flows'))}))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=stage_env(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"steps": 4, "stages": []}, result

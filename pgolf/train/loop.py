@@ -31,20 +31,21 @@ from pgolf.optim.swa import SWA
 from pgolf.progress import Progress
 from pgolf.tokenize.token_bytes import load_tokenizer, val_byte_counts
 from pgolf.train import resume
+from pgolf.train.config import TrainConfig
 from pgolf.train.optimizers import build_optimizers, learning_rates
 from pgolf.typed_params import recorded_dict
 
 VAL_LOG_NAME = "val_log.json"
 
 
-def check_finite(nonfinite: torch.Tensor, step: int, cfg) -> None:
+def check_finite(nonfinite: torch.Tensor, step: int, cfg: TrainConfig) -> None:
     if bool(nonfinite):
         raise TrainingError(f"train loss became non-finite at or before step {step}: the run diverged. Likely cause: "
                             f"learning rates too high ({learning_rates(cfg)}) or no gradient clipping "
                             f"(grad_clip_norm={cfg.grad_clip_norm:g}); lower them")
 
 
-def check_learning(loss: float, step: int, cfg) -> None:
+def check_learning(loss: float, step: int, cfg: TrainConfig) -> None:
     """A model that still guesses uniformly after the warm-up would be trained, quantized and scored
     for nothing; no value is non-finite, so only the loss itself shows it."""
     uniform = math.log(cfg.model.vocab_size)
@@ -55,7 +56,7 @@ def check_learning(loss: float, step: int, cfg) -> None:
                             "or training data without structure; learn_check_step=0 turns this check off")
 
 
-def interrupted_message(step: int, cfg, saved_step: int | None) -> str:
+def interrupted_message(step: int, cfg: TrainConfig, saved_step: int | None) -> str:
     """Ctrl-C's one line: where training stopped and what a rerun of the stage does."""
     where = f"interrupted at step {step} of {cfg.iterations}"
     if not cfg.resume_every:
@@ -138,7 +139,7 @@ class Run:
 class Trainer:
     """One training process; all ranks run the same steps and stop together."""
 
-    def __init__(self, cfg, shards: Path, out: Path, tokenizer: Path | None = None):
+    def __init__(self, cfg: TrainConfig, shards: Path, out: Path, tokenizer: Path | None = None):
         """`cfg`: the train stage's Config (tasks/train.py); `out`: where rank 0 writes the logs."""
         self.cfg, self.shards, self.out = cfg, shards, out
         self.timings: dict = {}
