@@ -404,7 +404,10 @@ def pr_hints(ref: Path, tokens: np.ndarray, tilt: TiltSettings):
 
 def pr_ttt(pr, h, s: TTTSettings, state: dict, tokens: torch.Tensor, byte_counts: torch.Tensor, hints, run: str):
     """Its eval_val_ttt_phased on the weights `state`: (loss, bpb), every document's summed (tilted)
-    loss in its processing order, the A of every LoRA it built."""
+    loss in its processing order, and per batch in processing order the A of the LoRA that scored
+    it. Per batch, not per LoRA built: it builds a LoRA of ttt_batch_size documents before the first
+    batch (and after each phase) and uses it only for full batches, so the first LoRA it builds is
+    not the first batch's whenever that batch is the short one (the longest documents come first)."""
     h.ttt_batch_size, h.phased_ttt_prefix_docs = s.batch_docs, s.prefix_docs
     h.global_ttt_chunk_tokens, h.global_ttt_batch_seqs = s.global_chunk_tokens, s.global_batch_seqs
     h.run_id = f"pr2135-bench-{run}-{os.getpid()}"
@@ -413,12 +416,18 @@ def pr_ttt(pr, h, s: TTTSettings, state: dict, tokens: torch.Tensor, byte_counts
     model.looping_active = True
     for block in model.blocks:
         block.mlp.use_fused = False
-    built, per_doc = [], []
-    real_init, real_accumulate = pr.BatchedTTTLoRA.__init__, pr._accumulate_bpb
+    used, per_doc = [], []
+    real_claim, real_accumulate = pr._claim_next_batch, pr._accumulate_bpb
+    claimed = [0]
 
-    def init(self, *args, **kwargs):
-        real_init(self, *args, **kwargs)
-        built.append({n: p.detach().clone() for n, p in self.named_parameters() if n.endswith(".A")})
+    def claim(*args, **kwargs):
+        claimed[0] += 1
+        return real_claim(*args, **kwargs)
+
+    def forward_ttt(x, y, lora, hint_ids=None):
+        if len(used) < claimed[0]:  # the batch's first forward: its LoRA as the batch starts
+            used.append({n: p.detach().clone() for n, p in lora.named_parameters() if n.endswith(".A")})
+        return model.forward_ttt(x, y, lora=lora, hint_ids=hint_ids)
 
     def accumulate(ptl, x, y, chunk_offsets, chunk_lens, pos_idx, *args, **kwargs):
         pos = pos_idx[: x.size(1)].unsqueeze(0)
@@ -429,7 +438,7 @@ def pr_ttt(pr, h, s: TTTSettings, state: dict, tokens: torch.Tensor, byte_counts
         per_doc[-1] = [a + b for a, b in zip(per_doc[-1], rows)]
         return real_accumulate(ptl, x, y, chunk_offsets, chunk_lens, pos_idx, *args, **kwargs)
 
-    pr.BatchedTTTLoRA.__init__, pr._accumulate_bpb = init, accumulate
+    pr._claim_next_batch, pr._accumulate_bpb = claim, accumulate
     precomputed = None
     if hints is not None:
         precomputed = (torch.from_numpy(hints["hint_ids"].astype("int64")), torch.from_numpy(hints["gate_mask"]),
@@ -440,23 +449,26 @@ def pr_ttt(pr, h, s: TTTSettings, state: dict, tokens: torch.Tensor, byte_counts
         with rp.cpu_for_r1():
             loss, bpb = pr.eval_val_ttt_phased(
                 h, model, torch.device("cpu"), val,
-                lambda x, y, lora, hint_ids=None: model.forward_ttt(x, y, lora=lora, hint_ids=hint_ids),
-                precomputed_hints=precomputed)
+                forward_ttt, precomputed_hints=precomputed)
     finally:
-        pr.BatchedTTTLoRA.__init__, pr._accumulate_bpb = real_init, real_accumulate
-    return loss, bpb, [d for batch in per_doc for d in batch], built
+        pr._claim_next_batch, pr._accumulate_bpb = real_claim, real_accumulate
+    return loss, bpb, [d for batch in per_doc for d in batch], used
 
 
 def pgolf_ttt(ours: GPT, s: TTTSettings, tokens: torch.Tensor, byte_counts: torch.Tensor, pr_adapters: list,
               scorer):
+    """evaluate_ttt with each adapter built given the A the PR's LoRA had on the batch it is built for
+    (evaluate_ttt seeds an adapter with its batch's place in processing order)."""
     from pgolf.evaluate import lora_ttt
-    queue = list(pr_adapters)
+    unused = set(range(len(pr_adapters)))
     real = lora_ttt.DocumentAdapters
 
     class WithItsA(real):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            drawn = queue.pop(0)
+        def __init__(self, cfg, depth, n_docs, rank, alpha, seed, **kwargs):
+            super().__init__(cfg, depth, n_docs, rank, alpha, seed, **kwargs)
+            batch = seed - s.seed * 1_000_003
+            unused.discard(batch)
+            drawn = pr_adapters[batch]
             with torch.no_grad():
                 self.head.A.copy_(drawn["lm_head_lora.A"])
                 for slot, layer in enumerate(self.layers):
@@ -474,7 +486,7 @@ def pgolf_ttt(ours: GPT, s: TTTSettings, tokens: torch.Tensor, byte_counts: torc
     batches = [ascending[i:i + s.batch_docs] for i in range(0, len(ascending), s.batch_docs)]
     batches.sort(key=lambda b: -max(docs[d][1] - docs[d][0] for d in b))  # its processing order
     per_doc = [float(np.sum(scores[docs[d][0] + 1:docs[d][1]])) for b in batches for d in b]
-    return result.val_loss, result.val_bpb, per_doc, summary, len(queue)
+    return result.val_loss, result.val_bpb, per_doc, summary, len(unused)
 
 
 def row_ttt(pr, h, ref: Path, cfg: ModelConfig, eval_section: dict) -> dict:
@@ -495,8 +507,8 @@ def row_ttt(pr, h, ref: Path, cfg: ModelConfig, eval_section: dict) -> dict:
         docs_pr, docs = np.array(docs_pr), np.array(docs)
         out[label] = {"bpb_abs": abs(bpb - bpb_pr), "loss_abs": abs(loss - loss_pr), "val_bpb_pr": bpb_pr,
                       "doc_loss_max_rel": float(np.max(np.abs(docs - docs_pr) / np.maximum(np.abs(docs_pr), 1e-12))),
-                      "phases": [p["boundary"] for p in summary["phases"]], "adapters_built": len(adapters),
-                      "adapters_unused": unused, "k_adapters_pr": any("k_loras" in k for a in adapters for k in a),
+                      "phases": [p["boundary"] for p in summary["phases"]], "batches": len(adapters),
+                      "batches_reusing_an_adapter": unused, "k_adapters_pr": any("k_loras" in k for a in adapters for k in a),
                       "audit_passed": summary["passed"]}
         if tilted:
             out[label]["hinted_targets"] = int(hints["gate_mask"].sum())
