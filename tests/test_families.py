@@ -18,6 +18,21 @@ PRESETS = sorted(p.stem for p in P.PRESETS_DIR.glob("*.yaml"))
 TINY = dict(vocab_size=400, model_dim=32, num_heads=2, num_kv_heads=1)
 
 
+# The name rules that classified parameters before modules declared their families, frozen here as
+# the oracle: every preset's model must get from its declarations exactly the family these gave.
+def family_by_the_old_name_rules(name: str, tensor: torch.Tensor) -> Family:
+    if name in ("tok_emb.weight", "lm_head.weight"):
+        return Family.EMBEDDING
+    if name.startswith("blocks.") and (".attn.c_" in name or ".attn.proj." in name or ".mlp." in name):
+        return Family.MATRIX
+    if any(g in name for g in ("attn_gate_w", "_inhibitor.")) and tensor.ndim == 2 and 32 <= tensor.numel() <= 8192:
+        return Family.GATE
+    if any(p in name for p in ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes",
+                               "q_gain", "skip_weight", "skip_weights")):
+        return Family.SCALAR
+    return Family.PASSTHROUGH
+
+
 def tiny_model(preset: str) -> GPT:
     section = P.render(preset, [f"train.model.{k}={v}" for k, v in TINY.items()] + ["tokenizer.vocab_size=400"])
     torch.manual_seed(0)
@@ -34,6 +49,21 @@ def test_every_parameter_falls_in_exactly_one_family(model):
     assert overlaps == {}
     families = {family_of(n, p) for n, p in model.named_parameters()}
     assert {Family.EMBEDDING, Family.MATRIX, Family.SCALAR} <= families
+
+
+def test_every_parameter_keeps_the_family_the_old_name_rules_gave(model):
+    old = {n: family_by_the_old_name_rules(n, p) for n, p in model.named_parameters()}
+    assert {n: family_of(n, p) for n, p in model.named_parameters()} == old
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_full_size_models_keep_the_old_families(preset):
+    """At each preset's own dims (on the meta device: shapes only), where the gates' size bounds bite."""
+    section = P.render(preset, [])
+    with torch.device("meta"):
+        model = GPT(from_dict(ModelConfig, section["train"]["model"], preset))
+    old = {n: family_by_the_old_name_rules(n, p) for n, p in model.named_parameters()}
+    assert {n: family_of(n, p) for n, p in model.named_parameters()} == old
 
 
 def test_the_presets_cover_every_family():
