@@ -89,6 +89,6 @@ def declared_families(model: nn.Module) -> dict[str, Family]:
                 break
         else:
             owner = type(modules[".".join(path[:-1])]).__name__
-            raise UndeclaredParameter(f"parameter {name} of {owner} has no family: declare {path[-1]!r} in "
-                                      f"{owner}.param_families (pgolf.model.families), or in the module that holds it")
+            raise UndeclaredParameter(f"parameter {name} of {owner} has no family: declare it in the param_families "
+                                      f"of {owner} or of a module that holds it (pgolf.model.families)")
     return families
