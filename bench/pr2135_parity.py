@@ -360,8 +360,10 @@ def row_gptq(pr, h, cfg: ModelConfig, qcfg, shards: Path) -> tuple[dict, dict]:
     out = {"calibration_batches": len(batches), "hessians": hessians,
            "quantized": rp.compare_gptq(pr, h, ours, theirs, pr_h, our_h, qcfg)}
     _, meta = pr.gptq_mixed_quantize(pr._unbank_state_dict(theirs.state_dict(), h.num_layers), pr_h, h)
+    from pgolf.model.families import declared_families
     from pgolf.quant.policy import quantize_state
-    qm, _ = quantize_state({k: v.detach() for k, v in ours.state_dict().items()}, our_h, qcfg, {})
+    qm, _ = quantize_state({k: v.detach() for k, v in ours.state_dict().items()}, our_h, qcfg, {},
+                           declared_families(ours))
     out["gates_pr"] = sorted({v for k, v in meta.items() if "attn_gate_w" in k})
     out["gates_pgolf"] = sorted({e["kind"] for k, e in qm.entries.items() if "attn_gate_w" in k})
     out["lqer_groups"] = {"pr": h.lqer_asym_group, "pgolf": sorted({e["lqer"]["group"] for e in qm.entries.values()

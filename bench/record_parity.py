@@ -60,6 +60,7 @@ sys.path.insert(0, str(ROOT))
 
 from pgolf.data.loader import DocumentPackingLoader  # noqa: E402
 from pgolf.train.optimizers import build_optimizers  # noqa: E402
+from pgolf.model.families import declared_families  # noqa: E402
 from pgolf.quant.policy import quantize_state  # noqa: E402
 from pgolf.data.shards import write_shard  # noqa: E402
 from pgolf.model.config import ModelConfig  # noqa: E402
@@ -361,7 +362,7 @@ def compare_gptq(ref, h, ours: GPT, theirs, r1_h: dict, our_h: dict, qcfg: gptq_
     r1_state = ref._unbank_state_dict(theirs.state_dict(), ours.cfg.num_layers)
     r1_q, meta = ref.gptq_mixed_quantize(r1_state, r1_h, h)
     state = {k: v.detach().cpu() for k, v in ours.state_dict().items()}
-    qm, _ = quantize_state(state, our_h, qcfg, {})
+    qm, _ = quantize_state(state, our_h, qcfg, {}, declared_families(ours))
     ours_t = qm.tensors
     codes = same_codes = 0
     scales_equal = gates_equal = True

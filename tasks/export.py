@@ -28,6 +28,7 @@ from pathlib import Path
 from pgolf import audit as judge, compliance, significance
 from pgolf.data import certify
 from pgolf.errors import InputError, PgolfError
+from pgolf.model.config import lineage_switches
 from pgolf.pack.codesize import wrapped_size
 from pgolf.typed_params import read_yaml
 from pgolf.json_files import write_json
@@ -38,24 +39,6 @@ from tasks.run_records import EXPORTED_NAME, exported_runs
 ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ("torch", "numpy", "sentencepiece", "protobuf", "safetensors", "pyyaml", "brotli", "zstandard",
                 "python-minifier")
-# Where each switch comes from (docs/lineage.md#codes and #architecture), for the README's lineage.
-LINEAGE = [
-    ("num_loops", "depth recurrence (R0409 lineage; R1 loops 3-5 twice from 35% of training)"),
-    ("block_map", "explicit block map (PR #1383)"),
-    ("film", "FiLM scale/shift on shared depths (PR #1383)"),
-    ("parallel_start_layer", "two-lane parallel residuals (R1)", -1),
-    ("xsa_last_n", "exclusive self-attention (R0325 lineage)"),
-    ("smear_gate", "SmearGate (R0416, BOS-masked in R1)", "off"),
-    ("attn_gate", "attention output gate (R0416 / PR #1790 / R1 sparse)", "off"),
-    ("skip_gates", "gated U-Net skips (R1)"),
-    ("ln_scale", "LN scale 1/sqrt(layer+1) (R1)"),
-    ("rope_dims", "partial RoPE (R0405)"),
-    ("bigram_vocab", "BigramHash embedding (PR #1383 lineage)"),
-    ("ve_layers", "value embeddings (PR #1383)"),
-    ("inhibitor_blocks", "inhibitory gates (PR #2116)"),
-    ("doc_attention", "document-isolated attention (R1 varlen)"),
-    ("asym_softcap", "AsymLogit Rescale: learned caps for positive and negative logits (PR #1923, PR #2135)"),
-]
 
 
 def load_json(path: Path) -> dict:
@@ -66,9 +49,8 @@ def load_json(path: Path) -> dict:
 
 def techniques(model: dict, evaluation: dict | None = None) -> list[str]:
     out = []
-    for key, text, *off in LINEAGE:
-        value = model.get(key)
-        if value not in ((off[0],) if off else (0, False, [], "", None)):
+    for key, text, off in lineage_switches():
+        if model.get(key) not in off:
             out.append(text)
     evaluation = evaluation or {}
     if evaluation.get("ttt") == "lora" and evaluation.get("lora", {}).get("adapt_k") is False:

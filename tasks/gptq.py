@@ -16,6 +16,7 @@ import torch
 
 from pgolf import dist
 from pgolf.data.shards import check_vocab, verify_shards
+from pgolf.model.families import declared_families
 from pgolf.model.io import load_model, source_dtypes
 from pgolf.typed_params import recorded_dict
 from pgolf.quant.baseline_int8 import quantize_baseline_int8
@@ -86,7 +87,7 @@ def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, dev
     if not dist.is_main():
         return {}
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    qm, report = quantize_state(state, hessians, cfg, recorded_dict(model_cfg))
+    qm, report = quantize_state(state, hessians, cfg, recorded_dict(model_cfg), declared_families(model))
     save_quantized(qm, out / "quantized.safetensors")
     record_timings(out, hessian_seconds=round(hessian_seconds, 3),
                    quantize_seconds=round(time.perf_counter() - started - hessian_seconds, 3))

@@ -323,3 +323,11 @@ def test_each_block_is_built_from_its_spec():
         assert hasattr(block, "parallel_resid_lambdas") == spec.lane_weights
     moved = GPT(ModelConfig(**{**BASE, "inhibitor_blocks": [0]}))
     assert [b.attn_inhibitor is not None for b in moved.blocks] == [True, False, False, False]
+
+
+def test_each_technique_switch_has_its_own_lineage_line():
+    """An exported README lists the switched techniques in the order their config fields give (lineage())."""
+    import dataclasses
+
+    places = [f.metadata["lineage"][0] for f in dataclasses.fields(ModelConfig) if "lineage" in f.metadata]
+    assert places and len(places) == len(set(places)), sorted(places)

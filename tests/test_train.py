@@ -15,7 +15,7 @@ from pgolf.model.io import load_model
 from pgolf.typed_params import from_dict
 from pgolf.errors import ConfigError, TrainingError
 from pgolf.train import loop as training_loop
-from tasks import train as train_stage
+from tasks import export, params as P, train as train_stage
 from tasks.common import execute
 from tests.conftest import TINY_MODEL, stage_env, write_params
 
@@ -117,11 +117,13 @@ def test_resume_after_a_kill_continues_with_identical_state(data_dirs, tmp_path,
     assert not folder.exists(), "a finished run removes its checkpoints"
 
 
-@pytest.mark.parametrize("preset", ["record", "pr1693", "pr1790", "pr2116", "pr1383", "pr2135"])
+# The presets that switch a technique on (the baseline and smoke switch none).
+TECHNIQUE_PRESETS = [p for p in P.list_presets() if export.techniques(P.render(p)["train"]["model"])]
+
+
+@pytest.mark.parametrize("preset", TECHNIQUE_PRESETS)
 def test_each_preset_trains_at_tiny_width(preset, data_dirs, tmp_path):
     """Every technique switch of a preset, through the real train stage, at a CPU-sized width."""
-    from tasks import params as P
-
     section = P.render(preset, [f"train.model.{k}={v}" for k, v in
                                 dict(vocab_size=400, model_dim=32, num_heads=2, num_kv_heads=1).items()]
                        + ["tokenizer.vocab_size=400"])["train"]
@@ -267,7 +269,6 @@ def test_the_compiled_record_train_step_has_no_graph_break(data_dirs, tmp_path):
     compiles once per looping state and never again."""
     import torch._dynamo
     from torch._dynamo.utils import counters
-    from tasks import params as P
 
     section = P.render("record", [f"train.model.{k}={v}" for k, v in
                                   dict(vocab_size=400, model_dim=32, num_heads=4, num_kv_heads=2, num_layers=4, rope_dims=4,

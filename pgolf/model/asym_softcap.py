@@ -9,11 +9,17 @@ at its init; GPT.forward and param_groups do the same here (bench/pr2135_parity.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
+from pgolf.model.families import Family
+
 
 class AsymSoftcap(nn.Module):
+    param_families: ClassVar = {"pos": Family.PASSTHROUGH, "neg": Family.PASSTHROUGH}
+
     def __init__(self, cap: float):
         super().__init__()
         # 0-dim, as PR #2135's torch.tensor(logit_softcap): its artifacts store them so

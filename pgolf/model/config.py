@@ -1,14 +1,31 @@
 """The model's shape and technique switches; defaults reproduce the challenge's baseline GPT.
 
 Every technique of the leading entries is off by default and switched and sized here; which
-layer does what comes from one pure function of this config (pgolf.model.plan).
+layer does what comes from one pure function of this config (pgolf.model.plan). A technique's
+switch carries its lineage, the line an exported README gives it (tasks/export.py).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from pgolf.typed_params import LATER, check_range
+
+OFF = (0, False, [], "", None)
+
+
+def lineage(order: int, text: str, off: Any = None) -> dict:
+    """Field metadata of a technique's switch: where it comes from (docs/lineage.md#codes and
+    #architecture), the `order`-th line of an exported README's lineage; `off`: the value that
+    switches it off where that is not one of OFF."""
+    return {"lineage": (order, text, OFF if off is None else (off,))}
+
+
+def lineage_switches() -> list[tuple[str, str, tuple]]:
+    """(field, lineage text, its off values) of every technique switch, in README order."""
+    marked = [(f.metadata["lineage"], f.name) for f in dataclasses.fields(ModelConfig) if "lineage" in f.metadata]
+    return [(name, text, off) for (_, text, off), name in sorted(marked)]
 
 
 @dataclass
@@ -26,9 +43,11 @@ class ModelConfig:
     orthogonal_init: bool = False  # R1: Q, K, V and MLP-up orthogonal (gain 1)
     logit_softcap: float = 30.0
     # PR #2135's AsymLogit Rescale (pgolf/model/asym_softcap.py): learned caps for positive and negative logits
-    asym_softcap: bool = field(default=False, metadata=LATER)
+    asym_softcap: bool = field(default=False, metadata={**LATER, **lineage(
+        15, "AsymLogit Rescale: learned caps for positive and negative logits (PR #1923, PR #2135)")})
     rope_base: float = 10000.0
-    rope_dims: int = 0  # 0: RoPE over the whole head; R1 rotates the first 16 of 64 dims
+    # 0: RoPE over the whole head; R1 rotates the first 16 of 64 dims
+    rope_dims: int = field(default=0, metadata=lineage(10, "partial RoPE (R0405)"))
     rope_yarn: bool = False
     rope_train_len: int = 2048  # YaRN stretches the base only past this length
     # R1's and PR #2135's scripts build their model as GPT(h).bfloat16() and return parameters, not buffers,
@@ -36,27 +55,37 @@ class ModelConfig:
     # does not stretch them): 0.3164 for 10000^-1/8, half a radian off at position 2,560 (docs/lineage.md#pr2135)
     rope_bf16_freqs: bool = field(default=False, metadata=LATER)
     qk_gain_init: float = 1.5
-    ln_scale: bool = False  # block input norms x 1/sqrt(physical layer + 1)
-    xsa_last_n: int = 0  # exclusive self-attention on the last n physical layers
-    skip_gates: bool = False  # U-Net skips as lerp(w * skip, x, sigmoid(g))
-    parallel_start_layer: int = -1  # two residual lanes from this physical layer on; -1: off
+    # block input norms x 1/sqrt(physical layer + 1)
+    ln_scale: bool = field(default=False, metadata=lineage(9, "LN scale 1/sqrt(layer+1) (R1)"))
+    # exclusive self-attention on the last n physical layers
+    xsa_last_n: int = field(default=0, metadata=lineage(5, "exclusive self-attention (R0325 lineage)"))
+    # U-Net skips as lerp(w * skip, x, sigmoid(g))
+    skip_gates: bool = field(default=False, metadata=lineage(8, "gated U-Net skips (R1)"))
+    # two residual lanes from this physical layer on; -1: off
+    parallel_start_layer: int = field(default=-1, metadata=lineage(4, "two-lane parallel residuals (R1)", off=-1))
     parallel_resid_init: float = 1.1
     # depth recurrence: physical layers loop_start..loop_end (inclusive) run 1 + num_loops times
-    num_loops: int = 0
+    num_loops: int = field(default=0, metadata=lineage(
+        1, "depth recurrence (R0409 lineage; R1 loops 3-5 twice from 35% of training)"))
     loop_start: int = 0
     loop_end: int = 0
     enable_looping_at: float = 0.0  # training fraction at which the loop switches on (then stays on)
-    block_map: list[int] = field(default_factory=list)  # explicit virtual -> physical order (PR #1383)
-    film: bool = False  # per-virtual-layer scale and shift after shared blocks (PR #1383)
-    smear_gate: Literal["off", "r1", "pr1693", "classic"] = "off"
+    # explicit virtual -> physical order (PR #1383)
+    block_map: list[int] = field(default_factory=list, metadata=lineage(2, "explicit block map (PR #1383)"))
+    # per-virtual-layer scale and shift after shared blocks (PR #1383)
+    film: bool = field(default=False, metadata=lineage(3, "FiLM scale/shift on shared depths (PR #1383)"))
+    smear_gate: Literal["off", "r1", "pr1693", "classic"] = field(
+        default="off", metadata=lineage(6, "SmearGate (R0416, BOS-masked in R1)", off="off"))
     smear_bos_mask: bool = True
     gate_window: int = 12
-    attn_gate: Literal["off", "attn_out", "sparse"] = "off"
+    attn_gate: Literal["off", "attn_out", "sparse"] = field(
+        default="off", metadata=lineage(7, "attention output gate (R0416 / PR #1790 / R1 sparse)", off="off"))
     attn_gate_width: int = 12
     attn_gate_src: Literal["norm", "prenorm", "q"] = "norm"
     sparse_attn_gate_scale: float = 0.5
     bos_id: int = 1
-    doc_attention: bool = False  # attend only within the document (R1's varlen attention at BOS)
+    # attend only within the document (R1's varlen attention at BOS)
+    doc_attention: bool = field(default=False, metadata=lineage(14, "document-isolated attention (R1 varlen)"))
     # How: "mask": a dense [T, T] boolean mask through SDPA (any device, no compile); "flex":
     # FlexAttention with a block mask, which skips whole blocks of other documents and is fused into
     # one kernel when the model is compiled; "varlen": the rows cut into segments at cu_seqlens, as
@@ -67,11 +96,15 @@ class ModelConfig:
     # R1's cu_seqlens cut them (max_doc_len = train_seq_len); it matters only in rows longer than
     # this (train.flat_batches), so 2048-token rows see the same mask with or without it.
     doc_attention_max_len: int = 0
-    bigram_vocab: int = 0  # BigramHash table rows; 0: off
+    # BigramHash table rows; 0: off
+    bigram_vocab: int = field(default=0, metadata=lineage(11, "BigramHash embedding (PR #1383 lineage)"))
     bigram_dim: int = 128
-    ve_layers: list[int] = field(default_factory=list)  # physical layers whose V gets value embeddings
+    # physical layers whose V gets value embeddings
+    ve_layers: list[int] = field(default_factory=list, metadata=lineage(12, "value embeddings (PR #1383)"))
     ve_dim: int = 128
-    inhibitor_blocks: list[int] = field(default_factory=list)  # PR #2116 gates on these physical blocks
+    # PR #2116 gates on these physical blocks
+    inhibitor_blocks: list[int] = field(default_factory=list,
+                                        metadata=lineage(13, "inhibitory gates (PR #2116)"))
     inhibitor_rank: int = 22
     inhibitor_bias: float = 3.0
 

@@ -2,11 +2,14 @@
 embeddings (added to V on chosen layers)."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.model.config import ModelConfig
+from pgolf.model.families import Family
 from pgolf.model.layers import CastedLinear
 
 
@@ -19,6 +22,9 @@ def bigram_hash(input_ids: Tensor, table_rows: int) -> Tensor:
 
 
 class BigramHashEmbedding(nn.Module):
+    param_families: ClassVar = {"table": Family.PASSTHROUGH, "proj.weight": Family.PASSTHROUGH,
+                                "scale": Family.PASSTHROUGH}
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.rows = cfg.bigram_vocab
@@ -32,6 +38,8 @@ class BigramHashEmbedding(nn.Module):
 
 class ValueEmbedding(nn.Module):
     """One table shared by the chosen layers; each layer adds it to V with its own scale."""
+    param_families: ClassVar = {"table": Family.PASSTHROUGH, "proj.weight": Family.PASSTHROUGH,
+                                "scale": Family.PASSTHROUGH}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

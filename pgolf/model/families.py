@@ -1,17 +1,24 @@
-"""The tensor families: which rule applies to a parameter, by its name (parameter names are an API:
-artifacts, checkpoints and these rules all key on them). The optimizer groups
-(pgolf.model.gpt.param_groups), GPTQ's gates and clip ranges (pgolf/quant/policy.py), the pack's size
-groups (pgolf/pack/groups.py) and the baseline's int8 format (pgolf.quant.baseline_int8) all read them
-here, so a new parameter is classified once.
+"""The tensor families: which rule applies to a parameter. Each module that owns parameters declares
+their families in `param_families` (its parameter names, or its building blocks' parameters by their
+path from it, to Family), and a model parameter's family is the declaration of the nearest module
+above it that names it (declared_families). A parameter that no module declares is an error when
+the GPT is built, so a new parameter is classified once, where it is defined. The optimizer groups
+(pgolf.model.gpt.param_groups) and GPTQ's gates (pgolf.quant.policy) read the declarations.
 
 - embedding: the token embedding and an untied head (their own Adam lr, GPTQ's embed bits/clip);
 - matrix: the blocks' attention and MLP weight matrices (Muon; GPTQ's attn/mlp clip);
 - gate: attention gates and inhibitors small enough to store int8 per row (R1's
-  GATED_ATTN_QUANT_GATE, docs/lineage.md#gptq);
+  GATED_ATTN_QUANT_GATE, docs/lineage.md#gptq): declared GATE, a tensor outside GATE_NUMEL or not
+  2-D is passthrough;
 - scalar: the baseline's control tensors (scales, mixes, gains, skip weights), which its int8
   format keeps in fp32;
-- passthrough: everything else, which no family rule names: the scalar Adam trains it, and GPTQ
-  and the int8 baseline keep or quantize it by its size alone.
+- passthrough: everything else: the scalar Adam trains it, and GPTQ and the int8 baseline keep or
+  quantize it by its size alone.
+
+Names stay the rule where a consumer has names and no model: the pack's size groups read a
+quantized file (EMBEDDING_NAMES, block_part), GPTQ's clip table is keyed by name, and the int8
+baseline's format is the challenge baseline's own name patterns (CONTROL_PATTERNS), applied to any
+state dict. tests/test_families.py checks every preset's declarations against those names.
 
 The size rules of GPTQ and the baseline (passthrough_max_numel, 65,536) stay with them: they are
 settings of a format, not of the tensor.
@@ -21,6 +28,7 @@ from __future__ import annotations
 from enum import Enum
 
 import torch
+from torch import nn
 
 
 class Family(str, Enum):
@@ -32,40 +40,22 @@ class Family(str, Enum):
 
 
 EMBEDDING_NAMES = ("tok_emb.weight", "lm_head.weight")
-GATE_NAMES = ("attn_gate_w", "_inhibitor.")
 GATE_NUMEL = (32, 8192)
 # The baseline's CONTROL_TENSOR_NAME_PATTERNS (docs/lineage.md#model-formats), matched as substrings.
 CONTROL_PATTERNS = ("attn_scale", "attn_scales", "mlp_scale", "mlp_scales", "resid_mix", "resid_mixes", "q_gain",
                     "skip_weight", "skip_weights")
 
 
+class UndeclaredParameter(TypeError):
+    pass
+
+
 def is_embedding(name: str) -> bool:
     return name in EMBEDDING_NAMES
 
 
-def is_matrix(name: str) -> bool:
-    return name.startswith("blocks.") and (".attn.c_" in name or ".attn.proj." in name or ".mlp." in name)
-
-
-def is_gate(name: str, tensor: torch.Tensor) -> bool:
-    return (any(g in name for g in GATE_NAMES) and tensor.ndim == 2
-            and GATE_NUMEL[0] <= tensor.numel() <= GATE_NUMEL[1])
-
-
 def is_control(name: str) -> bool:
     return any(p in name for p in CONTROL_PATTERNS)
-
-
-def family_rules(name: str, tensor: torch.Tensor) -> list[Family]:
-    """Every family whose rule names this tensor (a test checks there is never more than one)."""
-    rules = ((Family.EMBEDDING, is_embedding(name)), (Family.MATRIX, is_matrix(name)),
-             (Family.GATE, is_gate(name, tensor)), (Family.SCALAR, is_control(name)))
-    return [family for family, hit in rules if hit]
-
-
-def family_of(name: str, tensor: torch.Tensor) -> Family:
-    rules = family_rules(name, tensor)
-    return rules[0] if rules else Family.PASSTHROUGH
 
 
 def block_part(name: str) -> str | None:
@@ -76,3 +66,29 @@ def block_part(name: str) -> str | None:
     if ".attn." in name:
         return "attention"
     return None
+
+
+def sized(declared: Family, tensor: torch.Tensor) -> Family:
+    """A declared gate is a gate only at the sizes int8 per row is for."""
+    if declared is Family.GATE and not (tensor.ndim == 2 and GATE_NUMEL[0] <= tensor.numel() <= GATE_NUMEL[1]):
+        return Family.PASSTHROUGH
+    return declared
+
+
+def declared_families(model: nn.Module) -> dict[str, Family]:
+    """Every parameter's family, from the nearest enclosing module whose param_families names it;
+    raises UndeclaredParameter for a parameter that none names."""
+    modules = dict(model.named_modules())
+    families = {}
+    for name, tensor in model.named_parameters():
+        path = name.split(".")
+        for cut in range(len(path) - 1, -1, -1):
+            declared = getattr(modules[".".join(path[:cut])], "param_families", {}).get(".".join(path[cut:]))
+            if declared is not None:
+                families[name] = sized(declared, tensor)
+                break
+        else:
+            owner = type(modules[".".join(path[:-1])]).__name__
+            raise UndeclaredParameter(f"parameter {name} of {owner} has no family: declare it in the param_families "
+                                      f"of {owner} or of a module that holds it (pgolf.model.families)")
+    return families

@@ -3,11 +3,17 @@ block runs more than once, x = gamma_v * x + beta_v, so a reused block can act d
 depth. gamma starts at 1 and beta at 0: identity at init."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import Tensor, nn
 
+from pgolf.model.families import Family
+
 
 class FiLM(nn.Module):
+    param_families: ClassVar = {"film_gamma": Family.PASSTHROUGH, "film_beta": Family.PASSTHROUGH}
+
     def __init__(self, slots: int, dim: int):
         super().__init__()
         self.film_gamma = nn.Parameter(torch.ones(slots, dim))

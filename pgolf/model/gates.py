@@ -7,14 +7,19 @@
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.model.config import ModelConfig
+from pgolf.model.families import Family
 
 
 class AttnOutputGate(nn.Module):
+    param_families: ClassVar = {"attn_gate_w": Family.GATE}
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kind, self.width, self.src = cfg.attn_gate, cfg.attn_gate_width, cfg.attn_gate_src

@@ -3,12 +3,14 @@
 Defaults give the baseline: 9 layers x 512, GQA 8/4 heads, relu^2 MLP x2, U-Net skips, tied
 embeddings, logit softcap 30. Every other technique is switched by ModelConfig and lives in its own
 module; which layer does what comes from pgolf.model.plan. Training, evaluation and TTT share this
-one forward. Parameter names are an API: optimizer groups, GPTQ precision rules and the packer
-select by name.
+one forward. Each module declares its parameters' families (pgolf.model.families), which the
+optimizer groups and GPTQ's gates read; parameter names are still an API: GPTQ's clip table, the
+packer and the int8 baseline's format select by name.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +22,7 @@ from pgolf.model.config import ModelConfig
 from pgolf.model.docmask import (Mask, Segments, document_block_mask, document_causal_mask, document_segments,
                                  masked_attention, max_segment_len)
 from pgolf.model.embeddings import BigramHashEmbedding, ValueEmbedding
-from pgolf.model.families import Family, family_of
+from pgolf.model.families import Family, declared_families
 from pgolf.model.film import FiLM
 from pgolf.model.gates import AttnOutputGate
 from pgolf.model.inhibitor import InhibitorGate
@@ -48,6 +50,9 @@ class ForwardInputs:
 
 
 class CausalSelfAttention(nn.Module):
+    param_families: ClassVar = {"c_q.weight": Family.MATRIX, "c_k.weight": Family.MATRIX, "c_v.weight": Family.MATRIX,
+                                "proj.weight": Family.MATRIX, "q_gain": Family.SCALAR}
+
     def __init__(self, cfg: ModelConfig, spec: BlockSpec):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -93,6 +98,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class Block(nn.Module):
+    param_families: ClassVar = {"attn_scale": Family.SCALAR, "mlp_scale": Family.SCALAR, "resid_mix": Family.SCALAR,
+                                "parallel_resid_lambdas": Family.PASSTHROUGH,
+                                "parallel_post_lambdas": Family.PASSTHROUGH, "ve_scale": Family.PASSTHROUGH}
+
     def __init__(self, cfg: ModelConfig, spec: BlockSpec):
         super().__init__()
         self.attn = CausalSelfAttention(cfg, spec)
@@ -151,6 +160,9 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
+    param_families: ClassVar = {"tok_emb.weight": Family.EMBEDDING, "lm_head.weight": Family.EMBEDDING,
+                                "skip_weights": Family.SCALAR, "skip_gates": Family.PASSTHROUGH}
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
@@ -173,6 +185,7 @@ class GPT(nn.Module):
         self.doc_attention = cfg.doc_attention
         self.fused_cross_entropy = False
         self.reset_parameters()
+        declared_families(self)  # a parameter no module classifies fails here, not in a consumer
 
     def reset_parameters(self) -> None:
         if self.cfg.tie_embeddings:
@@ -353,10 +366,11 @@ def param_groups(model: GPT) -> dict[str, list[tuple[str, nn.Parameter]]]:
     go to Muon, the embedding (and untied head) to Adam with their own lr, every control tensor
     (scales, mixes, gains, gates, lane lambdas, skip weights, small embeddings) to the scalar Adam."""
     groups: dict[str, list[tuple[str, nn.Parameter]]] = {"matrix": [], "embed": [], "head": [], "scalar": []}
+    families = declared_families(model)
     for name, p in model.named_parameters():
         if name.startswith("softcap."):
             continue  # PR #2135's optimizers hold no AsymLogit cap: it keeps its init (docs/lineage.md#asymlogit)
-        family = family_of(name, p)
+        family = families[name]
         if family is Family.EMBEDDING:
             groups["embed" if name == "tok_emb.weight" else "head"].append((name, p))
         elif family is Family.MATRIX:

@@ -4,13 +4,18 @@ attention and MLP residual scales. U is zero-init and b = 3, so the gate starts 
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from pgolf.model.families import Family
+
 
 class InhibitorGate(nn.Module):
+    param_families: ClassVar = {"down": Family.GATE, "up": Family.GATE, "bias": Family.PASSTHROUGH}
+
     def __init__(self, dim: int, rank: int, bias: float):
         super().__init__()
         self.down = nn.Parameter(torch.empty(rank, dim))

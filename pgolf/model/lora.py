@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from pgolf.model.config import ModelConfig
+from pgolf.model.families import Family
 
 
 class BatchedLoRA(nn.Module):
+    # TTT's own optimizer trains them and no artifact stores them: no family rule applies.
+    param_families: ClassVar = {"A": Family.PASSTHROUGH, "B": Family.PASSTHROUGH}
+
     def __init__(self, docs: int, in_features: int, out_features: int, rank: int, alpha: float,
                  generator: torch.Generator | None = None):
         super().__init__()

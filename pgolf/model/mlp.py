@@ -1,15 +1,20 @@
 """The MLP: relu^2 (baseline) or LeakyReLU(0.5)^2 (the record lineage), hidden = mlp_mult x dim."""
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.model.config import ModelConfig
+from pgolf.model.families import Family
 from pgolf.model.layers import CastedLinear
 
 
 class MLP(nn.Module):
+    param_families: ClassVar = {"fc.weight": Family.MATRIX, "proj.weight": Family.MATRIX}
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         hidden = int(cfg.mlp_mult * cfg.model_dim)

@@ -10,14 +10,19 @@ Variants (docs/lineage.md#architecture):
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pgolf.model.config import ModelConfig
+from pgolf.model.families import Family
 
 
 class SmearGate(nn.Module):
+    param_families: ClassVar = {"gate": Family.PASSTHROUGH, "lam": Family.PASSTHROUGH}
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.variant, self.window = cfg.smear_gate, cfg.gate_window

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from pgolf.model.families import Family, family_of
+from pgolf.model.families import is_control
 from pgolf.quant.quantized_model import QuantizedModel
 
 KEEP_FLOAT_MAX_NUMEL = 65_536
@@ -48,7 +48,7 @@ def quantize_baseline_int8(state: dict[str, torch.Tensor], model_config: dict,
         dtype = (source_dtypes or {}).get(name, str(tensor.dtype).removeprefix("torch."))
         entry = {"shape": list(tensor.shape), "dtype": dtype}
         if not tensor.is_floating_point() or tensor.numel() <= KEEP_FLOAT_MAX_NUMEL:
-            control = family_of(name, tensor) is Family.SCALAR
+            control = is_control(name)
             kept = tensor.float() if control else tensor.to(torch.float16) if tensor.is_floating_point() else tensor
             tensors[name] = kept.contiguous()
             entries[name] = {**entry, "kind": "passthrough"}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from pgolf.dist import one_thread
-from pgolf.model.families import Family, block_part, family_of, is_embedding
+from pgolf.model.families import Family, block_part, is_embedding
 from pgolf.progress import tracked
 from pgolf.quant.gptq import gptq_quantize, output_error, quantize_rtn, sdclip_scales
 from pgolf.quant.lqer import correction, low_rank_factors, pack_factors
@@ -31,20 +31,21 @@ def matrix_bits_and_clip(cfg: GPTQConfig, name: str) -> tuple[int, float]:
 
 
 def quantize_state(state: dict[str, torch.Tensor], hessians: dict[str, torch.Tensor], cfg: GPTQConfig,
-                   model_config: dict) -> tuple[QuantizedModel, dict]:
-    """The quantized model and its report. Every solve (Cholesky, GPTQ's column updates, LQER's
-    SVD) runs on one CPU thread: a LAPACK or BLAS sum split over threads rounds by the thread
-    count, and one rounding flips a code, so the same inputs must give the same codes whatever
+                   model_config: dict, families: dict[str, Family]) -> tuple[QuantizedModel, dict]:
+    """The quantized model and its report; `families`: the model's declared families
+    (pgolf.model.families.declared_families), one per tensor of `state`. Every solve (Cholesky,
+    GPTQ's column updates, LQER's SVD) runs on one CPU thread: a LAPACK or BLAS sum split over
+    threads rounds by the thread count, and one rounding flips a code, so the same inputs must give the same codes whatever
     threads the stage runs with (docs/stages.md#determinism)."""
     with one_thread():
-        return _quantize_state(state, hessians, cfg, model_config)
+        return _quantize_state(state, hessians, cfg, model_config, families)
 
 
-def _quantize_state(state, hessians, cfg: GPTQConfig, model_config) -> tuple[QuantizedModel, dict]:
+def _quantize_state(state, hessians, cfg: GPTQConfig, model_config, families) -> tuple[QuantizedModel, dict]:
     tensors, entries, report = {}, {}, {}
     for name, tensor in tracked(sorted(state.items()), "gptq tensors"):
         entry = {"shape": list(tensor.shape), "dtype": str(tensor.dtype).removeprefix("torch.")}
-        if cfg.gate_int8 and tensor.is_floating_point() and family_of(name, tensor) is Family.GATE:
+        if cfg.gate_int8 and tensor.is_floating_point() and families[name] is Family.GATE:
             # R1's GATED_ATTN_QUANT_GATE: symmetric int8 per row, s = max|row| / 127.
             scale = (tensor.float().abs().amax(dim=1) / 127).clamp_min(1e-12).half()
             tensors[f"{name}.q"] = torch.clamp(torch.round(tensor.float() / scale.float()[:, None]), -127, 127).to(torch.int8)
