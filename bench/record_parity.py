@@ -378,8 +378,15 @@ def compare_gptq(ref, h, ours: GPT, theirs, r1_h: dict, our_h: dict, qcfg: gptq_
             if "lqer" in kind:
                 lqer["tensors_r1"] += 1
                 keys = [".lqA_a", ".lqAs_a", ".lqB_a", ".lqBs_a"] if "asym" in kind else [".lqA", ".lqAs", ".lqB", ".lqBs"]
-                lqer["factors_equal"] += int(all(pg + k in ours_t and torch.equal(r1_q[name + k].flatten(),
-                                                                                   ours_t[pg + k].flatten()) for k in keys))
+                equal = all(pg + k in ours_t and torch.equal(r1_q[name + k].flatten(), ours_t[pg + k].flatten())
+                            for k in keys)
+                lqer["factors_equal"] += int(equal)
+                if not equal:  # the factors fit the residual of the codes: where those differ, so may they
+                    lqer.setdefault("unequal", {})[pg] = {
+                        "codes_equal_fraction": float((a == b).float().mean()),
+                        "factor_values_equal_fraction": float(torch.cat([
+                            (r1_q[name + k].flatten() == ours_t[pg + k].flatten()).float() for k in keys
+                            if pg + k in ours_t and r1_q[name + k].numel() == ours_t[pg + k].numel()]).mean())}
         elif kind == "gate_int8_row":
             gates_equal &= torch.equal(r1_q[name + ".gq"], ours_t[pg + ".q"]) and torch.equal(r1_q[name + ".gs"], ours_t[pg + ".scale"])
     lqer["tensors_pgolf"] = sum(1 for k in ours_t if k.endswith((".lqA_a", ".lqA")))
