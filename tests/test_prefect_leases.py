@@ -16,13 +16,12 @@ import re
 import signal
 import subprocess
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.userenv import VENV, copy_checkout, fake_python_bin, shell, user_env
+from tests.userenv import VENV, PrefectApi, copy_checkout, fake_python_bin, shell, started_run_id, user_env
 
 pytestmark = pytest.mark.e2e
 
@@ -38,38 +37,12 @@ SHRUNK = {"corpus": {"max_docs": 400}, "shards": {"val_docs": 4},
           "gptq": {"calib_batches": 1}, "eval": {"seq_len": 128}}
 
 
-def api(path: str, body: dict | None = None):
-    request = urllib.request.Request(API + path, data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+PREFECT = PrefectApi(PORT)
+api, logs_of = PREFECT, PREFECT.logs_of
 
 
 def wait_for(run_id: str, timeout: float = 1500) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        run = api(f"/flow_runs/{run_id}")
-        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            return run
-        time.sleep(2)
-    raise AssertionError(f"flow run {run_id} did not finish in {timeout} s: {run['state_type']}")
-
-
-def started_run_id(output: str) -> str:
-    match = re.search(r"UUID:\s*([0-9a-f-]{36})", output)
-    assert match, output
-    return match.group(1)
-
-
-def logs_of(run_id: str) -> str:
-    messages, offset = [], 0
-    while True:
-        page = api("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "offset": offset,
-                                    "sort": "TIMESTAMP_ASC"})
-        messages += [entry["message"] for entry in page]
-        if len(page) < 200:
-            return "\n".join(messages)
-        offset += len(page)
+    return PREFECT.wait_for(run_id, timeout)
 
 
 def stage_rows(run_id: str) -> list[dict]:

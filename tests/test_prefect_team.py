@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.userenv import VENV, copy_checkout, fake_python_bin, shell, user_env
+from tests.userenv import VENV, PrefectApi, copy_checkout, fake_python_bin, shell, started_run_id, user_env
 
 pytestmark = pytest.mark.e2e
 
@@ -31,27 +31,12 @@ SHRUNK = {"corpus": {"max_docs": 400}, "shards": {"val_docs": 12}, "train": {"it
           "gptq": {"calib_batches": 1}, "eval": {"seq_len": 128}}
 
 
-def api(path: str, body: dict | None = None):
-    request = urllib.request.Request(API + path, data=None if body is None else json.dumps(body).encode(),
-                                     headers={"Content-Type": "application/json"}, method="GET" if body is None else "POST")
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+PREFECT = PrefectApi(PORT)
+api, logs_of = PREFECT, PREFECT.logs_of
 
 
 def wait_for(run_id: str, timeout: float = 900) -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        run = api(f"/flow_runs/{run_id}")
-        if run["state_type"] in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED"):
-            return run
-        time.sleep(2)
-    raise AssertionError(f"flow run {run_id} did not finish in {timeout} s: {run['state_type']}")
-
-
-def started_run_id(output: str) -> str:
-    match = re.search(r"UUID:\s*([0-9a-f-]{36})", output)
-    assert match, output
-    return match.group(1)
+    return PREFECT.wait_for(run_id, timeout)
 
 
 def score_of(run_id: str) -> dict:
@@ -60,17 +45,6 @@ def score_of(run_id: str) -> dict:
     tables = [json.loads(a["data"]) for a in artifacts if a["type"] == "table" and not (a["key"] or "").endswith("-stages")]
     assert tables, artifacts
     return tables[0][0]
-
-
-def logs_of(run_id: str) -> str:
-    messages, offset = [], 0
-    while True:  # the API hands out at most 200 a call
-        page = api("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "offset": offset,
-                                    "sort": "TIMESTAMP_ASC"})
-        messages += [entry["message"] for entry in page]
-        if len(page) < 200:
-            return "\n".join(messages)
-        offset += len(page)
 
 
 @pytest.fixture(scope="module")
@@ -291,4 +265,4 @@ def test_a_run_killed_with_its_worker_is_marked_crashed_and_its_rerun_continues(
     assert "died holding its slot without ending: marked Crashed" in logs
     for stage in ("corpus", "tokenizer", "shards"):  # restored from the cache, not recomputed
         assert f"stage {stage}: cached" in logs, logs[-3000:]
-    assert f"stage train: ran" in logs and 0 < score_of(rerun)["val_bpb"] < 20
+    assert "stage train: ran" in logs and 0 < score_of(rerun)["val_bpb"] < 20

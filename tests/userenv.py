@@ -6,9 +6,13 @@ The shell has no activated venv, and the `python`/`python3` on its PATH cannot i
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -64,3 +68,62 @@ def copy_checkout(repo: Path) -> Path:
     (repo / ".venv").symlink_to(VENV)
     os.utime(repo / "pyproject.toml", (0, 0))  # older than the venv's install stamp: make installs nothing
     return repo
+
+
+class PrefectApi:
+    """The REST API of a test's own Prefect server (127.0.0.1:port), read as a user's UI reads it."""
+
+    FINISHED = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+    def __init__(self, port: str):
+        self.base = f"http://127.0.0.1:{port}/api"
+
+    def __call__(self, path: str, body: dict | None = None):
+        request = urllib.request.Request(self.base + path, data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"},
+                                         method="GET" if body is None else "POST")
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def wait_for(self, run_id: str, timeout: float) -> dict:
+        """The run once it has finished and its logs have all arrived: a flow run's process reports
+        its final state before its last log batch (it ships logs every few seconds and at exit), so
+        a test that reads the logs at once can miss the last stage's lines."""
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            run = self(f"/flow_runs/{run_id}")
+            if run["state_type"] in self.FINISHED:
+                self.settle_logs(run_id)
+                return run
+            time.sleep(2)
+        raise AssertionError(f"flow run {run_id} did not finish in {timeout} s: {run['state_type']}")
+
+    def settle_logs(self, run_id: str, quiet_s: float = 8, timeout: float = 120) -> None:
+        seen, since, deadline = -1, time.time(), time.time() + timeout
+        while time.time() < deadline:
+            count = len(self.log_entries(run_id))
+            if count != seen:
+                seen, since = count, time.time()
+            elif time.time() - since >= quiet_s:
+                return
+            time.sleep(1)
+
+    def log_entries(self, run_id: str) -> list[dict]:
+        entries, offset = [], 0
+        while True:  # the API hands out at most 200 a call
+            page = self("/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200, "offset": offset,
+                                         "sort": "TIMESTAMP_ASC"})
+            entries += page
+            if len(page) < 200:
+                return entries
+            offset += len(page)
+
+    def logs_of(self, run_id: str) -> str:
+        return "\n".join(entry["message"] for entry in self.log_entries(run_id))
+
+
+def started_run_id(output: str) -> str:
+    """The flow run a `prefect deployment run` started, from what it prints."""
+    match = re.search(r"UUID:\s*([0-9a-f-]{36})", output)
+    assert match, output
+    return match.group(1)
