@@ -69,7 +69,7 @@ test-e2e: $(STAMP)
 	$(PY) -m pytest -q -m e2e
 
 params: $(STAMP)
-	@$(PGOLF_ARGS); $(PY) -m tasks.params "$$@"
+	@$(PGOLF_ARGS); $(PY) -m runner.params "$$@"
 
 # The UI's own API address too: without it the UI served on another port asks 4200's API.
 prefect-server: $(STAMP)

@@ -31,8 +31,9 @@ from pgolf.data.shards import load_split  # noqa: E402
 from pgolf.evaluate.lora_ttt import find_documents  # noqa: E402
 from pgolf.typed_params import from_dict  # noqa: E402
 from tasks import evaluate as eval_stage  # noqa: E402
-from tasks import params as P, stages  # noqa: E402
-from tasks.common import execute  # noqa: E402
+from runner import params as P  # noqa: E402
+from tasks import stages  # noqa: E402
+from runner.stage import execute  # noqa: E402
 
 CHALLENGE_VAL_DOCS = 50_000
 CHALLENGE_VAL_TARGETS = 47_851_520  # the CaseOps val stream R1 and PR #2135 score

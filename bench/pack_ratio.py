@@ -29,8 +29,9 @@ from pgolf.pack.compress import available  # noqa: E402
 from pgolf.pack.serialize import pack, stream_choices, unpack  # noqa: E402
 from pgolf.typed_params import from_dict  # noqa: E402
 from pgolf.quant.quantized_model import load_quantized  # noqa: E402
-from tasks import params as P, stages  # noqa: E402
-from tasks.common import execute  # noqa: E402
+from runner import params as P  # noqa: E402
+from tasks import stages  # noqa: E402
+from runner.stage import execute  # noqa: E402
 
 R1_GPTQ = ["gptq.bits=6", "gptq.embed_bits=7", "gptq.attn_clip_sigmas=13.0", "gptq.mlp_clip_sigmas=11.5",
            "gptq.embed_clip_sigmas=14.0"]

@@ -68,7 +68,8 @@ from pgolf.evaluate.ngram_tilt import TiltScorer, score_tilted, token_hints  # n
 from pgolf.model.config import ModelConfig  # noqa: E402
 from pgolf.model.gpt import GPT, count_parameters, param_groups  # noqa: E402
 from pgolf.typed_params import from_dict  # noqa: E402
-from tasks import evaluate as eval_stage, gptq as gptq_stage, params as presets, train as train_stage  # noqa: E402
+from tasks import evaluate as eval_stage, gptq as gptq_stage, train as train_stage # noqa: E402
+from runner import params as presets  # noqa: E402
 
 FOLDER = "records/track_10min_16mb/2026-05-01_SP8192_PR2130Base_Calib32"
 TOKENIZER = "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"

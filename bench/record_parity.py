@@ -69,7 +69,7 @@ from pgolf.model.gpt import GPT  # noqa: E402
 from pgolf.typed_params import from_dict  # noqa: E402
 from pgolf.quant.hessian import collect_hessians  # noqa: E402
 from tasks import gptq as gptq_stage  # noqa: E402
-from tasks import params as presets  # noqa: E402
+from runner import params as presets  # noqa: E402
 from tasks import train as train_stage  # noqa: E402
 
 SIZES = dict(vocab_size=512, num_layers=6, model_dim=384, num_heads=6, num_kv_heads=3, loop_start=2, loop_end=3,

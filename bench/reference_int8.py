@@ -34,8 +34,8 @@ sys.path.insert(0, str(ROOT))
 
 from pgolf.typed_params import from_dict  # noqa: E402
 from tasks import evaluate as eval_stage, gptq, pack, shards, tokenizer, train  # noqa: E402
-from tasks import params as P  # noqa: E402
-from tasks.common import execute  # noqa: E402
+from runner import params as P  # noqa: E402
+from runner.stage import execute  # noqa: E402
 
 
 def baseline_state_dict(vocab_size: int, num_layers: int, model_dim: int, num_heads: int, num_kv_heads: int,

@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from pgolf.model.film import FiLM  # noqa: E402
 from pgolf.model.gates import AttnOutputGate  # noqa: E402
 from pgolf.model.inhibitor import InhibitorGate  # noqa: E402
-from tasks import params as presets  # noqa: E402
+from runner import params as presets  # noqa: E402
 
 ROWS = ("settings", "gates", "inhibitor", "film", "film_ttt", "casefold")
 SCRIPTS = {"1693": "pr1693", "1790": "pr1790", "1383": "pr1383", "2116": "pr2116"}

@@ -66,7 +66,7 @@ from pgolf.optim.ema import EMA  # noqa: E402
 from pgolf.train import loop as training_loop  # noqa: E402
 from pgolf.train.optimizers import build_optimizers  # noqa: E402
 from pgolf.typed_params import from_dict  # noqa: E402
-from tasks import params as presets  # noqa: E402
+from runner import params as presets  # noqa: E402
 from tasks import train as train_stage  # noqa: E402
 
 WIDTH = 128

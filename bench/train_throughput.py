@@ -35,10 +35,10 @@ from pgolf.data.shards import write_shard  # noqa: E402
 from pgolf.model.gpt import count_parameters  # noqa: E402
 from pgolf.typed_params import from_dict  # noqa: E402
 from pgolf.train import loop as training_loop  # noqa: E402
-from tasks import params as P  # noqa: E402
+from runner import params as P  # noqa: E402
 from tasks import shards as shards_stage, tokenizer as tok_stage, train as train_stage  # noqa: E402
 from tasks import corpus as corpus_stage  # noqa: E402
-from tasks.common import execute  # noqa: E402
+from runner.stage import execute  # noqa: E402
 
 REFERENCE_MS_PER_STEP_H100 = 358.7
 H100_BF16_DENSE_FLOPS = 989e12

@@ -21,8 +21,8 @@ import time
 
 from flows.repro import format_summary, last_pipeline_run, record_pipeline_run, reproduce, results_since, set_params
 from pgolf.errors import InputError, PgolfError, StageInterrupted
-from tasks import params as params_cli
-from tasks.params import list_presets
+from runner import params as params_cli
+from runner.params import list_presets
 from tasks.stages import STAGES
 
 
@@ -144,10 +144,10 @@ def add_audit(sub) -> None:
 
 
 def cmd_diff(args) -> int:
-    from tasks import run_records
+    from runner import runs
 
-    a, b = run_records.load_run(args.a), run_records.load_run(args.b)
-    print(run_records.format_diff(run_records.diff(a, b), args.a, args.b))
+    a, b = runs.load_run(args.a), runs.load_run(args.b)
+    print(runs.format_diff(runs.diff(a, b), args.a, args.b))
     return 0
 
 
@@ -217,24 +217,22 @@ def add_import_r1(sub) -> None:
 
 
 def passthrough(parser: argparse.ArgumentParser, command: str, rest: list[str]) -> int:
-    """`pgolf export|stage|ranks ...`: the command line of tasks.export, of a stage module
-    (`python -m tasks.<stage>`, what bin/stage runs) or of tasks.ranks, as they are."""
-    import importlib
-
-    from tasks.common import stage_main, stage_module
+    """`pgolf export|stage|ranks ...`: the command line of flows.export, of a stage module
+    (`python -m tasks.<stage>`, what bin/stage runs) or of runner.ranks, as they are."""
+    from runner.stage import stage_main
+    from tasks.stages import spec_of
 
     if command == "export":
-        from tasks import export
+        from flows import export
 
         return export.main(rest, prog="pgolf export")
     if command == "ranks":
-        from tasks import ranks
+        from runner import ranks
 
         return ranks.join_main(rest, prog="pgolf ranks")
     if not rest or rest[0] not in STAGES:
         parser.error(f"usage: pgolf stage STAGE [ARGS]; STAGE is one of {', '.join(STAGES)}")
-    spec = importlib.import_module(stage_module(rest[0])).SPEC
-    return stage_main(spec, rest[1:], prog=f"pgolf stage {rest[0]}")
+    return stage_main(spec_of(rest[0]), rest[1:], prog=f"pgolf stage {rest[0]}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,7 +27,7 @@ COLUMNS = {
     "train_s": ("artifacts/.runs/train.json", ("timings", "train_seconds")),
 }
 # The seconds columns come from run records, which DVC does not restore with an output: shown only
-# when the record is of the row's own config and output (tasks.common.output_identity), else
+# when the record is of the row's own config and output (runner.records.output_identity), else
 # CACHED (the output came from DVC's cache; the run that made it is not recorded there).
 RECORD_STAGES = {"eval_s": "eval", "train_s": "train"}
 CACHED = "cached"
@@ -73,7 +73,7 @@ def record_is_of_row(stage: str, record: dict | None, params: dict, files: dict)
     """Whether a stage's run record is of the output this row shows: the same config and the same
     output files, those of them the row has as metrics."""
     from pgolf.typed_params import from_dict
-    from tasks.common import canonical_sha256, config_sha256, identity_matches
+    from runner.records import canonical_sha256, config_sha256, identity_matches
     from tasks.stages import config_of, out_of
 
     if not isinstance(record, dict) or (record.get("restored") and not record.get("timings")):

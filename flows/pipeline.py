@@ -29,7 +29,7 @@ from flows.repro import (StageResult, dvc_repo, format_summary, record_pipeline_
                          score_of, set_params, stages_up_to_date)
 from flows.workspace import run_workspace, shared_git_state
 from pgolf.errors import ConfigError, PgolfError
-from tasks.params import check_params_file
+from runner.params import check_params_file
 from tasks.stages import STAGES
 
 # What a run's one-row score artifact holds (`pgolf sweep` and a placed run's parent read it back).

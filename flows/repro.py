@@ -1,7 +1,7 @@
 """Drive DVC from Python: reproduce stages, tell which ran and which came from the cache.
 
 DVC is the only cache. A stage that runs writes a run record beside its output
-(artifacts/.runs/<stage>.json, tasks.common.run_record_path); a stage DVC skips, or restores from its
+(artifacts/.runs/<stage>.json, runner.records.run_record_path); a stage DVC skips, or restores from its
 run-cache, writes nothing. So "ran" means: a fresh record appeared during this call. A stage that
 did not run then has its record made the one of its output as it now is (refresh_records): DVC
 may have restored another run's output, and its seconds must not stand beside that one's numbers.
@@ -24,11 +24,11 @@ from pathlib import Path
 
 from pgolf.data import certify
 from pgolf.errors import PgolfError, StageInterrupted
-from tasks.cache_check import repro_checked
+from runner.cache_check import repro_checked
 from pgolf.typed_params import from_dict, read_yaml
-from tasks.common import RUNS_DIR_NAME, refresh_run_record, run_record_path
-from tasks.params import check_params_file, render_file, write_params
-from tasks.run_records import clock_lines, workspace_run
+from runner.records import RUNS_DIR_NAME, refresh_run_record, run_record_path
+from runner.params import check_params_file, render_file, write_params
+from runner.runs import clock_lines, workspace_run
 from tasks.stages import STAGES, config_of, out_of
 
 
@@ -180,7 +180,7 @@ def stages_up_to_date(workspace: Path, stages: list[str] | tuple[str, ...] = STA
 
 class StageCrash(RuntimeError):
     """A stage's process died for no reason of its inputs (killed, out of memory, a lost rank): worth
-    a retry. Not a PgolfError: a stage exits 2 on bad input (tasks.common.stage_main), which a retry
+    a retry. Not a PgolfError: a stage exits 2 on bad input (runner.stage.stage_main), which a retry
     cannot mend, and that is a ReproError."""
 
 
@@ -280,7 +280,7 @@ def reproduce(workspace: str | Path = ".", stage: str | None = None, force: bool
 
 
 def refresh_records(workspace: str | Path, stages: list[str] | tuple[str, ...]) -> dict[str, str]:
-    """Each stage's run record made the one of its output in place (tasks.common.refresh_run_record):
+    """Each stage's run record made the one of its output in place (runner.records.refresh_run_record):
     stage -> "current", "restored" (from this machine's history of runs) or "unknown"."""
     workspace = Path(workspace)
     statuses: dict[str, str] = {}

@@ -6,7 +6,7 @@ Without --deployment the seeds run one after another in this process, each a sub
 this checkout (flows/workspace.py). With it, each seed is a run of that deployment, all started at
 once, so as many GPU workers as the pool has take them side by side; each run's score comes back
 through its results artifact. Either way the sweep writes its table (sweep.json, the form
-`pgolf significance` and `tasks.export --sweep` read) and makes it a Prefect table artifact.
+`pgolf significance` and `flows.export --sweep` read) and makes it a Prefect table artifact.
 """
 from __future__ import annotations
 

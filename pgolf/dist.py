@@ -23,7 +23,7 @@ from pgolf.errors import ConfigError, PgolfError, StageInterrupted
 # endpoint and this node's number change nothing in the result, so they stay out of DVC's hash.
 NODE_RANK_ENV = "PGOLF_NODE_RANK"
 RDZV_ENDPOINT_ENV = "PGOLF_RDZV_ENDPOINT"
-# The verbose switch of every stage (tasks.common.stage_main): tracebacks after the error line.
+# The verbose switch of every stage (runner.stage.stage_main): tracebacks after the error line.
 TRACEBACK_ENV = "PGOLF_TRACEBACK"
 # Where a rank that fails writes its error for the launching process (set by launch()).
 RANK_ERRORS_ENV = "PGOLF_RANK_ERRORS"
@@ -267,8 +267,9 @@ def threads_per_process(nproc: int) -> int:
     return max(1, (os.cpu_count() or 1) // nproc)
 
 
-def launch(module: str, args: list[str], nproc: int, nodes: Nodes = Nodes()) -> None:
-    """Run `python -m module args` on `nproc` torchrun processes on this node (of `nodes`); raise
+def launch(module: str, args: list[str], nproc: int, nodes: Nodes = Nodes(), run_name: str | None = None) -> None:
+    """Run `python -m module args` on `nproc` torchrun processes on this node (of `nodes`), whose
+    rendezvous every node names `pgolf-<run_name>` (default: the module); raise
     LaunchError with the first failing rank's own message. The workers write to this process's
     stdout and stderr (a progress bar stays a bar in a terminal)."""
     # torchrun and its workers get a TMPDIR of their own, removed with everything in it afterwards:
@@ -276,13 +277,13 @@ def launch(module: str, args: list[str], nproc: int, nodes: Nodes = Nodes()) -> 
     with tempfile.TemporaryDirectory(prefix="pgolf-ranks-") as scratch:
         errors = Path(scratch) / "rank-errors"
         errors.mkdir()
-        cmd = [sys.executable, "-m", "pgolf.agent", *nodes.torchrun_args(f"pgolf-{module}"),
+        cmd = [sys.executable, "-m", "pgolf.agent", *nodes.torchrun_args(f"pgolf-{run_name or module}"),
                f"--nproc-per-node={nproc}", "-m", module, *args]
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", str(threads_per_process(nproc)))
         env.setdefault("PYTHONUNBUFFERED", "1")
         # The compile cache stays where the launching process has it (a stage process: the user's cache
-        # folder, tasks.common.compile_cache_outside_tmpdir), never in the scratch folder removed below.
+        # folder, runner.stage.compile_cache_outside_tmpdir), never in the scratch folder removed below.
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_default_cache_dir())
         env["TMPDIR"] = scratch
         env[RANK_ERRORS_ENV] = str(errors)
@@ -303,7 +304,7 @@ def launch(module: str, args: list[str], nproc: int, nodes: Nodes = Nodes()) -> 
             _wait_out(proc)
             raise
         if code != 0:
-            raise first_rank_error(errors, module, nproc, nodes, code)
+            raise first_rank_error(errors, run_name or module, nproc, nodes, code)
 
 
 def _inductor_default_cache_dir() -> str:

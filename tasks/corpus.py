@@ -10,7 +10,7 @@ from pgolf.data.docs import DOCS_NAME, encode_doc
 from pgolf.data.hub import HUB_PREFIX, download, verify
 from pgolf.errors import InputError
 from pgolf.json_files import write_json
-from tasks.common import StageSpec, stage_main
+from runner.stage import StageSpec, stage_main
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:

@@ -1,7 +1,7 @@
 """Stage eval: val_loss and val_bpb of the packed artifact alone, over the whole val split.
 
 Reads only artifacts/pack/artifact.bin, the val shards and the tokenizer: nothing from training.
-With nproc > 1 (or nnodes > 1) the stage launches torchrun (tasks.ranks); every rank loads the artifact and scores its share,
+With nproc > 1 (or nnodes > 1) the stage launches torchrun (runner.ranks); every rank loads the artifact and scores its share,
 the totals are summed over ranks and rank 0 writes metrics.json (the same numbers as one process,
 up to the order of float64 sums, except where a TTT mode's schedule depends on the rank count)."""
 from __future__ import annotations
@@ -30,8 +30,9 @@ from pgolf.model.io import load_state_dict_into, model_config_from_dict
 from pgolf.pack.serialize import load_artifact
 from pgolf.tokenize.token_bytes import load_tokenizer, val_byte_counts
 from pgolf.json_files import write_json
-from tasks.common import StageSpec, record_timings, stage_main
-from tasks.ranks import run_on_ranks, worker_main
+from runner.ranks import run_on_ranks
+from runner.records import record_timings
+from runner.stage import StageSpec, stage_main
 
 
 MODES = {"off": "flat", "lora": "ttt_lora", "sgd": "ttt_sgd"}
@@ -55,19 +56,14 @@ def cut_documents_every(model: GPT, seq_len: int) -> None:
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     verify_shards(inputs["shards"], ("val", "val_bytes"))
-    run_on_ranks(SPEC, cfg, inputs, out, evaluate)
+    run_on_ranks(SPEC, cfg, inputs, out)
     return json.loads((out / "metrics.json").read_text())
 
 
 def evaluate(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
-    """This process's share of the eval (all of it without torchrun); rank 0 writes metrics.json."""
+    """This rank's share of the eval (all of it on one process); rank 0 writes metrics.json."""
     budget = Budget(cfg.budget_s)
     device = dist.resolve_device(cfg.device)
-    with dist.process_group(device):
-        return _evaluate(cfg, inputs, out, device, budget)
-
-
-def _evaluate(cfg: Config, inputs: dict[str, Path], out: Path, device: torch.device, budget: Budget) -> dict:
     artifact = Path(inputs["pack"]) / "artifact.bin"
     model = model_from_artifact(artifact, device)
     load_seconds = budget.elapsed()
@@ -192,9 +188,7 @@ def compile_and_warm_up(cfg: Config, model, device: torch.device) -> float:
 SPEC = StageSpec(name="eval", config_cls=Config, run=run, out="artifacts/eval",
                  inputs={"pack": "artifacts/pack", "shards": "artifacts/shards", "tokenizer": "artifacts/tokenizer"},
                  producers={"pack": "pack", "shards": "shards", "tokenizer": "tokenizer"},
-                 input_parts={"shards": ("val", "manifest.json")})
+                 input_parts={"shards": ("val", "manifest.json")}, per_rank=evaluate)
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv[1:]:
-        sys.exit(worker_main(SPEC, evaluate, sys.argv[1:]))
     sys.exit(stage_main(SPEC))

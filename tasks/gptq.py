@@ -26,14 +26,15 @@ from pgolf.quant.quantized_model import save_quantized
 from pgolf.quant.hessian import calibration_batches, collect_hessians, self_generated_batches
 from pgolf.json_files import write_json
 from pgolf.compliance import training_clock
-from tasks.common import StageSpec, read_run_record, read_timings, record_matches, record_timings, stage_main
-from tasks.ranks import run_on_ranks, worker_main
+from runner.records import read_run_record, read_timings, record_matches, record_timings
+from runner.ranks import run_on_ranks
+from runner.stage import StageSpec, stage_main
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     if cfg.method == "gptq" and cfg.calib_source == "train":
         verify_shards(inputs["shards"], ("train",))
-    run_on_ranks(SPEC, cfg, inputs, out, calibrate_and_quantize)
+    run_on_ranks(SPEC, cfg, inputs, out)
     record_timings(out, training_clock=training_clock_of(cfg, inputs["train"], out))
     return json.loads((out / "report.json").read_text())["summary"]
 
@@ -51,13 +52,8 @@ def training_clock_of(cfg: Config, train: Path, out: Path) -> dict:
 
 
 def calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
-    """This process's share of calibration (all of it without torchrun); rank 0 quantizes and writes."""
+    """This rank's share of calibration (all of it on one process); rank 0 quantizes and writes."""
     device = dist.resolve_device(cfg.device)
-    with dist.process_group(device):
-        return _calibrate_and_quantize(cfg, inputs, out, device)
-
-
-def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, device: torch.device) -> dict:
     model, model_cfg = load_model(inputs["train"], device)
     check_vocab(inputs["shards"], model_cfg.vocab_size)
     started = time.perf_counter()
@@ -115,9 +111,7 @@ def _calibrate_and_quantize(cfg: Config, inputs: dict[str, Path], out: Path, dev
 SPEC = StageSpec(name="gptq", config_cls=Config, run=run, out="artifacts/gptq",
                  inputs={"train": "artifacts/train", "shards": "artifacts/shards"},
                  producers={"train": "train", "shards": "shards"},
-                 input_parts={"shards": ("train", "manifest.json")})
+                 input_parts={"shards": ("train", "manifest.json")}, per_rank=calibrate_and_quantize)
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv[1:]:
-        sys.exit(worker_main(SPEC, calibrate_and_quantize, sys.argv[1:]))
     sys.exit(stage_main(SPEC))

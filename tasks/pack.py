@@ -1,7 +1,7 @@
 """Stage pack: the quantized model as one compressed binary, the code bytes counted, the cap enforced.
 
 The code is counted as the submission will carry it: the train_gpt.py that `pgolf export` writes
-(tasks/submission.py and every module it imports, with the run's train, gptq, pack and eval
+(runner/submission.py and every module it imports, with the run's train, gptq, pack and eval
 params), minified, brotli-compressed and base85-wrapped in a self-extracting stub, the records'
 rule. That script is a function of the code and of those params sections, all DVC deps of this
 stage, so the count is too; the export checks it counts the same. The modules as files are kept
@@ -21,12 +21,13 @@ from pgolf.pack.groups import group_sizes
 from pgolf.pack.serialize import pack, stream_choices, unpack
 from pgolf.quant.quantized_model import load_quantized
 from pgolf.json_files import write_json
-from tasks.common import StageSpec, record_timings, stage_main
+from runner.records import record_timings
+from runner.stage import StageSpec, stage_main
 
 
 ROOT = Path(__file__).resolve().parent.parent
-# The exported script's main; the params sections it embeds (what tasks/submission.py reads).
-SUBMISSION_ENTRY = ROOT / "tasks" / "submission.py"
+# The exported script's main; the params sections it embeds (what runner/submission.py reads).
+SUBMISSION_ENTRY = ROOT / "runner" / "submission.py"
 SUBMISSION_SECTIONS = ("train", "gptq", "pack", "eval")
 
 

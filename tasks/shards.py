@@ -12,7 +12,7 @@ from pgolf.data.shard_writer import adopt_shards, build_shards, file_entries, re
 from pgolf.data.shards import MANIFEST_NAME, sha256_file
 from pgolf.tokenize.token_bytes import load_tokenizer
 from pgolf.json_files import write_json
-from tasks.common import StageSpec, stage_main
+from runner.stage import StageSpec, stage_main
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:

@@ -16,7 +16,7 @@ from pgolf.tokenize.variants import VARIANTS, variant_misfit
 from pgolf.tokenize.trainer import (BOS_ID, CHALLENGE_TRAINER_SETTINGS, train_bpe,
                                     training_sentences)
 from pgolf.json_files import write_json
-from tasks.common import StageSpec, stage_main
+from runner.stage import StageSpec, stage_main
 
 
 def adopt_model(path: Path, cfg: Config) -> bytes:

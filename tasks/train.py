@@ -1,6 +1,6 @@
 """Stage train: the baseline GPT with Muon + Adam on train.nproc ranks per node, train.nnodes nodes.
 
-One process trains in the stage's own process; more are launched by tasks.ranks under torchrun
+One process trains in the stage's own process; more are launched by runner.ranks under torchrun
 (this module with --worker), and rank 0 writes the weights, the log and the metrics into the output.
 The loop itself is pgolf.train.loop.Trainer.
 """
@@ -17,8 +17,9 @@ from pgolf.model.io import import_state_dict, save_model
 from pgolf.train.config import TrainConfig as Config
 from pgolf.train.loop import Trainer
 from pgolf.typed_params import recorded_dict
-from tasks.common import StageSpec, record_timings, stage_main
-from tasks.ranks import run_on_ranks, worker_main
+from runner.ranks import run_on_ranks
+from runner.records import record_timings
+from runner.stage import StageSpec, stage_main
 
 
 def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
@@ -33,7 +34,7 @@ def run(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
         metrics = {"steps": 0, "imported_from": cfg.import_from}
         write_json(out / "metrics.json", metrics)
         return metrics
-    run_on_ranks(SPEC, cfg, inputs, out, train_rank)
+    run_on_ranks(SPEC, cfg, inputs, out)
     from pgolf.train.plots import write_train_plots  # the pipeline's only: no exported script draws
 
     write_train_plots(out)
@@ -51,10 +52,9 @@ def train_rank(cfg: Config, inputs: dict[str, Path], out: Path) -> dict:
     return train_in_process(cfg, inputs["shards"], out, resolved_config(cfg), tokenizer=inputs.get("tokenizer"))
 
 
-def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict, keep_group: bool = False,
-                     tokenizer: Path | None = None) -> dict:
-    """This process's share of a (torchrun) training run; rank 0 writes the weights and metrics.
-    `keep_group`: stay in the process group for the stages that follow in the same processes."""
+def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict, tokenizer: Path | None = None) -> dict:
+    """This process's share of a (torchrun) training run, in the process group its caller owns
+    (runner.ranks, or the exported script's main); rank 0 writes the weights and metrics."""
     trainer = Trainer(cfg, shards, out, tokenizer)
     # whether the data is the challenge's (the shards' certificate, pgolf.data.certify)
     metrics = {**trainer.train(), "canonical": read_manifest(shards).get("canonical")}
@@ -62,8 +62,6 @@ def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict, keep_
         record_timings(out, **trainer.timings)
         save_model(trainer.model, cfg.model, out, extra_config={k: v for k, v in resolved.items() if k != "model"})
         write_json(out / "metrics.json", metrics)
-    if not keep_group:
-        dist.shutdown()
     return metrics
 
 
@@ -73,9 +71,7 @@ def train_in_process(cfg: Config, shards: Path, out: Path, resolved: dict, keep_
 SPEC = StageSpec(name="train", config_cls=Config, run=run, out="artifacts/train",
                  inputs={"shards": "artifacts/shards", "tokenizer": "artifacts/tokenizer"},
                  producers={"shards": "shards", "tokenizer": "tokenizer"}, optional_inputs=("tokenizer",),
-                 input_parts={"shards": ("train", "val", "manifest.json")})
+                 input_parts={"shards": ("train", "val", "manifest.json")}, per_rank=train_rank)
 
 if __name__ == "__main__":
-    if "--worker" in sys.argv[1:]:
-        sys.exit(worker_main(SPEC, train_rank, sys.argv[1:]))
     sys.exit(stage_main(SPEC))

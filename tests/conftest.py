@@ -73,7 +73,7 @@ def write_corpus(folder: Path, docs: list[str]) -> Path:
 def data_dirs(tmp_path_factory, docs):
     """corpus -> tokenizer -> shards through the real stages, once per session."""
     from tasks import shards as shards_stage, tokenizer as tok_stage
-    from tasks.common import execute
+    from runner.stage import execute
 
     root = tmp_path_factory.mktemp("data")
     corpus = write_corpus(root / "corpus", docs)

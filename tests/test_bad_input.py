@@ -23,9 +23,10 @@ from pgolf.model.config import ModelConfig
 from pgolf.typed_params import from_dict
 from pgolf.train import loop as training_loop
 from tasks import corpus as corpus_stage, evaluate as eval_stage, tokenizer as tok_stage, train as train_stage
-from tasks import params as P, stages
+from runner import params as P
+from tasks import stages
 from pgolf.json_files import write_json
-from tasks.common import execute, load_config
+from runner.stage import execute, load_config
 from tests.conftest import ROOT, TINY_MODEL, make_docs, stage_env, write_corpus, write_params
 
 
@@ -186,10 +187,10 @@ def over_a_users_folder(ctx):
 
 
 def export_over(make_folder):
-    """tasks.export into a folder it did not write: refused, the folder as it was."""
+    """flows.export into a folder it did not write: refused, the folder as it was."""
     def case(ctx):
         from pgolf.pack.codesize import wrapped_size
-        from tasks import export
+        from flows import export
         from tasks.pack import submission_script
 
         art = ctx.tmp / "art"

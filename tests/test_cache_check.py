@@ -1,4 +1,4 @@
-"""A corrupted DVC cache entry is recomputed, never used (tasks/cache_check.py).
+"""A corrupted DVC cache entry is recomputed, never used (runner/cache_check.py).
 
 One workspace for the module, a pipeline of corpus and tokenizer only (the two cheapest stages);
 the tests run in file order and each builds on the last.
@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from flows.repro import dvc_command, dvc_env, reproduce, set_params
-from tasks.cache_check import Hasher, cache_dir, object_path, tree_digest
+from runner.cache_check import Hasher, cache_dir, object_path, tree_digest
 
 pytestmark = pytest.mark.e2e
 
@@ -58,7 +58,7 @@ def flip_byte(path: Path) -> None:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     ws = tmp_path_factory.mktemp("cachecheck")
-    for item in ("pgolf", "tasks", "flows", "presets", "bin"):
+    for item in ("pgolf", "runner", "tasks", "flows", "presets", "bin"):
         shutil.copytree(ROOT / item, ws / item, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / ".dvcignore", ws / ".dvcignore")
     pipeline = yaml.safe_load((ROOT / "dvc.yaml").read_text())

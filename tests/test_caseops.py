@@ -10,7 +10,7 @@ from pgolf.data.shards import load_split
 from pgolf.tokenize.token_bytes import load_val_byte_sidecar, original_byte_counts
 from pgolf.tokenize.caseops import ALLCAPS, CAPNEXT, ESC, OPERATORS, TITLE, decode, encode, encode_with_provenance
 from tasks import shards as shards_stage, tokenizer as tok_stage
-from tasks.common import execute
+from runner.stage import execute
 from tests.conftest import make_docs, write_corpus
 
 ALPHABET = list("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ") * 3 + list("0123456789 .,'-\n\t") + \

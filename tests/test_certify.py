@@ -13,7 +13,7 @@ from pgolf.data.shards import list_shards, load_split, read_manifest, read_shard
 from pgolf.errors import FormatError
 from pgolf.tokenize import caseops, token_bytes
 from tasks import shards as shards_stage, tokenizer as tok_stage
-from tasks.common import execute
+from runner.stage import execute
 from tests.conftest import make_docs, write_corpus
 
 

@@ -13,7 +13,8 @@ from pgolf.evaluate.config import TTTSettings
 from pgolf import compliance
 from pgolf.model.config import ModelConfig
 from tasks import evaluate as eval_stage, gptq, pack, shards as shards_stage, train
-from tasks.common import execute, read_run_record
+from runner.stage import execute
+from runner.records import read_run_record
 from tests.conftest import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -125,7 +126,7 @@ def test_a_train_record_of_other_weights_gives_an_unknown_clock(workspace, tmp_p
         shutil.copytree(workspace / "artifacts" / stage, art / stage)
     (art / ".runs").mkdir()
     record = read_run_record(workspace / "artifacts" / "train")
-    record["identity"]["sha256"] = "0" * 64
+    record["of"]["outputs"]["metrics.json"] = "0" * 64
     (art / ".runs" / "train.json").write_text(json.dumps(record))
     execute(gptq.SPEC, gptq.Config(calib_batches=1, calib_seq_len=64, calib_batch_seqs=2, device="cpu"),
             {"train": art / "train", "shards": art / "shards"}, art / "gptq")
@@ -163,7 +164,8 @@ def test_pgolf_diff_shows_what_differs_between_two_runs(workspace, tmp_path):
 
 
 def test_the_export_carries_data_clocks_records_and_its_own_audit(workspace, tmp_path, monkeypatch):
-    from tasks import export, params as P
+    from flows import export
+    from runner import params as P
 
     # The bundled script is not under test here (tests/test_pack.py counts it): a stub, which counts
     # what the pack stage counted of the script it bundled.

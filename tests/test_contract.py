@@ -10,13 +10,13 @@ from pgolf.data.corpus import BUILTIN
 from pgolf.pack.codesize import import_closure
 from pgolf.pack.single_file import bundled_files
 from tasks import pack as pack_stage, stages as registry
-from tasks.common import stage_module
+from tasks.stages import stage_module
 
 ROOT = Path(__file__).resolve().parent.parent
 # Imported by every stage but cannot change what a stage computes: listing them would make an
 # edited error message (or progress line) rerun the whole pipeline. pack still lists those the
 # exported script bundles: they are part of the code whose bytes it counts.
-NEUTRAL = {"pgolf/errors.py", "pgolf/typed_params.py", "tasks/params.py", "pgolf/progress.py"}
+NEUTRAL = {"pgolf/errors.py", "pgolf/typed_params.py", "runner/params.py", "pgolf/progress.py"}
 # Files a stage reads that are not code: the builtin corpus.
 DATA_DEPS = {"corpus": [BUILTIN.relative_to(ROOT).as_posix()]}
 
@@ -67,7 +67,7 @@ def test_a_params_check_and_a_cached_runs_records_import_no_torch(tmp_path):
     (out / "metrics.json").write_text('{"val_bpb": 2.5}')
     code = ("import sys\n"
             "from flows.repro import refresh_records\n"
-            "from tasks.params import check_params_file, render, write_params\n"
+            "from runner.params import check_params_file, render, write_params\n"
             f"ws = {str(tmp_path)!r}\n"
             "write_params(render('smoke'), ws + '/params.yaml')\n"
             "check_params_file(ws + '/params.yaml')\n"
@@ -141,7 +141,7 @@ def test_the_library_never_imports_the_stages():
     for path in sorted((ROOT / "pgolf").rglob("*.py")):
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
             words = line.split()
-            if words[:1] in (["import"], ["from"]) and len(words) > 1 and words[1].split(".")[0] in ("tasks", "flows"):
+            if words[:1] in (["import"], ["from"]) and len(words) > 1 and words[1].split(".")[0] in ("runner", "tasks", "flows"):
                 offenders.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
     assert not offenders, offenders
 
@@ -182,7 +182,7 @@ def test_every_path_the_code_cites_resolves():
     assert unresolved_references(planted) == ["docs/gone.md", "pgolf/gone.py", "docs/lineage.md#no-such-topic",
                                               "docs/lineage.md#no-such-either"]
     offenders, cited = [], 0
-    for folder in ("pgolf", "tasks", "flows"):
+    for folder in ("pgolf", "runner", "tasks", "flows"):
         for path in sorted((ROOT / folder).rglob("*.py")):
             text = path.read_text(encoding="utf-8")
             cited += len(PATH_REFERENCE.findall(text))
@@ -197,6 +197,6 @@ def test_pgolf_run_starts_without_torch():
     import subprocess
     import sys
 
-    code = "import sys, flows.cli, flows.repro, tasks.cache_check, tasks.stages; print('torch' in sys.modules)"
+    code = "import sys, flows.cli, flows.repro, runner.cache_check, tasks.stages; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -13,7 +13,7 @@ from pgolf.data.corpus import BUILTIN, builtin_documents, read_documents
 from pgolf.data.docs import iter_docs
 from pgolf.errors import FormatError, InputError
 from tasks import corpus as corpus_stage
-from tasks.common import execute
+from runner.stage import execute
 
 DOCS = ["first document\nwith two lines", "second — with non-ASCII ✓", "third"]
 

@@ -44,7 +44,7 @@ def eval_metrics(repo: Path) -> dict:
 def test_dvc_repro_from_a_plain_shell(user):
     repo, run = user["repo"], user["run"]
     assert run("python3 -c 'import torch'", check=False).returncode == 97
-    run(f".venv/bin/python -m tasks.params {TINY}")
+    run(f".venv/bin/python -m runner.params {TINY}")
     out = run(".venv/bin/dvc repro").stdout
     for stage in ("corpus", "tokenizer", "shards", "train", "gptq", "pack", "eval"):
         assert f"Running stage '{stage}'" in out

@@ -18,7 +18,7 @@ from pgolf.model.gpt import GPT
 from pgolf.model.io import save_model
 from pgolf.tokenize.token_bytes import build_byte_luts
 from tasks import evaluate as eval_stage, gptq as gptq_stage, pack as pack_stage
-from tasks.common import execute
+from runner.stage import execute
 from tests.conftest import TINY_MODEL
 
 

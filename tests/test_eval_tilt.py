@@ -19,7 +19,7 @@ from pgolf.model.config import ModelConfig
 from pgolf.model.lora import DocumentAdapters
 from pgolf.tokenize.token_bytes import build_byte_luts, load_tokenizer
 from tasks import evaluate as eval_stage
-from tasks.common import execute
+from runner.stage import execute
 from tests.conftest import TINY_MODEL
 from tests.test_eval import build_packed
 

@@ -13,7 +13,8 @@ from pgolf.model.gpt import GPT, param_groups
 from pgolf.model.lora import DocumentAdapters
 from pgolf.typed_params import from_dict
 from pgolf.quant.baseline_int8 import quantize_baseline_int8
-from tasks import gptq as gptq_stage, params as P
+from tasks import gptq as gptq_stage
+from runner import params as P
 from pgolf.pack.groups import tensor_group
 from pgolf.quant.policy import quantize_state
 

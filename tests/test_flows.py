@@ -190,8 +190,8 @@ def test_exp_show_seconds_only_from_a_record_of_the_rows_own_output():
     its seconds."""
     from flows.experiments import rows_from_json
     from tasks import evaluate
-    from tasks.common import canonical_sha256, config_sha256
-    from tasks.params import render
+    from runner.records import canonical_sha256, config_sha256
+    from runner.params import render
 
     from pgolf.typed_params import from_dict
 

@@ -19,7 +19,7 @@ import torch
 
 from pgolf.model.config import ModelConfig
 from tasks import gptq as gptq_stage, pack as pack_stage, train as train_stage
-from tasks.common import execute
+from runner.stage import execute
 from tests.conftest import TINY_MODEL
 
 GOLDEN = Path(__file__).parent / "golden" / "run.json"

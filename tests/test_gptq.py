@@ -9,7 +9,7 @@ import torch
 from pgolf.quant.quantized_model import load_quantized
 from pgolf.quant.gptq import QuantError, gptq_quantize, output_error, quantize_rtn, sdclip_scales
 from tasks import gptq as gptq_stage
-from tasks.common import execute
+from runner.stage import execute
 
 
 def correlated_layer(rows=48, cols=96, tokens=4096, seed=0):

@@ -6,7 +6,7 @@ import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("pgolf", "tasks", "bench", "flows", "presets", "tests")
+SOURCES = ("pgolf", "runner", "tasks", "bench", "flows", "presets", "tests")
 RECORD = re.compile(r"\b(R1|R0\d{3}|RSW|RNB|RLORA)\b")
 # "PR #1383", "PR1693", and bare "#549-era" / "#1670 /" (a colour like "#666" is followed by a quote).
 PULL = re.compile(r"\bPR ?#?(\d{3,4})\b|(?<![\w&])#(\d{3,4})(?=[-, /)])")

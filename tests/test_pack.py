@@ -16,7 +16,7 @@ from pgolf.pack.serialize import CONTAINER, FORMAT_VERSION, load_artifact, pack,
 HERE = [c for c in COMPRESSORS if available(c)]
 from pgolf.quant.quantized_model import QuantizedModel, load_quantized, save_quantized
 from tasks import pack as pack_stage
-from tasks.common import execute
+from runner.stage import execute
 
 
 def quantized_model() -> QuantizedModel:
@@ -88,7 +88,7 @@ def run_pack(tmp_path, params=None, **cfg):
 
 def test_stage_counts_the_exported_script_and_groups(tmp_path):
     from pgolf.pack.codesize import wrapped_size
-    from tasks import params as P
+    from runner import params as P
 
     params = P.render("smoke")
     run_pack(tmp_path, params)
@@ -98,8 +98,8 @@ def test_stage_counts_the_exported_script_and_groups(tmp_path):
     # The code is the script the export writes for these params, counted the records' way.
     assert size["code_bytes"] == wrapped_size(pack_stage.submission_script(params))
     assert "train_gpt.py" in size["code_counted"]
-    assert "tasks/submission.py" in size["code_files"] and "pgolf/optim/muon.py" in size["code_files"]
-    assert "pgolf/train/plots.py" not in size["code_files"] and "tasks/params.py" not in size["code_files"]
+    assert "runner/submission.py" in size["code_files"] and "pgolf/optim/muon.py" in size["code_files"]
+    assert "pgolf/train/plots.py" not in size["code_files"] and "runner/params.py" not in size["code_files"]
     # The files as they are: a labelled detail, larger, in no total.
     assert 0 < size["code_bytes"] < size["pipeline_code_bytes"] / 2
     assert size["total_bytes"] == size["model_bytes"] + size["code_bytes"]
@@ -114,7 +114,7 @@ def test_stage_counts_the_exported_script_and_groups(tmp_path):
 def test_code_count_follows_every_section_the_script_carries(tmp_path):
     """An eval or train setting is text in the exported script: its count moves with it (which is
     why dvc.yaml lists those sections as pack's params)."""
-    from tasks import params as P
+    from runner import params as P
 
     base = pack_stage.submission_script(P.render("smoke"))
     for override in ("eval.stride=64", "train.seed=7", "gptq.bits=8", "pack.level=9"):
@@ -282,7 +282,8 @@ def test_eval_of_an_artifact_with_a_tensor_the_model_lacks_names_it(data_dirs, t
 def test_a_non_record_cap_is_recorded_in_size_json_and_submission(tmp_path):
     """A cap above the challenge's needs pack.non_record; the size report and submission.json then
     say whether the artifact meets the challenge's 16,000,000 bytes."""
-    from tasks import export, params as P
+    from flows import export
+    from runner import params as P
 
     params = P.render("smoke", ["pack.cap_bytes=20000000", "pack.non_record=true"])
     run_pack(tmp_path, params, cap_bytes=20_000_000, non_record=True)
@@ -308,7 +309,9 @@ def test_exported_readme_submission_and_size_json_count_the_same_bytes(tmp_path)
     same quantized model, writes the same size."""
     import shutil
 
-    from tasks import export, params as P
+    from flows import export
+
+    from runner import params as P
 
     params = P.render("smoke", [])
     run_pack(tmp_path, params)
@@ -345,7 +348,9 @@ def test_export_refuses_a_script_the_run_did_not_count(tmp_path):
     the one pack counted, and a records folder with another count than the run's is refused."""
     import shutil
 
-    from tasks import export, params as P
+    from flows import export
+
+    from runner import params as P
 
     run_pack(tmp_path, P.render("smoke"))
     art = tmp_path / "artifacts"

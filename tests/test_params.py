@@ -11,7 +11,8 @@ import yaml
 
 from pgolf.errors import ConfigError
 from pgolf.typed_params import deep_merge, from_dict, parse_override, to_dict
-from tasks import params as P, stages
+from runner import params as P
+from tasks import stages
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -128,8 +129,8 @@ def test_repo_params_yaml_is_the_rendered_smoke_preset():
 
 
 def _parsed_sections(path) -> dict:
-    """params.yaml as each stage reads it (tasks.common.load_config), every field resolved."""
-    from tasks.common import load_config
+    """params.yaml as each stage reads it (runner.stage.load_config), every field resolved."""
+    from runner.stage import load_config
 
     return {stage: to_dict(load_config(stages.spec_of(stage), path)) for stage in stages.STAGES}
 

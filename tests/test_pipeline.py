@@ -36,7 +36,7 @@ def ran(results) -> list[str]:
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     ws = tmp_path_factory.mktemp("workspace")
-    for item in ("pgolf", "tasks", "flows", "presets", "bin"):
+    for item in ("pgolf", "runner", "tasks", "flows", "presets", "bin"):
         shutil.copytree(ROOT / item, ws / item, ignore=shutil.ignore_patterns("__pycache__"))
     for item in ("dvc.yaml", ".dvcignore"):
         shutil.copy(ROOT / item, ws / item)

@@ -21,7 +21,7 @@ import yaml
 from pgolf.errors import FormatError
 from pgolf.evaluate.bpb import evaluate_bpb
 from pgolf.pack.r1_artifact import load_r1_artifact, read_r1_artifact
-from tasks import params as presets
+from runner import params as presets
 from tasks.evaluate import cut_documents_every, model_from_artifact
 from tests.test_r1_artifact import user_bin  # noqa: F401 (a fake python bin with the lrzip stand-in)
 from tests.userenv import VENV, copy_checkout, shell
@@ -54,7 +54,7 @@ def judges_checkout(tmp_path: Path, docs) -> Path:
     fixture's tokens as the published val shard, adopted."""
     from pgolf.data.shards import write_shard
     from tasks import shards as shards_stage, tokenizer as tok_stage
-    from tasks.common import execute
+    from runner.stage import execute
     from tests.conftest import write_corpus
 
     repo = copy_checkout(tmp_path / "judge")

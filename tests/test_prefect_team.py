@@ -153,7 +153,7 @@ def test_runs_started_at_once_each_report_their_own_parameters(team):
     assert a_start < b_end and b_start < a_end, "the two runs did not overlap"
     # each equals a lone run of its overrides, recomputed (-f) in the checkout itself
     for key, override in (("stride", "eval.stride=64"), ("seq", "eval.seq_len=64")):
-        run(f".venv/bin/python -m tasks.params --preset smoke --set {override}")
+        run(f".venv/bin/python -m runner.params --preset smoke --set {override}")
         run(".venv/bin/dvc repro eval")
         run(".venv/bin/dvc repro -f -s eval")
         lone = json.loads((repo / "artifacts/eval/metrics.json").read_text())

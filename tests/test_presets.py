@@ -11,7 +11,7 @@ from pgolf.errors import ConfigError
 from pgolf.model.config import ModelConfig
 from pgolf.model.gpt import GPT, count_parameters
 from pgolf.typed_params import from_dict
-from tasks import params as P
+from runner import params as P
 
 # docs/lineage.md: R1 #r1 (35,945,671), baseline #baseline-config (17,059,912), PR #2116 #pr2116 (35,991,751),
 # PR #2135 #pr2135 (35,945,673: its log's model_params).

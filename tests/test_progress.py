@@ -5,7 +5,7 @@ import io
 from pgolf.progress import Progress, duration, tracked
 from pgolf.train import loop as training_loop
 from tasks import train as train_stage
-from tasks.common import execute
+from runner.stage import execute
 from tests.test_train import config
 
 

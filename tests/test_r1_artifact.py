@@ -21,7 +21,7 @@ import yaml
 from pgolf.errors import FormatError
 from pgolf.evaluate.bpb import evaluate_bpb
 from pgolf.pack.r1_artifact import load_r1_artifact, read_r1_artifact
-from tasks import params as presets
+from runner import params as presets
 from tasks.evaluate import model_from_artifact
 from tests.userenv import VENV, copy_checkout, fake_python_bin, shell
 
@@ -66,7 +66,7 @@ def judges_checkout(tmp_path: Path, docs) -> Path:
     tokenizer of the model's vocab size."""
     from pgolf.data.shards import write_shard
     from tasks import shards as shards_stage, tokenizer as tok_stage
-    from tasks.common import execute
+    from runner.stage import execute
     from tests.conftest import write_corpus
 
     repo = copy_checkout(tmp_path / "judge")

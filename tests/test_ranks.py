@@ -1,4 +1,4 @@
-"""The rank launcher (tasks.ranks, pgolf.dist.launch): one process in-process, ranks under torchrun
+"""The rank launcher (runner.ranks, pgolf.dist.launch): one process in-process, ranks under torchrun
 with the failing rank's own message first, several nodes on 127.0.0.1 giving the one-node result."""
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import pytest
 
 from pgolf import dist
 from pgolf.errors import ConfigError, FormatError
-from tasks import ranks
+from runner import ranks
 from tasks import train as train_stage
-from tasks.common import execute
+from runner.stage import execute
 from tests.conftest import stage_env, write_params
 from tests.test_train import config
 
@@ -140,8 +140,8 @@ def test_nodes_come_from_the_environment_and_must_be_complete(monkeypatch):
             dist.Nodes.from_environment(2)
     monkeypatch.setenv(dist.NODE_RANK_ENV, "1")
     assert dist.Nodes.from_environment(2) == dist.Nodes(2, 1, "127.0.0.1:29400")
-    with pytest.raises(ConfigError, match="python -m tasks.ranks train"):
-        ranks.run_on_ranks(train_stage.SPEC, config(nproc=1, nnodes=2), {}, Path("unused"), lambda *a: None)
+    with pytest.raises(ConfigError, match="python -m runner.ranks train"):
+        ranks.run_on_ranks(train_stage.SPEC, config(nproc=1, nnodes=2), {}, Path("unused"))
 
 
 def test_ranks_with_another_config_than_rank_0_stop(monkeypatch):

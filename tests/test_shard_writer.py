@@ -10,7 +10,7 @@ from pgolf.errors import ConfigError, FormatError, InputError
 from pgolf.typed_params import from_dict
 from pgolf.tokenize.token_bytes import load_val_byte_sidecar
 from tasks import shards as shards_stage, tokenizer as tok_stage
-from tasks.common import execute
+from runner.stage import execute
 from tests.conftest import make_docs, write_corpus
 
 

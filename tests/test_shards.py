@@ -173,7 +173,7 @@ def test_blank_documents_stay_lone_bos_so_val_is_the_first_n_documents(tmp_path,
     from pgolf.evaluate.lora_ttt import find_documents
     from pgolf.tokenize.token_bytes import build_byte_luts, load_tokenizer, load_val_byte_sidecar
     from tasks import corpus as corpus_stage, shards as shards_stage, tokenizer as tok_stage
-    from tasks.common import execute
+    from runner.stage import execute
     from tests.conftest import make_docs
     from tests.test_corpus import write_jsonl
     from tests.test_eval import UniformModel

@@ -306,9 +306,9 @@ def test_pgolf_significance_prints_both_rules_where_they_disagree(tmp_path):
 
 @pytest.fixture
 def run_artifacts(tmp_path, monkeypatch):
-    """What tasks.export reads from a finished run (seed 42, BETTER's first seed); the bundled
+    """What flows.export reads from a finished run (seed 42, BETTER's first seed); the bundled
     script is not under test here, so it is a stub."""
-    from tasks import export
+    from flows import export
 
     from pgolf.pack.codesize import wrapped_size
 
@@ -327,7 +327,8 @@ def run_artifacts(tmp_path, monkeypatch):
 
 
 def test_export_writes_the_record_test_into_readme_and_submission(tmp_path, run_artifacts):
-    from tasks import export, params as P
+    from flows import export
+    from runner import params as P
 
     params = P.render("smoke", ["train.seed=42"])
     out = tmp_path / "records" / "ours"
@@ -353,7 +354,8 @@ def test_export_writes_the_record_test_into_readme_and_submission(tmp_path, run_
 
 
 def test_export_refuses_a_sweep_that_is_not_of_this_run(tmp_path, run_artifacts):
-    from tasks import export, params as P
+    from flows import export
+    from runner import params as P
 
     write(tmp_path / "other" / "sweep.json", sweep(SLIGHTLY))
     out = tmp_path / "records" / "ours"

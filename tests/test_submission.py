@@ -9,8 +9,10 @@ import sys
 import pytest
 
 from pgolf.typed_params import from_dict
-from tasks import evaluate as eval_stage, export, gptq, pack, params as P, train
-from tasks.common import execute
+from tasks import evaluate as eval_stage, gptq, pack, train
+from flows import export
+from runner import params as P
+from runner.stage import execute
 
 pytestmark = pytest.mark.e2e
 
@@ -87,7 +89,7 @@ def test_each_stage_of_the_script_runs_with_the_pipelines_threads(monkeypatch):
     import torch
 
     from pgolf import dist
-    from tasks import submission
+    from runner import submission
 
     monkeypatch.setattr("os.cpu_count", lambda: 6)
     before = torch.get_num_threads()
@@ -122,7 +124,7 @@ def test_exported_pr2135_script_bundles_its_techniques_and_reproduces_the_pipeli
     """The pr2135 preset (AsymLogit, LoRA TTT without K and one phase, the n-gram tilt) at tiny sizes:
     its records folder's train_gpt.py carries the new modules and, run alone, prints the pipeline's
     numbers."""
-    from tasks.submission import pipeline_threads
+    from runner.submission import pipeline_threads
 
     params = P.render("pr2135", PR2135_TINY)
     art = tmp_path / "artifacts"

@@ -10,7 +10,7 @@ from sentencepiece import sentencepiece_model_pb2 as model_pb2
 from pgolf.errors import ConfigError
 from pgolf.typed_params import from_dict
 from tasks import tokenizer as tok_stage
-from tasks.common import execute
+from runner.stage import execute
 from tests.conftest import make_docs, write_corpus
 
 

@@ -15,8 +15,10 @@ from pgolf.model.io import load_model
 from pgolf.typed_params import from_dict
 from pgolf.errors import ConfigError, TrainingError
 from pgolf.train import loop as training_loop
-from tasks import export, params as P, train as train_stage
-from tasks.common import execute
+from flows import export
+from runner import params as P
+from tasks import train as train_stage
+from runner.stage import execute
 from tests.conftest import TINY_MODEL, stage_env, write_params
 
 
@@ -211,7 +213,7 @@ def test_two_nodes_on_localhost_train_what_one_node_trains(two_rank_run, data_di
     params = write_params(tmp_path / "params.yaml", train=config(nproc=1, nnodes=2))
     endpoint = f"127.0.0.1:{free_port()}"
     common = ["--params", str(params), "--shards", str(data_dirs["shards"])]
-    node1 = subprocess.Popen([sys.executable, "-m", "tasks.ranks", "train", *common], cwd=tmp_path,
+    node1 = subprocess.Popen([sys.executable, "-m", "runner.ranks", "train", *common], cwd=tmp_path,
                              env=stage_env(PGOLF_NODE_RANK="1", PGOLF_RDZV_ENDPOINT=endpoint),
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     node0 = subprocess.run([sys.executable, "-m", "tasks.train", *common, "--out", str(tmp_path / "two")], cwd=tmp_path,
@@ -306,7 +308,7 @@ def test_the_library_trains_from_its_own_config_without_the_stages(data_dirs, tm
             "                  compile=False, log_every=1, learn_check_step=0)\n"
             "cfg.validate()\n"
             f"metrics = Trainer(cfg, Path({str(data_dirs['shards'])!r}), Path({str(tmp_path)!r})).train()\n"
-            "print(json.dumps({'steps': metrics['steps'], 'stages': sorted(m for m in sys.modules if m.split('.')[0] in ('tasks', 'flows'))}))\n")
+            "print(json.dumps({'steps': metrics['steps'], 'stages': sorted(m for m in sys.modules if m.split('.')[0] in ('runner', 'tasks', 'flows'))}))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=stage_env(), timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])

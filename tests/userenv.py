@@ -62,7 +62,7 @@ def copy_checkout(repo: Path) -> Path:
         (repo / rel).parent.mkdir(parents=True, exist_ok=True)
         (repo / rel).write_bytes(src.read_bytes())
         (repo / rel).chmod(src.stat().st_mode)
-    from tasks.params import header_for, render, write_params
+    from runner.params import header_for, render, write_params
 
     write_params(render("smoke"), repo / "params.yaml", header_for("smoke", []))
     (repo / ".venv").symlink_to(VENV)

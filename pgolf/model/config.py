@@ -2,7 +2,7 @@
 
 Every technique of the leading entries is off by default and switched and sized here; which
 layer does what comes from one pure function of this config (pgolf.model.plan). A technique's
-switch carries its lineage, the line an exported README gives it (tasks/export.py).
+switch carries its lineage, the line an exported README gives it (flows/export.py).
 """
 from __future__ import annotations
 

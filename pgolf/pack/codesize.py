@@ -14,7 +14,7 @@ from pathlib import Path
 import brotli
 import python_minifier
 
-LOCAL_PACKAGES = ("pgolf", "tasks")
+LOCAL_PACKAGES = ("pgolf", "runner", "tasks")
 
 
 def _module_file(root: Path, name: str) -> Path | None:

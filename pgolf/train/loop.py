@@ -137,14 +137,14 @@ class Run:
 
 
 class Trainer:
-    """One training process; all ranks run the same steps and stop together."""
+    """One training process; all ranks run the same steps and stop together. Under torchrun it runs
+    inside the process group its caller owns (pgolf.dist.process_group; runner/ranks.py for the stage)."""
 
     def __init__(self, cfg: TrainConfig, shards: Path, out: Path, tokenizer: Path | None = None):
         """`cfg`: the train stage's Config (tasks/train.py); `out`: where rank 0 writes the logs."""
         self.cfg, self.shards, self.out = cfg, shards, out
         self.timings: dict = {}
         self.device = dist.resolve_device(cfg.device)
-        dist.init(self.device)
         self.rank, self.world = dist.rank(), dist.world_size()
         torch.manual_seed(cfg.seed)
         if self.device.type == "cuda":

@@ -32,9 +32,9 @@ from pgolf.model.config import lineage_switches
 from pgolf.pack.codesize import wrapped_size
 from pgolf.typed_params import read_yaml
 from pgolf.json_files import write_json
-from tasks.common import read_run_record
+from runner.records import read_run_record
 from tasks.pack import counted_bytes, submission_script
-from tasks.run_records import EXPORTED_NAME, exported_runs
+from runner.runs import EXPORTED_NAME, exported_runs
 
 ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ("torch", "numpy", "sentencepiece", "protobuf", "safetensors", "pyyaml", "brotli", "zstandard",
@@ -234,7 +234,7 @@ def seed_entries(sweep: significance.Side, run_seed: str, metrics: dict, path: P
 def export(out: Path, params: dict, name: str, author: str, github_id: str, artifacts: Path = ROOT / "artifacts",
            sweep: Path | None = None, against: Path | None = None, via_bpb: bool = False) -> dict:
     check_out_folder(out)  # before anything is read: a folder that is not ours is refused whatever the run
-    # Seconds are in the run records beside the outputs (tasks.common.run_record_path), not in them.
+    # Seconds are in the run records beside the outputs (runner.records.run_record_path), not in them.
     metrics = {**load_json(artifacts / "eval" / "metrics.json"), **run_timings(artifacts / "eval")}
     size = load_json(artifacts / "pack" / "size.json")
     train = {**load_json(artifacts / "train" / "metrics.json"), **run_timings(artifacts / "train")}
@@ -372,7 +372,7 @@ def pinned(names) -> list[str]:
     return out
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m tasks.export") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m flows.export") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from pgolf.errors import FormatError, InputError
-from tasks import common
-from tasks.common import StageSpec, execute, stage_main
+from runner import records
+from runner.stage import StageSpec, execute, stage_main
 
 
 @dataclass
@@ -84,7 +84,7 @@ def test_cli_runs_with_section(in_tmp, capsys):
 
 def timed_run(cfg: ToyConfig, inputs: dict[str, Path], out: Path) -> dict:
     (out / "value.txt").write_text(str(cfg.value))
-    common.record_timings(out, toy_seconds=1.5)
+    records.record_timings(out, toy_seconds=1.5)
     return {"value": cfg.value}
 
 
@@ -95,7 +95,7 @@ def test_timings_go_to_the_record_beside_the_output_not_into_it(tmp_path):
     out = tmp_path / "elsewhere" / "toy"
     assert execute(timed, ToyConfig(value=3), {}, out) == {"value": 3, "toy_seconds": 1.5}
     assert sorted(p.name for p in out.iterdir()) == ["value.txt"]
-    record = common.read_run_record(out)
+    record = records.read_run_record(out)
     assert record == json.loads((tmp_path / "elsewhere/.runs/toy.json").read_text())
     assert record["timings"] == {"toy_seconds": 1.5} and record["started_at"].endswith("Z")
 
@@ -118,7 +118,7 @@ def test_a_killed_runs_temporary_folders_are_removed(tmp_path):
 
 def metric_run(cfg: ToyConfig, inputs: dict[str, Path], out: Path) -> dict:
     (out / "metrics.json").write_text(json.dumps({"score": cfg.value * 10}))
-    common.record_timings(out, toy_seconds=float(cfg.value))
+    records.record_timings(out, toy_seconds=float(cfg.value))
     return {}
 
 
@@ -131,21 +131,21 @@ def test_a_record_names_its_output_and_is_put_back_when_dvc_restores_that_output
     toy = StageSpec(name="toy", config_cls=ToyConfig, run=metric_run, out="artifacts/toy")
     out = tmp_path / "artifacts/toy"
     execute(toy, ToyConfig(value=1), {}, out)
-    first = common.read_run_record(out)
-    assert first["of"]["params_sha256"] == common.config_sha256(ToyConfig(value=1))
+    first = records.read_run_record(out)
+    assert first["of"]["params_sha256"] == records.config_sha256(ToyConfig(value=1))
     assert set(first["of"]["outputs"]) == {"metrics.json"}
     shutil.copytree(out, tmp_path / "kept")  # what the cache holds of run 1
     execute(toy, ToyConfig(value=2), {}, out)
-    assert common.refresh_run_record(toy.name, ToyConfig(value=2), out) == "current"
-    assert common.read_run_record(out)["timings"] == {"toy_seconds": 2.0}
+    assert records.refresh_run_record(toy.name, ToyConfig(value=2), out) == "current"
+    assert records.read_run_record(out)["timings"] == {"toy_seconds": 2.0}
     shutil.rmtree(out)
     shutil.copytree(tmp_path / "kept", out)  # `dvc repro` restores run 1's output; the record is run 2's
-    assert common.refresh_run_record(toy.name, ToyConfig(value=1), out) == "restored"
-    restored = common.read_run_record(out)
+    assert records.refresh_run_record(toy.name, ToyConfig(value=1), out) == "restored"
+    restored = records.read_run_record(out)
     assert restored["timings"] == {"toy_seconds": 1.0} and restored["started"] == first["started"]
     assert restored["restored"] is True and restored["restored_at"].endswith("Z")
     # an output no run here made (another machine's, from a shared cache): no seconds at all
     (out / "metrics.json").write_text(json.dumps({"score": 99}))
-    assert common.refresh_run_record(toy.name, ToyConfig(value=1), out) == "unknown"
-    unknown = common.read_run_record(out)
+    assert records.refresh_run_record(toy.name, ToyConfig(value=1), out) == "unknown"
+    unknown = records.read_run_record(out)
     assert unknown["seconds"] is None and unknown["timings"] == {} and "no record" in unknown["note"]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from pgolf.errors import ConfigError, PgolfError
 from pgolf.typed_params import deep_merge, dump_yaml_text, from_dict, parse_override, read_yaml, shown, to_dict
-from tasks.common import check_sections
+from runner.stage import check_sections
 from tasks.stages import STAGES, config_of, defaults
 
 PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
@@ -149,7 +149,7 @@ def render_file(path: str | Path, preset: str | None, overrides: list[str] | tup
     return render(None, overrides, base=read_yaml(path)), header_for(None, overrides, path.read_text(encoding="utf-8"))
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m tasks.params") -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m runner.params") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, help=f"one of: {', '.join(list_presets())}; without it the "
                         "overrides apply to the output file as it is (the dataclass defaults if there is none)")

@@ -1,9 +1,9 @@
 """A run as its records tell it: score, data, the challenge's two clocks, and the environment; and
 what differs between two runs (`pgolf diff`).
 
-A run is a workspace (its artifacts/ and the run records beside them, tasks.common.run_record_path)
+A run is a workspace (its artifacts/ and the run records beside them, runner.records.run_record_path)
 or a records folder pgolf exported (its run_records.json holds the same). Only records that belong
-to the outputs at hand count (tasks.common.record_matches): a stage DVC restored from its cache
+to the outputs at hand count (runner.records.record_matches): a stage DVC restored from its cache
 leaves another run's record beside its output.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pgolf import compliance
 from pgolf.errors import FormatError, InputError
-from tasks.common import read_run_record, record_matches
+from runner.records import read_run_record, record_matches
 from tasks.stages import STAGES, out_of
 
 EXPORTED_NAME = "run_records.json"

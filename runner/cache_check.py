@@ -223,7 +223,7 @@ def repro_checked(workspace: Path, stage: str | None, force: bool, echo: bool,
     """`repro(workspace, stage, force, echo)` (dvc repro), then each stage that did not run has its
     outputs checked; corrupt ones are purged from the cache and recomputed, and the pipeline
     reproduced again, until everything matches dvc.lock."""
-    from tasks.common import read_run_record
+    from runner.records import read_run_record
     from tasks.stages import STAGES, out_of
 
     workspace = Path(workspace)
@@ -266,7 +266,7 @@ def log(message: str) -> None:
 
 
 if __name__ == "__main__":
-    # bin/stage: `python -m tasks.cache_check STAGE` before the stage itself runs under DVC.
+    # bin/stage: `python -m runner.cache_check STAGE` before the stage itself runs under DVC.
     try:
         check_stage_inputs(sys.argv[1])
     except PgolfError as err:

@@ -22,7 +22,7 @@ from pgolf import dist
 from pgolf.typed_params import from_dict
 from tasks import evaluate as eval_stage, gptq, pack, train
 from pgolf.json_files import write_json
-from tasks.common import execute
+from runner.stage import execute
 
 
 @contextmanager
@@ -52,15 +52,20 @@ def main(params: dict, script: str, argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", required=True, help="a tokenizer stage output (tokenizer.model + .json)")
     parser.add_argument("--out", default="run", help="where train/, gptq/, pack/, eval/ go")
     args = parser.parse_args(argv)
-    out = Path(args.out)
     train_cfg = from_dict(train.Config, params["train"], "train")
+    # One process group for the three stages, owned here as runner.ranks owns a stage's.
+    with dist.process_group(dist.resolve_device(train_cfg.device)):
+        return train_to_score(params, script, args, train_cfg)
+
+
+def train_to_score(params: dict, script: str, args: argparse.Namespace, train_cfg) -> int:
+    out = Path(args.out)
     train_dir = out / "train"
     train_dir.mkdir(parents=True, exist_ok=True)
     resolved = {"model": params["train"]["model"], "train": params["train"], "code_version": "exported"}
     write_json(train_dir / "config.json", resolved)
     with pipeline_threads(train_cfg.nproc):
-        train.train_in_process(train_cfg, Path(args.shards), train_dir, resolved, keep_group=True,
-                               tokenizer=Path(args.tokenizer))
+        train.train_in_process(train_cfg, Path(args.shards), train_dir, resolved, tokenizer=Path(args.tokenizer))
     # Already under torchrun: gptq and eval run in this process group, on every rank when their
     # nproc asks for more than one process (calibration and scoring spread), else on rank 0 alone,
     # as the pipeline's stages would. Only rank 0 writes.
@@ -68,22 +73,22 @@ def main(params: dict, script: str, argv: list[str] | None = None) -> int:
     gptq_inputs = {"train": train_dir, "shards": Path(args.shards)}
     if dist.is_main():
         with spread_or_solo(gptq_cfg.nproc):
-            execute(replace(gptq.SPEC, run=gptq.calibrate_and_quantize), gptq_cfg, gptq_inputs, out / "gptq")
+            execute(replace(gptq.SPEC, run=gptq.SPEC.per_rank), gptq_cfg, gptq_inputs, out / "gptq")
         pack_cfg = from_dict(pack.Config, {**params["pack"], "code_file": str(Path(script).resolve())}, "pack")
         execute(pack.SPEC, pack_cfg, {"gptq": out / "gptq"}, out / "pack")
     elif gptq_cfg.nproc > 1:
         with pipeline_threads(gptq_cfg.nproc):
-            gptq.calibrate_and_quantize(gptq_cfg, gptq_inputs, out / "gptq")
+            gptq.SPEC.per_rank(gptq_cfg, gptq_inputs, out / "gptq")
     dist.barrier()
     eval_cfg = from_dict(eval_stage.Config, params["eval"], "eval")
     eval_inputs = {"pack": out / "pack", "shards": Path(args.shards), "tokenizer": Path(args.tokenizer)}
     if not dist.is_main():
         if eval_cfg.nproc > 1:
             with pipeline_threads(eval_cfg.nproc):
-                eval_stage.evaluate(eval_cfg, eval_inputs, out / "eval")
+                eval_stage.SPEC.per_rank(eval_cfg, eval_inputs, out / "eval")
         return 0
     with spread_or_solo(eval_cfg.nproc):
-        metrics = execute(replace(eval_stage.SPEC, run=eval_stage.evaluate), eval_cfg, eval_inputs, out / "eval")
+        metrics = execute(replace(eval_stage.SPEC, run=eval_stage.SPEC.per_rank), eval_cfg, eval_inputs, out / "eval")
     size = json.loads((out / "pack" / "size.json").read_text())
     final = {"val_loss": metrics["val_loss"], "val_bpb": metrics["val_bpb"], "artifact_bytes": size["total_bytes"],
              "code_bytes": size["code_bytes"], "model_bytes": size["model_bytes"]}
@@ -92,4 +97,4 @@ def main(params: dict, script: str, argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit("run this through an exported train_gpt.py (python -m tasks.export)")
+    sys.exit("run this through an exported train_gpt.py (python -m flows.export)")
