@@ -10,10 +10,11 @@ writes it (openai/parameter-golf; <folder> = records/track_10min_16mb/2026-05-01
 train_gpt.py, online_ngram_tilt.py, online_ngram_state.c, train_seed42.log and
 tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model. Its scripts run as written:
 its Hyperparameters take every value its seed-42 log dumps (then this bench's sizes), its tilt
-helper compiles its C file with gcc as it does on its first use, and FlashAttention is
-record_parity's CPU stand-in. Its run's environment (SMEAR_GATE_BOS_FIX=0, TTT_LORA_EMA_DECAY=0,
-TTT_UPDATE_EVERY=1) is set as its README's command sets it. pgolf's side is the pr2135 preset with
-the sizes shrunk: 6 layers x 384, vocab 512, train_seq_len 128, eval_seq_len 160 (2560/2048 of it).
+helper compiles its C file with gcc as it does on its first use, and FlashAttention is the parity
+benches' CPU stand-in (bench/parity_common.py). Its run's environment (SMEAR_GATE_BOS_FIX=0,
+TTT_LORA_EMA_DECAY=0, TTT_UPDATE_EVERY=1) is set as its README's command sets it. pgolf's side is the
+pr2135 preset with the sizes shrunk: 6 layers x 384, vocab 512, train_seq_len 128, eval_seq_len 160
+(2560/2048 of it).
 
 Rows:
   settings   every preset value against the log's hyperparameters, else the script's default or the
@@ -62,6 +63,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import record_parity as rp  # noqa: E402
+from parity_common import (  # noqa: E402
+    dig, eval_stream, logged_hyperparameters, pgolf_eval_of_r1, random_pgolf, sparse_pgolf, tiny_overrides)
 from pgolf.evaluate.config import TTTSettings, TiltSettings  # noqa: E402
 from pgolf.evaluate.lora_ttt import evaluate_ttt, find_documents  # noqa: E402
 from pgolf.evaluate.ngram_tilt import TiltScorer, score_tilted, token_hints  # noqa: E402
@@ -85,15 +88,6 @@ UNSET = {"artifact_dir", "data_dir", "datasets_dir", "logfile", "model_path", "q
 
 
 # --- the PR's script ----------------------------------------------------------------------------------
-
-def logged_hyperparameters(log: Path) -> dict[str, str]:
-    found = {}
-    for line in log.read_text(errors="replace").splitlines():
-        m = re.fullmatch(r"  ([a-z_0-9]+): (.*)", line)
-        if m and m.group(1) not in found:
-            found[m.group(1)] = m.group(2).strip()
-    return found
-
 
 def logged_value(text: str, current):
     if isinstance(current, bool):
@@ -161,7 +155,7 @@ def pgolf_configs():
 def pair_of_models(pr, h, cfg: ModelConfig, caps=(7.0, 11.0), seed: int = 0):
     """pgolf's model with every weight moved off its init and the AsymLogit caps set apart, and the PR's
     GPT holding the same weights."""
-    ours = rp.random_pgolf(cfg, seed)
+    ours = random_pgolf(cfg, seed)
     with torch.no_grad():
         ours.softcap.pos.fill_(caps[0])
         ours.softcap.neg.fill_(caps[1])
@@ -237,12 +231,6 @@ FIXED = [
     # its word and within-word channels, gated off: a frequency (at most 1) never reaches 99
     ("within_tau", "99.0"), ("word_tau", "99.0"), ("agree_add_boost", "0.0"),
 ]
-
-
-def dig(tree: dict, dotted: str):
-    for key in dotted.split("."):
-        tree = tree[key]
-    return tree
 
 
 def same(text: str, ours) -> bool:
@@ -652,33 +640,19 @@ def pr_eval(pr, h, path: Path, form: str, tokens: torch.Tensor, byte_counts: tor
         return pr.eval_val(h, torch.device("cpu"), val, model)
 
 
-def pgolf_eval_of(path: Path, cfg: ModelConfig, tokens: torch.Tensor, byte_counts: torch.Tensor, batch_seqs: int):
-    from pgolf.evaluate.bpb import evaluate_bpb
-    from pgolf.model.io import load_state_dict_into
-    from pgolf.pack.r1_artifact import load_r1_artifact
-    qm, form = load_r1_artifact(path, dataclasses.asdict(cfg))
-    model = GPT(cfg)
-    load_state_dict_into(model, qm.dequantize(), path)
-    eval_stage.cut_documents_every(model, EVAL_LEN)
-    result = evaluate_bpb(model, tokens.numpy(), byte_counts.numpy(), EVAL_LEN, 0, batch_seqs, torch.device("cpu"),
-                          join_windows=True)
-    return result.val_loss, result.val_bpb, form, qm
-
-
 def row_artifact(pr, h, cfg: ModelConfig, hessians: dict, stream: torch.Tensor, folder: Path) -> dict:
     _, theirs = pair_of_models(pr, h, cfg)
     theirs.eval()
     batch_seqs = 4
     h.val_batch_tokens = batch_seqs * EVAL_LEN  # its eval_val: one row of 4 windows, as pgolf's join_windows
-    tokens = stream[:4 * batch_seqs * EVAL_LEN + 1].clone()
-    byte_counts = torch.from_numpy(np.random.default_rng(3).integers(1, 7, tokens.numel()).astype(np.int32))
+    tokens, byte_counts = eval_stream(stream, windows=4 * batch_seqs, seq_len=EVAL_LEN)
     out = {"targets": int(tokens.numel() - 1)}
     with rp.lrzip_on_path(folder) as coder:
         for form in ("pergroup", "brotli"):
             path = folder / f"final_model.{form}.int6.ptz"
             write_pr_artifact(pr, h, theirs, hessians, form, path)
             loss_pr, bpb_pr = pr_eval(pr, h, path, form, tokens, byte_counts, fp32=True)
-            loss, bpb, seen, qm = pgolf_eval_of(path, cfg, tokens, byte_counts, batch_seqs)
+            loss, bpb, seen, qm = pgolf_eval_of_r1(path, cfg, tokens, byte_counts, batch_seqs, EVAL_LEN)
             caps = qm.dequantize()
             out[form] = {"bytes": path.stat().st_size, "read_as": seen, "val_bpb_pr": bpb_pr, "val_bpb_pgolf": bpb,
                          "bpb_abs": abs(bpb - bpb_pr), "loss_abs": abs(loss - loss_pr),
@@ -687,28 +661,19 @@ def row_artifact(pr, h, cfg: ModelConfig, hessians: dict, stream: torch.Tensor, 
     return out
 
 
-TINY = dict(vocab_size=320, num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=17.0, num_loops=0,
-            loop_start=0, loop_end=0, parallel_start_layer=-1, xsa_last_n=1)
-
-
 def write_fixture(pr, ref: Path, folder: Path) -> dict:
     """tests/golden/pr2135_tiny/: a tiny pr2135 model's artifact as PR #2135's own code writes it (its
     pergroup frame through the lrzip stand-in, and brotli), eval tokens and bytes, and its eval_val
     of it, for the CPU test of `pgolf import-r1` that runs where its script is not."""
     folder.mkdir(parents=True, exist_ok=True)
-    overrides = ([f"train.model.{k}={v}" for k, v in TINY.items()]
-                 + [f"train.model.doc_attention_max_len={SEQ_LEN}", f"tokenizer.vocab_size={TINY['vocab_size']}"])
+    overrides = tiny_overrides(SEQ_LEN)
     cfg = from_dict(ModelConfig, presets.render("pr2135", overrides)["train"]["model"], "tiny")
     with tempfile.TemporaryDirectory() as tmp:
         shards = Path(tmp)
         rp.write_shards(shards, cfg.vocab_size, seed=5)
         h = pr_hyperparameters(pr, ref, cfg, shards)
-        ours = rp.random_pgolf(cfg, seed=5)
-        with torch.no_grad():  # sparse matrices: a few kB that still shape every logit
-            generator = torch.Generator().manual_seed(5)
-            for p in ours.parameters():
-                if p.ndim == 2 and p.numel() >= 2048:
-                    p.mul_((torch.rand(p.shape, generator=generator) < 0.05).float() * 3)
+        ours = sparse_pgolf(cfg, seed=5)
+        with torch.no_grad():
             ours.tok_emb.weight.mul_(10)  # the tied head's logits reach past both caps
             ours.softcap.pos.fill_(6.5)  # apart, so a reader that drops or swaps the pair scores otherwise
             ours.softcap.neg.fill_(9.0)
@@ -721,8 +686,7 @@ def write_fixture(pr, ref: Path, folder: Path) -> dict:
         stream = torch.from_numpy(np.fromfile(shards / "fineweb_train_000001.bin", dtype="<u2", offset=1024).astype(np.int64))
         batch_seqs = 2
         h.val_batch_tokens = batch_seqs * EVAL_LEN
-        tokens = stream[:2 * batch_seqs * EVAL_LEN + 1].clone()
-        byte_counts = torch.from_numpy(np.random.default_rng(3).integers(1, 7, tokens.numel()).astype(np.int32))
+        tokens, byte_counts = eval_stream(stream, windows=2 * batch_seqs, seq_len=EVAL_LEN)
         expected = {"overrides": overrides, "seq_len": EVAL_LEN, "batch_seqs": batch_seqs, "forms": {}}
         with rp.lrzip_on_path(shards) as coder:
             for form in ("brotli", "pergroup"):

@@ -4,11 +4,11 @@ the counterpart of bench/reference_parity.py for the #1 record.
     python bench/record_parity.py                       # R1's script in bench/reference/r1/ (git-ignored)
     python bench/record_parity.py --reference PATH/train_gpt.py --json out.json
 
-R1's script imports flash_attn_interface (FlashAttention 3, CUDA only): this bench puts its own
-CPU stand-in in sys.modules first (plain causal SDPA per row; varlen: one causal SDPA per
-cu_seqlens segment), and otherwise calls R1's functions as they are: its GPT, loader,
-collect_hessians, gptq_mixed_quantize and Muon (@torch.compile unwrapped to its eager function,
-CUDA streams in its Optimizers made no-ops). Nothing of R1's math is edited. pgolf's side is the
+R1's script imports flash_attn_interface (FlashAttention 3, CUDA only): this bench puts the parity
+benches' CPU stand-in (bench/parity_common.py) in sys.modules first (plain causal SDPA per row;
+varlen: one causal SDPA per cu_seqlens segment), and otherwise calls R1's functions as they are: its
+GPT, loader, collect_hessians, gptq_mixed_quantize and Muon (@torch.compile unwrapped to its eager
+function, CUDA streams in its Optimizers made no-ops). Nothing of R1's math is edited. pgolf's side is the
 record preset (presets/record.yaml) with only the sizes shrunk, so a preset value that is not
 R1's shows up here.
 
@@ -53,10 +53,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 from pgolf.data.loader import DocumentPackingLoader  # noqa: E402
 from pgolf.train.optimizers import build_optimizers  # noqa: E402
@@ -71,6 +71,8 @@ from pgolf.quant.hessian import collect_hessians  # noqa: E402
 from tasks import gptq as gptq_stage  # noqa: E402
 from runner import params as presets  # noqa: E402
 from tasks import train as train_stage  # noqa: E402
+from parity_common import (  # noqa: E402
+    eval_stream, install_flash_attention, pgolf_eval_of_r1, random_pgolf, sparse_pgolf, tiny_overrides)
 
 SIZES = dict(vocab_size=512, num_layers=6, model_dim=384, num_heads=6, num_kv_heads=3, loop_start=2, loop_end=3,
              parallel_start_layer=4, xsa_last_n=6)
@@ -85,29 +87,8 @@ RENAMED = {"smear.gate": "smear_gate.weight", "smear.lam": "smear_lambda", "soft
 
 # --- R1's script with a CPU FlashAttention -------------------------------------------------------
 
-def _causal(q, k, v):
-    """q [B, T, H, D], k/v [B, T, Hkv, D] (FA3's layout) -> [B, T, H, D]."""
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       enable_gqa=k.size(2) != q.size(2))
-    return y.transpose(1, 2)
-
-
-def flash_attn_func(q, k, v, causal=True, **_):
-    assert causal
-    return _causal(q, k, v)
-
-
-def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=True, **_):
-    assert causal and torch.equal(cu_seqlens_q, cu_seqlens_k)
-    bounds = sorted(set(cu_seqlens_q.tolist()))  # R1 pads the list by repeating the total length
-    parts = [_causal(q[None, a:b], k[None, a:b], v[None, a:b])[0] for a, b in zip(bounds, bounds[1:])]
-    return torch.cat(parts)
-
-
 def load_r1(script: Path):
-    standin = types.ModuleType("flash_attn_interface")
-    standin.flash_attn_func, standin.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
-    sys.modules["flash_attn_interface"] = standin
+    install_flash_attention("flash_attn_interface")
     spec = importlib.util.spec_from_file_location("r1_train_gpt", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # main() runs only as __main__
@@ -173,16 +154,6 @@ def record_configs() -> tuple[ModelConfig, train_stage.Config, gptq_stage.Config
                                            "nproc": 1, "device": "cpu", "compile": False}, "record")
     model = train.model
     return model, train, from_dict(gptq_stage.Config, rendered["gptq"], "record")
-
-
-def random_pgolf(cfg: ModelConfig, seed: int = 0) -> GPT:
-    """Every parameter moved off its init (zero-init gates, lambdas and projections act)."""
-    torch.manual_seed(seed)
-    model = GPT(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.add_(torch.randn_like(p) * (0.02 if p.ndim == 2 and p.numel() > 4096 else 0.1))
-    return model
 
 
 def to_r1_state(model: GPT, r1_model) -> dict[str, torch.Tensor]:
@@ -645,32 +616,10 @@ def r1_eval(ref, h, path: Path, form: str, tokens: torch.Tensor, byte_counts: to
         return ref.eval_val(h, torch.device("cpu"), val, model)
 
 
-def pgolf_eval_of_r1(path: Path, cfg: ModelConfig, tokens: torch.Tensor, byte_counts: torch.Tensor, batch_seqs: int):
-    """pgolf's side with nothing of R1: its reader, its model, its flat eval with joined windows."""
-    from pgolf.evaluate.bpb import evaluate_bpb
-    from pgolf.model.io import load_state_dict_into
-    from pgolf.pack.r1_artifact import load_r1_artifact
-    qm, form = load_r1_artifact(path, dataclasses.asdict(cfg))
-    model = GPT(cfg)
-    load_state_dict_into(model, qm.dequantize(), path)
-    result = evaluate_bpb(model, tokens.numpy(), byte_counts.numpy(), SEQ_LEN, 0, batch_seqs, torch.device("cpu"),
-                          join_windows=True)
-    return result.val_loss, result.val_bpb, form
-
-
-def eval_stream(stream: torch.Tensor, windows: int, seed: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-    """`windows` flat windows of targets (+1 token) from a token stream with documents, and a byte
-    count per position (R1's sidecar shape: the bytes of the token at that position)."""
-    tokens = stream[: windows * SEQ_LEN + 1].clone()
-    rng = np.random.default_rng(seed)
-    byte_counts = torch.from_numpy(rng.integers(1, 7, tokens.numel()).astype(np.int32))
-    return tokens, byte_counts
-
-
 def compare_artifact(ref, h, theirs, cfg: ModelConfig, hessians: dict, stream: torch.Tensor, folder: Path) -> dict:
     batch_seqs = 4
     h.val_batch_tokens = batch_seqs * SEQ_LEN * h.world_size * h.grad_accum_steps  # R1: one row of 4 windows
-    tokens, byte_counts = eval_stream(stream, windows=4 * batch_seqs)
+    tokens, byte_counts = eval_stream(stream, windows=4 * batch_seqs, seq_len=SEQ_LEN)
     out = {}
     with lrzip_on_path(folder) as coder:
         for form in ("pergroup", "brotli"):
@@ -678,7 +627,7 @@ def compare_artifact(ref, h, theirs, cfg: ModelConfig, hessians: dict, stream: t
             write_r1_artifact(ref, h, theirs, hessians, form, path)
             r1_loss, r1_bpb = r1_eval(ref, h, path, form, tokens, byte_counts, fp32=True)
             r1_bf16_loss, r1_bf16_bpb = r1_eval(ref, h, path, form, tokens, byte_counts, fp32=False)
-            loss, bpb, seen = pgolf_eval_of_r1(path, cfg, tokens, byte_counts, batch_seqs)
+            loss, bpb, seen, _ = pgolf_eval_of_r1(path, cfg, tokens, byte_counts, batch_seqs, SEQ_LEN)
             out[form] = {"bytes": path.stat().st_size, "read_as": seen, "r1_val_bpb": r1_bpb, "pgolf_val_bpb": bpb,
                          "bpb_abs": abs(bpb - r1_bpb), "loss_abs": abs(loss - r1_loss),
                          "r1_bf16_bpb_abs": abs(r1_bf16_bpb - r1_bpb)}
@@ -808,17 +757,12 @@ def compare_ttt(ref, h, cfg: ModelConfig, stream: torch.Tensor, folder: Path) ->
     return out
 
 
-TINY = dict(vocab_size=320, num_layers=1, model_dim=64, num_heads=4, num_kv_heads=2, mlp_mult=17.0, num_loops=0, loop_start=0,
-            loop_end=0, parallel_start_layer=-1, xsa_last_n=1)  # 1,088 x 64 MLP matrices: past the passthrough limit
-
-
 def write_fixture(ref, folder: Path) -> dict:
     """tests/golden/r1_tiny/: a tiny R1 model's artifact as R1's code writes it (brotli, and
     pergroup through the lrzip stand-in), eval tokens and bytes, and R1's eval_val of it, for the
     CPU test of `pgolf import-r1` that runs where R1's script is not."""
     folder.mkdir(parents=True, exist_ok=True)
-    overrides = ([f"train.model.{k}={v}" for k, v in TINY.items()]
-                 + [f"train.model.doc_attention_max_len={SEQ_LEN}", f"tokenizer.vocab_size={TINY['vocab_size']}"])
+    overrides = tiny_overrides(SEQ_LEN)
     rendered = presets.render("record", overrides)
     cfg = from_dict(ModelConfig, rendered["train"]["model"], "tiny")
     _, tcfg, qcfg = record_configs()
@@ -826,12 +770,7 @@ def write_fixture(ref, folder: Path) -> dict:
         shards = Path(tmp)
         write_shards(shards, cfg.vocab_size, seed=5)
         h = r1_hyperparameters(ref, cfg, tcfg, qcfg, shards)
-        ours = random_pgolf(cfg, seed=5)
-        with torch.no_grad():  # sparse matrices: a fixture of a few kB that still shapes every logit
-            generator = torch.Generator().manual_seed(5)
-            for p in ours.parameters():
-                if p.ndim == 2 and p.numel() >= 2048:
-                    p.mul_((torch.rand(p.shape, generator=generator) < 0.05).float() * 3)
+        ours = sparse_pgolf(cfg, seed=5)
         theirs = ref.GPT(h)
         theirs.load_state_dict(to_r1_state(ours, theirs))
         theirs.eval()
@@ -839,7 +778,7 @@ def write_fixture(ref, folder: Path) -> dict:
         stream = torch.from_numpy(np.fromfile(shards / "fineweb_train_000001.bin", dtype="<u2", offset=1024).astype(np.int64))
         batch_seqs = 2
         h.val_batch_tokens = batch_seqs * SEQ_LEN * h.world_size * h.grad_accum_steps
-        tokens, byte_counts = eval_stream(stream, windows=2 * batch_seqs)
+        tokens, byte_counts = eval_stream(stream, windows=2 * batch_seqs, seq_len=SEQ_LEN)
         expected = {"overrides": overrides, "seq_len": SEQ_LEN,
                     "batch_seqs": batch_seqs, "forms": {}}
         with lrzip_on_path(shards) as coder:

@@ -9,8 +9,8 @@ bench/reference/pr<N>/ holds each PR's record folder as `git show refs/pull/<N>/
 writes it (openai/parameter-golf; the scripts are plain Python, none is an encoded wrapper):
 train_gpt.py, README.md and one training log (pr2116: train_log.txt). The scripts import
 FlashAttention (flash_attn_interface, or flash_attn in PR #1383) and PR #2116 also triton: this bench
-puts CPU stand-ins in sys.modules first (record_parity's causal SDPA; a triton whose @jit leaves the
-kernel uncalled) and calls the PRs' functions and modules as written.
+puts CPU stand-ins in sys.modules first (bench/parity_common.py's causal SDPA; a triton whose @jit
+leaves the kernel uncalled) and calls the PRs' functions and modules as written.
 
 Rows:
   settings    every preset value a PR's run fixes, read from its training log's hyperparameter dump,
@@ -44,6 +44,7 @@ from pgolf.model.film import FiLM  # noqa: E402
 from pgolf.model.gates import AttnOutputGate  # noqa: E402
 from pgolf.model.inhibitor import InhibitorGate  # noqa: E402
 from runner import params as presets  # noqa: E402
+from parity_common import dig, install_flash_attention, logged_hyperparameters  # noqa: E402
 
 ROWS = ("settings", "gates", "inhibitor", "film", "film_ttt", "casefold")
 SCRIPTS = {"1693": "pr1693", "1790": "pr1790", "1383": "pr1383", "2116": "pr2116"}
@@ -68,13 +69,9 @@ def _identity_decorator(*args, **kwargs):
 
 
 def load_script(path: Path, name: str):
-    from record_parity import flash_attn_func, flash_attn_varlen_func
-    for mod in ("flash_attn_interface", "flash_attn"):
-        standin = types.ModuleType(mod)
-        standin.flash_attn_func, standin.flash_attn_varlen_func = flash_attn_func, flash_attn_varlen_func
-        sys.modules[mod] = standin
+    install_flash_attention("flash_attn_interface", "flash_attn")
     try:
-        import triton  # noqa: F401
+        importlib.import_module("triton")
     except ImportError:
         for mod in ("triton", "triton.language", "triton.tools", "triton.tools.tensor_descriptor"):
             sys.modules[mod] = _Anything(mod)
@@ -94,23 +91,7 @@ def preset(name: str) -> dict:
     return presets.load_preset(name)
 
 
-def dig(tree: dict, dotted: str):
-    for key in dotted.split("."):
-        tree = tree[key]
-    return tree
-
-
 # --- settings --------------------------------------------------------------------------------------
-
-def logged_hyperparameters(log: Path) -> dict[str, str]:
-    """The '  name: value' dump each run's log starts with (the values the scored run used)."""
-    found = {}
-    for line in log.read_text(errors="replace").splitlines():
-        m = re.fullmatch(r"  ([a-z_0-9]+): (.*)", line)
-        if m and m.group(1) not in found:
-            found[m.group(1)] = m.group(2).strip()
-    return found
-
 
 def script_default(script: Path, env: str) -> str:
     m = re.search(rf'os\.environ\.get\("{env}",\s*"?([^")]+)"?\)', script.read_text())
@@ -349,7 +330,7 @@ def row_film_ttt(ref: Path) -> list[tuple[str, str]]:
     banks_trainable = "Bank params are shared across all layers - we allow them for TTT" in script
     enabled = script_default(ref / "pr1383" / "train_gpt.py", "TTT_ENABLED")
     trainable = preset("pr1383")["eval"]["sgd"]["trainable"]
-    pr = (f"all but blocks.0-1 (TTT_FREEZE_BLOCKS=2)" if freezes_first else "?") + \
+    pr = ("all but blocks.0-1 (TTT_FREEZE_BLOCKS=2)" if freezes_first else "?") + \
          (" and the shared blocks' own params" if freezes_shared else "") + \
          ("; banks, embeddings, FiLM and other top-level params train" if banks_trainable else "")
     return [("film_ttt trainable set (read from its script)",

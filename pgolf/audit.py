@@ -84,27 +84,22 @@ def read_folder(path: str | Path) -> Folder:
 # ---------------------------------------------------------------- per-seed evidence
 
 @dataclass
-class Evidence:
-    """One seed's run as the folder's logs (or pgolf's run records) state it."""
-    seed: str | None
-    source: str
-    val_loss: float | None = None
-    val_bpb: float | None = None
-    scores: list[tuple[str, float, float]] = field(default_factory=list)
-    train_s: float | None = None
-    calibration_s: float | None = None
-    eval_s: float | None = None
+class Evidence(LogRun):
+    """One seed's run as the folder's logs (or pgolf's run records) state it, and what the checks weigh
+    beyond a log's own lines: eval time by phase, the export it used, pgolf's certificate and bpb bytes."""
     eval_outside: dict = field(default_factory=dict)  # phase -> seconds the run's timer left out
     eval_inside: dict = field(default_factory=dict)
-    total_bytes: int | None = None
-    model_bytes: int | None = None
-    code_bytes: int | None = None
-    val_tokens: int | None = None
-    eval_seq_len: int | None = None
-    train_shards: int | None = None
-    export: canonical.Export | None = None
+    export_used: canonical.Export | None = None  # a log's data paths' or shipped tokenizer's; pgolf's variant's
     certificate: dict | None = None  # pgolf's shards certificate
     scored_bytes: int | None = None  # pgolf's metrics: the bpb denominator itself
+
+    @property
+    def val_loss(self) -> float | None:
+        return self.final[1] if self.final else None
+
+    @property
+    def val_bpb(self) -> float | None:
+        return self.final[2] if self.final else None
 
     @property
     def denominator(self) -> int | None:
@@ -126,10 +121,7 @@ def evidence_of(folder: Folder) -> list[Evidence]:
         if key in seen:
             continue  # one run logged twice (per seed and in a combined log)
         seen.add(key)
-        ev = Evidence(run.seed, run.source, final[1] if final else None, final[2] if final else None, run.scores,
-                      run.train_s, run.calibration_s, run.eval_s, total_bytes=run.total_bytes,
-                      model_bytes=run.model_bytes, code_bytes=run.code_bytes, val_tokens=run.val_tokens,
-                      eval_seq_len=run.eval_seq_len, train_shards=run.train_shards, export=run.export() or shipped)
+        ev = Evidence(**vars(run), export_used=run.export() or shipped)
         for name, value in (("decompress", run.decompress_s), ("compile warm-up", run.warmup_s),
                             ("val precompute", run.precompute_outside_s)):
             if value is not None:
@@ -160,8 +152,7 @@ def _pgolf_evidence(folder: Folder) -> list[Evidence]:
         counted = evaluation.get("counted") or compliance.EVAL_COUNTED
         data = run.get("data") or {}
         stats = run.get("shards_stats") or {}
-        ev = Evidence(str(seed), PGOLF_RUNS, val_loss=score.get("val_loss"), val_bpb=score.get("val_bpb"),
-                      scores=[("pgolf eval", score.get("val_loss"), score.get("val_bpb"))],
+        ev = Evidence(source=PGOLF_RUNS, seed=str(seed), scores=[("pgolf eval", score.get("val_loss"), score.get("val_bpb"))],
                       train_s=parts.get("train_loop"), calibration_s=parts.get("gptq_calibration"),
                       eval_s=evaluation.get("seconds") if evaluation else None,
                       eval_outside={k: v for k, v in phases.items() if k not in counted},
@@ -169,7 +160,7 @@ def _pgolf_evidence(folder: Folder) -> list[Evidence]:
                       total_bytes=score.get("total_bytes"), model_bytes=score.get("model_bytes"),
                       code_bytes=score.get("code_bytes"), val_tokens=score.get("tokens"),
                       eval_seq_len=score.get("seq_len"), train_shards=stats.get("files_train"),
-                      export=canonical.export_for(run.get("variant") or "", run.get("vocab_size") or 0),
+                      export_used=canonical.export_for(run.get("variant") or "", run.get("vocab_size") or 0),
                       certificate=data or None, scored_bytes=score.get("bytes"))
         out.append(ev)
     return out
@@ -338,14 +329,14 @@ def _coverage_of(e: Evidence) -> canonical.Finding:
     if e.certificate is not None and not e.certificate.get("canonical"):
         failed = [c["text"] for c in e.certificate.get("canonical_checks", []) if c.get("ok") is False]
         return canonical.Finding(False, "the shards are not the challenge's val: " + "; ".join(failed))
-    tokens = canonical.val_coverage(e.export, e.val_tokens, e.eval_seq_len)
+    tokens = canonical.val_coverage(e.export_used, e.val_tokens, e.eval_seq_len)
     if tokens.ok is not False:
         return tokens
     # Another tokenization of the same documents (a variant of the export's tokenizer) scores another
     # token count; the bytes behind its val_bpb are still the canonical val's.
     bytes_ = canonical.val_bytes(e.denominator, e.eval_seq_len, implied=e.scored_bytes is None)
     if bytes_.ok:
-        return canonical.Finding(True, f"{e.val_tokens:,} tokens scored, not the {e.export.name} export's count (another "
+        return canonical.Finding(True, f"{e.val_tokens:,} tokens scored, not the {e.export_used.name} export's count (another "
                                        f"tokenization), but {bytes_.text}: the whole canonical val")
     return tokens
 
@@ -370,7 +361,7 @@ def _train_data_of(e: Evidence) -> canonical.Finding:
             return canonical.Finding(False, "train and val disjoint (certified), but not the canonical export: "
                                             + "; ".join(failed))
         return canonical.Finding(True, "train and val disjoint and the canonical export (certified by the shards stage)")
-    return canonical.train_shards(e.export, e.train_shards)
+    return canonical.train_shards(e.export_used, e.train_shards)
 
 
 def _per_run(name: str, evidence: list[Evidence], judge) -> Check:
