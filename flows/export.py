@@ -28,9 +28,9 @@ from pathlib import Path
 from pgolf import audit as judge, compliance, significance
 from pgolf.data import certify
 from pgolf.errors import InputError, PgolfError
-from pgolf.model.config import lineage_switches
+from pgolf.model.config import ModelConfig, lineage_switches
 from pgolf.pack.codesize import wrapped_size
-from pgolf.typed_params import read_yaml
+from pgolf.typed_params import read_yaml, to_dict
 from pgolf.json_files import write_json
 from runner.records import read_run_record
 from tasks.pack import counted_bytes, submission_script
@@ -49,8 +49,9 @@ def load_json(path: Path) -> dict:
 
 def techniques(model: dict, evaluation: dict | None = None) -> list[str]:
     out = []
+    defaults = to_dict(ModelConfig())  # a switch params.yaml leaves out (declared LATER) is at its default
     for key, text, off in lineage_switches():
-        if model.get(key) not in off:
+        if model.get(key, defaults[key]) not in off:
             out.append(text)
     evaluation = evaluation or {}
     if evaluation.get("ttt") == "lora" and evaluation.get("lora", {}).get("adapt_k") is False:

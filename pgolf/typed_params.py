@@ -203,9 +203,10 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
-# Field metadata of a setting added after outputs first recorded their configs: at its default it is
-# left out of what a stage writes (from_dict fills it back in), so a run that does not use it keeps
-# its output bytes and hashes.
+# Field metadata of a setting added after outputs first recorded their configs (every new field is
+# declared with it): at its default it is left out of params.yaml (runner.params.render) and of what
+# a stage writes (from_dict fills it back in), so a run that does not use it keeps its params,
+# dvc.lock, output bytes and hashes. tests/test_params.py plants one in every preset.
 LATER = {"later": True}
 
 

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from pgolf.errors import ConfigError, PgolfError
-from pgolf.typed_params import deep_merge, dump_yaml_text, from_dict, parse_override, read_yaml, shown, to_dict
+from pgolf.typed_params import deep_merge, dump_yaml_text, from_dict, parse_override, read_yaml, recorded_dict, shown
 from runner.stage import check_sections
 from tasks.stages import STAGES, config_of, defaults
 
@@ -49,7 +49,9 @@ def load_preset(name: str, presets_dir: Path = PRESETS_DIR, _seen: tuple = ()) -
 def render(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (), presets_dir: Path = PRESETS_DIR,
            base: dict | None = None) -> dict:
     """Return every field of every stage, resolved and validated: defaults <- preset (or `base`, an
-    existing params file's contents) <- overrides."""
+    existing params file's contents) <- overrides. A field declared LATER (pgolf.typed_params) is
+    left out while at its default, as the stages leave it out of their outputs: a switch added since
+    changes no params.yaml, dvc.lock or output of a run that keeps it off."""
     params = defaults()
     if preset:
         params = deep_merge(params, load_preset(preset, presets_dir))
@@ -66,7 +68,7 @@ def render(preset: str | None = None, overrides: list[str] | tuple[str, ...] = (
     resolved = {}
     for name in STAGES:
         cfg = from_dict(config_of(name), params.get(name, {}), f"{where}: {name}")
-        resolved[name] = to_dict(cfg)
+        resolved[name] = recorded_dict(cfg)
     check_across_sections(resolved, where)
     return resolved
 

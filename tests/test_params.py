@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from pgolf.errors import ConfigError
-from pgolf.typed_params import deep_merge, from_dict, parse_override, to_dict
+from pgolf.typed_params import deep_merge, from_dict, parse_override
 from runner import params as P
 from tasks import stages
 
@@ -129,10 +129,12 @@ def test_repo_params_yaml_is_the_rendered_smoke_preset():
 
 
 def _parsed_sections(path) -> dict:
-    """params.yaml as each stage reads it (runner.stage.load_config), every field resolved."""
+    """params.yaml as each stage reads it (runner.stage.load_config), every field resolved (those
+    declared LATER while at their default left out, as rendering leaves them)."""
+    from pgolf.typed_params import recorded_dict
     from runner.stage import load_config
 
-    return {stage: to_dict(load_config(stages.spec_of(stage), path)) for stage in stages.STAGES}
+    return {stage: recorded_dict(load_config(stages.spec_of(stage), path)) for stage in stages.STAGES}
 
 
 def _field_diff(a: dict, b: dict, where: str = "") -> list[str]:
@@ -177,3 +179,49 @@ def test_yaml_1_1_lookalikes_mean_the_same_to_every_writer(tmp_path):
     # What pgolf writes reads back the same under YAML 1.1 too (PyYAML's default loader, other tools).
     P.write_params(by_set, path)
     assert yaml.safe_load(path.read_text()) == by_set == _parsed_sections(path)
+
+
+def with_a_new_switch(metadata: dict):
+    """TrainConfig as it would be with one more technique switch in ModelConfig, off by default."""
+    from dataclasses import make_dataclass
+
+    from pgolf.model.config import ModelConfig
+    from pgolf.train.config import TrainConfig
+
+    # make_dataclass, not a class statement: its annotations are types, not strings to resolve here
+    model = make_dataclass("ModelWithSwitch", [("new_switch", bool, field(default=False, metadata=metadata))],
+                           bases=(ModelConfig,))
+    return make_dataclass("TrainWithSwitch", [("model", model, field(default_factory=model))], bases=(TrainConfig,))
+
+
+@pytest.mark.parametrize("declared", ["later", "plain"])
+def test_a_switch_added_off_changes_no_other_presets_params_or_config(declared, monkeypatch, tmp_path):
+    """Issue 28: a technique's default-off field changes no hash of a run that leaves it off: every
+    preset renders the same params.yaml (so dvc.lock's params are the same) and the train stage
+    records the same config.json. Declared without LATER, it would change them all (the control)."""
+    from dvc.utils.hydra import apply_overrides
+    from pgolf.typed_params import LATER, recorded_dict
+    from tasks.train import resolved_config
+
+    before = {preset: P.render(preset) for preset in P.list_presets()}
+    configs_before = {preset: resolved_config(from_dict(stages.config_of("train"), before[preset]["train"], preset))
+                      for preset in before}
+    extended = with_a_new_switch(LATER if declared == "later" else {})
+    original = stages.config_of
+    monkeypatch.setattr(stages, "config_of", lambda stage: extended if stage == "train" else original(stage))
+    monkeypatch.setattr(P, "config_of", stages.config_of)
+    for preset, params in before.items():
+        after = P.render(preset)
+        config = resolved_config(from_dict(extended, after["train"], preset))
+        if declared == "later":
+            assert after == params and config == configs_before[preset], preset
+        else:
+            assert after["train"]["model"]["new_switch"] is False and config != configs_before[preset], preset
+    switched = P.render("record", ["train.model.new_switch=true"])
+    assert switched["train"]["model"]["new_switch"] is True
+    assert recorded_dict(from_dict(extended, switched["train"], "record"))["model"]["new_switch"] is True
+    if declared == "later":  # DVC's -S adds a key params.yaml leaves out with `+`
+        path = tmp_path / "params.yaml"
+        P.write_params(before["record"], path)
+        apply_overrides(str(path), ["+train.model.new_switch=true"])
+        assert from_dict(extended, yaml.safe_load(path.read_text())["train"], "record").model.new_switch is True

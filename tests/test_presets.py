@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from pgolf.errors import ConfigError
 from pgolf.model.config import ModelConfig
+from pgolf.train.config import TrainConfig
 from pgolf.model.gpt import GPT, count_parameters
 from pgolf.typed_params import from_dict
 from runner import params as P
@@ -120,7 +121,7 @@ def test_pr2135_preset_is_its_seed_42_run():
 def test_new_techniques_are_off_in_every_other_preset():
     for preset in set(P.list_presets()) - {"pr2135"}:
         p = P.render(preset)
-        assert p["train"]["model"]["asym_softcap"] is False, preset
+        assert from_dict(TrainConfig, p["train"], preset).model.asym_softcap is False, preset
         assert p["eval"]["tilt"]["order"] == 0 and p["eval"]["lora"]["adapt_k"] is True, preset
 
 
