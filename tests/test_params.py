@@ -1,6 +1,7 @@
 """Strict configs, presets and overrides; params.yaml in the repo is the rendered smoke preset."""
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -225,3 +226,29 @@ def test_a_switch_added_off_changes_no_other_presets_params_or_config(declared, 
         P.write_params(before["record"], path)
         apply_overrides(str(path), ["+train.model.new_switch=true"])
         assert from_dict(extended, yaml.safe_load(path.read_text())["train"], "record").model.new_switch is True
+
+
+def unrecorded_paths(cls: type, prefix: str) -> list[str]:
+    """The field paths of a config that are not declared LATER (nested configs followed)."""
+    import dataclasses
+
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.metadata.get("later"):
+            continue
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        out += unrecorded_paths(type(default), f"{prefix}.{f.name}") if dataclasses.is_dataclass(default) \
+            else [f"{prefix}.{f.name}"]
+    return out
+
+
+def test_every_field_added_since_is_declared_later():
+    """tests/golden/recorded_fields.json: the fields of every stage's config when LATER came in, the
+    ones committed params.yaml files and outputs hold whatever their value. Any other field must be
+    declared LATER, or adding it changes every preset's params.yaml, dvc.lock and outputs."""
+    recorded = json.loads((ROOT / "tests" / "golden" / "recorded_fields.json").read_text())
+    now = [path for stage in stages.STAGES for path in unrecorded_paths(stages.config_of(stage), stage)]
+    added = sorted(set(now) - set(recorded))
+    assert not added, f"declare these fields with metadata=LATER (pgolf.typed_params): {added}"
+    assert sorted(now) == sorted(recorded), \
+        f"fields gone from the configs: {sorted(set(recorded) - set(now))}; remove them from recorded_fields.json"
