@@ -22,7 +22,7 @@ import time
 from flows.repro import format_summary, last_pipeline_run, record_pipeline_run, reproduce, results_since, set_params
 from pgolf.errors import InputError, PgolfError, StageInterrupted
 from runner import params as params_cli
-from runner.params import list_presets
+from runner.params import add_params_arguments
 from tasks.stages import STAGES
 
 
@@ -84,9 +84,8 @@ def add_sweep(sub) -> None:
     sw = sub.add_parser("sweep", help="one pipeline run per seed; the per-seed table with mean and std (sweep.json)",
                         description="Runs the pipeline once per seed (train.seed), each in a slot of this checkout, or as "
                                     "runs of a Prefect deployment started at once (--deployment), and writes sweep.json.")
-    sw.add_argument("--preset", default=None, help=f"preset to render for every seed: {', '.join(list_presets())}")
+    add_params_arguments(sw, "preset to render for every seed")
     sw.add_argument("--seeds", required=True, help="comma-separated integers, e.g. 42,0,1234")
-    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     sw.add_argument("--deployment", default=None, help="run each seed as a run of this deployment (FLOW/NAME)")
     sw.add_argument("--revision", default="HEAD", help="the commit every seed runs (default HEAD)")
     sw.add_argument("--out", default=None, help="where sweep.json goes (default artifacts/sweeps/<preset+overrides>/)")
@@ -209,8 +208,7 @@ def add_import_r1(sub) -> None:
                                      "`pgolf stage eval --pack DIR` scores. The model's hyperparameters come from a preset "
                                      "(record: R1's) and --set train.model.KEY=VALUE.")
     imp.add_argument("artifact")
-    imp.add_argument("--preset", default="record", help="preset whose train.model is the artifact's (default record)")
-    imp.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_params_arguments(imp, "preset whose train.model is the artifact's", default="record")
     imp.add_argument("--out", default=None, help="folder for artifact.bin (default artifacts/imported/<name>/)")
     imp.set_defaults(func=cmd_import_r1)
 # ---- end import-r1 ----
@@ -239,8 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pgolf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="reproduce the pipeline (only changed stages recompute)")
-    run.add_argument("--preset", default=None, help=f"render params.yaml from a preset first: {', '.join(list_presets())}")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_params_arguments(run, "render params.yaml from a preset first")
     run.add_argument("--via", choices=["dvc", "prefect"], default="dvc")
     run.add_argument("--stage", choices=list(STAGES), default=None, help="reproduce only this stage (dvc repro -s)")
     run.add_argument("--force", action="store_true", help="recompute even if DVC says nothing changed")

@@ -151,11 +151,18 @@ def render_file(path: str | Path, preset: str | None, overrides: list[str] | tup
     return render(None, overrides, base=read_yaml(path)), header_for(None, overrides, path.read_text(encoding="utf-8"))
 
 
+def add_params_arguments(parser: argparse.ArgumentParser, what: str, default: str | None = None) -> None:
+    """--preset and --set, as every command that renders params takes them; `what`: what the preset is for."""
+    shown_default = f" (default {default})" if default else ""
+    parser.add_argument("--preset", default=default, help=f"{what}{shown_default}: {', '.join(list_presets())}")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="one field, after the preset (repeatable): --set train.iterations=100")
+
+
 def main(argv: list[str] | None = None, prog: str = "python -m runner.params") -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=None, help=f"one of: {', '.join(list_presets())}; without it the "
-                        "overrides apply to the output file as it is (the dataclass defaults if there is none)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_params_arguments(parser, "the preset to render; without one the overrides apply to the output file as it is "
+                                 "(the dataclass defaults if there is none)")
     parser.add_argument("-o", "--output", default="params.yaml", help="'-' prints to stdout")
     args = parser.parse_args(argv)
     try:

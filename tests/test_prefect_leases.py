@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.userenv import VENV, PrefectApi, copy_checkout, fake_python_bin, shell, started_run_id, user_env
+from tests.userenv import VENV, PrefectApi, copy_checkout, fake_python_bin, prefect_team, shell, started_run_id
 
 pytestmark = pytest.mark.e2e
 
@@ -86,40 +86,11 @@ def team(tmp_path_factory):
     # The README's shared remote, committed: every run, on every worker, pulls and pushes there.
     run(f".venv/bin/dvc remote add -d team {base / 'remote'} && .venv/bin/dvc remote modify team verify true")
     run("git init -q && git add -A && git commit -qm pgolf")
-    background: list[subprocess.Popen] = []
-
-    def start(cmd: str, log: str, **extra: str) -> subprocess.Popen:
-        proc = subprocess.Popen(["bash", "-c", cmd], cwd=repo, env=user_env(fake_bin, **env, **extra),
-                                start_new_session=True, stdout=open(base / log, "w"), stderr=subprocess.STDOUT)
-        background.append(proc)
-        return proc
-
-    try:
-        server = start("make prefect-server", "server.log")
-        deadline = time.time() + 300
-        while True:
-            try:
-                api("/health")
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"the Prefect server did not come up:\n{(base / 'server.log').read_text()[-3000:]}")
-                time.sleep(2)
-        run("make deploy")
+    with prefect_team(repo, base, fake_bin, PREFECT, env) as (start, background):
         # A short heartbeat, so that a killed holder's lease expires within the test (8 s: 4 beats).
         for i in range(3):
             start("PREFECT_WORKER_QUERY_SECONDS=2 make worker", f"worker{i}.log", PGOLF_LEASE_HEARTBEAT_S="2")
         yield {"repo": repo, "run": run, "base": base, "start": start, "checkout": checkout, "background": background}
-    finally:
-        for proc in reversed(background):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
 
 
 def test_a_deployed_seed_sweep_computes_what_the_seed_never_reaches_once(team):

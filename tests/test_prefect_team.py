@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 import urllib.request
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.userenv import VENV, PrefectApi, copy_checkout, fake_python_bin, shell, started_run_id, user_env
+from tests.userenv import VENV, PrefectApi, copy_checkout, fake_python_bin, prefect_team, shell, started_run_id
 
 pytestmark = pytest.mark.e2e
 
@@ -62,38 +61,12 @@ def team(tmp_path_factory):
     env = {"PREFECT_HOME": str(base / "prefect-home"), "PREFECT_PORT": PORT}
     run = lambda cmd, **kw: shell(cmd, repo, fake_bin, **env, **kw)  # noqa: E731
     run("git init -q && git add -A && git commit -qm pgolf")
-    background = []
-
-    def start(cmd: str, log: str) -> subprocess.Popen:
-        proc = subprocess.Popen(["bash", "-c", cmd], cwd=repo, env=user_env(fake_bin, **env), start_new_session=True,
-                                stdout=open(base / log, "w"), stderr=subprocess.STDOUT)
-        background.append(proc)
-        return proc
-
-    try:
-        server = start("make prefect-server", "server.log")
-        deadline = time.time() + 300
-        while True:
-            try:
-                api("/health")
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise AssertionError(f"the Prefect server did not come up:\n{(base / 'server.log').read_text()[-3000:]}")
-                time.sleep(2)
-        run("make deploy")
+    with prefect_team(repo, base, fake_bin, PREFECT, env) as (start, _):
         # Prefect's workers poll every 10 s by default: long enough for a fast run on one worker to end before
         # the other worker has looked, so that two runs started at once would never share the checkout.
         start("PREFECT_WORKER_QUERY_SECONDS=1 make worker", "worker1.log")
         start("PREFECT_WORKER_QUERY_SECONDS=1 make worker", "worker2.log")
         yield {"repo": repo, "run": run, "base": base, "fake_bin": fake_bin, "start": start}
-    finally:
-        for proc in reversed(background):
-            try:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                os.killpg(proc.pid, signal.SIGKILL)
 
 
 def test_the_ui_on_another_port_asks_its_own_api(team):

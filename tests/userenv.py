@@ -9,10 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import tempfile
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,6 +122,44 @@ class PrefectApi:
 
     def logs_of(self, run_id: str) -> str:
         return "\n".join(entry["message"] for entry in self.log_entries(run_id))
+
+
+@contextmanager
+def prefect_team(repo: Path, base: Path, fake_bin: Path, api: PrefectApi, env: dict):
+    """The README's team in `repo` as a user starts it: `make prefect-server` (its port and home in
+    `env`), `make deploy`, then the workers the caller starts with the yielded `start(cmd, log,
+    **env)`; everything started is stopped (its process group) at the end, server last."""
+    background: list[subprocess.Popen] = []
+
+    def start(cmd: str, log: str, **extra: str) -> subprocess.Popen:
+        proc = subprocess.Popen(["bash", "-c", cmd], cwd=repo, env=user_env(fake_bin, **env, **extra),
+                                start_new_session=True, stdout=open(base / log, "w"), stderr=subprocess.STDOUT)
+        background.append(proc)
+        return proc
+
+    try:
+        server = start("make prefect-server", "server.log")
+        deadline = time.time() + 300
+        while True:
+            try:
+                api("/health")
+                break
+            except OSError:
+                if server.poll() is not None or time.time() > deadline:
+                    raise AssertionError(f"the Prefect server did not come up:\n{(base / 'server.log').read_text()[-3000:]}")
+                time.sleep(2)
+        shell("make deploy", repo, fake_bin, **env)
+        yield start, background
+    finally:
+        for proc in reversed(background):
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
 
 
 def started_run_id(output: str) -> str:
