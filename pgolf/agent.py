@@ -14,7 +14,7 @@ from torch.distributed.elastic.multiprocessing.api import SignalException
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.run import parse_args, run
 
-from pgolf.dist import TRACEBACK_ENV
+from pgolf.dist import TRACEBACK_ENV, leave_now
 
 
 def main(argv: list[str]) -> int:
@@ -34,7 +34,7 @@ def main(argv: list[str]) -> int:
     except SignalException as err:
         # Ctrl-C (or a SIGTERM): torchrun has passed it to the ranks and waited for them; they say
         # where they stopped (pgolf.dist.first_rank_error), so no traceback here.
-        return 128 + int(err.sigval)
+        leave_now(128 + int(err.sigval))
     return 0
 
 

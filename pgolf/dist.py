@@ -235,6 +235,18 @@ def die_with_launcher() -> None:
         os._exit(128 + signal.SIGKILL)
 
 
+def leave_now(code: int) -> None:
+    """Exit at once, past the interpreter's shutdown, once a Ctrl-C has stopped this process of a
+    torchrun job (its agent, or a rank that has reported where it stopped). Such a process can still
+    hold torch.distributed's C++ threads (the agent's rendezvous store, a process group's workers),
+    and destroying them at shutdown can abort with "terminate called without an active exception",
+    a second line under the stage's one. Nothing is left to do: the stage process writes no output
+    of an interrupted run."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def pin_threads() -> int:
     """Fix this process's CPU thread count at the one torch chose (OMP_NUM_THREADS, else its
     default), and with it turn MKL's dynamic threading off. torch.set_num_threads does both; a

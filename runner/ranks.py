@@ -85,8 +85,10 @@ def worker_main(spec: StageSpec, argv: list[str]) -> int:
     except BaseException as err:
         if isinstance(err, SystemExit) or not dist.report_rank_error(err):
             raise
-        # Ctrl-C: the launching process prints the one line (where rank 0 stopped), so this rank is quiet.
-        return StageInterrupted.EXIT_CODE if isinstance(err, (KeyboardInterrupt, StageInterrupted)) else 1
+        if isinstance(err, (KeyboardInterrupt, StageInterrupted)):
+            # Ctrl-C: the launching process prints the one line (where rank 0 stopped), so this rank is quiet.
+            dist.leave_now(StageInterrupted.EXIT_CODE)
+        return 1
     return 0
 
 
